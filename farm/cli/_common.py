@@ -1,0 +1,16 @@
+"""Shared CLI helpers: consoles and JSON output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def print_json(data: Any) -> None:
+    """Plain JSON on stdout (no rich markup) for scripts."""
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))

@@ -1,0 +1,55 @@
+"""Exceptions only. Every error a user can cause is a FarmError whose message says what was wrong,
+where, and what is allowed; the CLI prints it without a traceback."""
+
+from __future__ import annotations
+
+
+class FarmError(Exception):
+    """Base of all errors the farm reports to users."""
+
+
+class ManifestError(FarmError):
+    """A job manifest is invalid. Carries every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem{'s' if len(problems) != 1 else ''}"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+class DataError(FarmError):
+    """A dataset cannot be used for training (missing column, empty file, bad label, ...)."""
+
+
+class ModelError(FarmError):
+    """A base model cannot be found or loaded."""
+
+
+class CatalogError(FarmError):
+    """Adapter catalog failure."""
+
+
+class RefError(CatalogError):
+    """An adapter reference string is malformed or unsafe."""
+
+
+class AdapterNotFound(CatalogError):
+    """No such customer/adapter/version (or not visible to the caller)."""
+
+
+class IntegrityError(CatalogError):
+    """A stored file does not match the hash recorded when it was published."""
+
+
+class QueueError(FarmError):
+    """Job queue failure."""
+
+
+class JobNotFound(QueueError):
+    """No job with that id."""
+
+
+class TrainingError(FarmError):
+    """A training run failed."""

@@ -1,0 +1,362 @@
+"""The job manifest: a typed schema, loaded from YAML, with every error reported at once.
+
+Imports nothing heavy (no torch/ray/transformers) so `farm validate` is instant. Each field's
+docstring is its user-facing documentation (docs/manifest.md is checked against it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.errors import ManifestError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME_RULE = "1-63 characters: lowercase letters, digits, '-', '_', '.'; starting with a letter or digit"
+URL_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "file://", "memory://")
+
+
+def check_name(value: str) -> str:
+    """Validate a customer/adapter name; shared with the catalog's ref parser."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", "..") or ".." in value:
+        raise ValueError(f"must be {NAME_RULE}")
+    return value
+
+
+def is_url(value: str) -> bool:
+    return "://" in value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class LoraSpec(_Section):
+    r: int = Field(8, ge=1, le=1024)
+    """LoRA rank: the inner dimension of the two adapter matrices."""
+    alpha: float = Field(16, gt=0)
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input during training."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]; [c_attn] on GPT-2), or 'all-linear'."""
+    bias: Literal["none", "all", "lora_only"] = "none"
+    """Which biases to train: none, all, or lora_only."""
+    modules_to_save: list[str] | None = None
+    """Extra modules trained in full and saved with the adapter (seq_cls adds the head itself)."""
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+DatasetFormat = Literal["auto", "text", "prompt_completion", "chat", "classification"]
+
+
+class DatasetSpec(_Section):
+    train: str
+    """Training data: a .jsonl/.json, .parquet or .csv file; a local path (relative to the manifest) or an s3:// URL."""
+    eval: str | None = None
+    """Evaluation data, same forms as train. Leave out to split eval_fraction off train."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of train held out for evaluation (seeded) when no eval file is given."""
+    format: DatasetFormat = "auto"
+    """text | prompt_completion | chat | classification, or auto (guessed from the columns)."""
+    text_column: str = "text"
+    """Column with plain text (format text and classification)."""
+    prompt_column: str = "prompt"
+    """Column with the prompt (format prompt_completion)."""
+    completion_column: str = "completion"
+    """Column with the completion; loss is computed on these tokens only."""
+    messages_column: str = "messages"
+    """Column with chat messages [{role, content}, ...]; loss on assistant turns only."""
+    label_column: str = "label"
+    """Column with the class label (format classification): a string from labels or an int id."""
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _path_like(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must be a file path or URL, not empty")
+        suffix = v.rsplit("?", 1)[0].lower()
+        if not suffix.endswith((".jsonl", ".json", ".parquet", ".csv")):
+            raise ValueError("must end in .jsonl, .json, .parquet or .csv")
+        return v
+
+
+class TrainingSpec(_Section):
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training data. Give epochs or max_steps (max_steps wins if both)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run."""
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    """Peak learning rate."""
+    batch_size: int = Field(4, ge=1, le=4096)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(1, ge=1, le=1024)
+    """Micro-batches per optimizer step."""
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    """Longer sequences are truncated to this many tokens."""
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """Share of steps spent warming the learning rate up from zero."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    optimizer: Literal["auto", "adamw", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "auto"
+    """auto = paged 8-bit AdamW on CUDA, AdamW on CPU."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    seed: int = 0
+    """Seed for weights of the adapter, data order and the eval split."""
+    eval_every: int | None = Field(None, ge=1)
+    """Evaluate every N steps (always at the end)."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Checkpoint every N steps (adapter, optimizer, scheduler, RNG and data position)."""
+    early_stopping_patience: int | None = Field(None, ge=1)
+    """Stop after this many evaluations without a better eval loss."""
+    packing: bool = False
+    """Pack several short examples into one sequence (causal_lm only)."""
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingSpec:
+        if self.epochs is None and self.max_steps is None:
+            self.epochs = 1.0
+        return self
+
+
+class ResourcesSpec(_Section):
+    gpus: int = Field(1, ge=0, le=8)
+    """GPUs for the job's worker. On a cluster without GPUs the job runs on CPU and says so."""
+    max_failures: int = Field(0, ge=0, le=100)
+    """Times Ray Train restarts a failed worker from the last checkpoint."""
+
+
+class Manifest(_Section):
+    customer: str
+    """The customer (tenant) that owns the adapter."""
+    adapter: str
+    """The adapter's name; published as customer/adapter@vN."""
+    base_model: str
+    """A local model directory (relative to the manifest), an s3:// URL, or a Hugging Face hub id."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when base_model is a hub id."""
+    quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
+    """How the frozen base is loaded: nf4 (QLoRA), fp4, int8, or none (compute dtype)."""
+    double_quant: bool = True
+    """Quantize the 4-bit quantization constants too (QLoRA's double quantization)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto = bf16 where the GPU supports it, else fp16 on GPU; fp32 on CPU."""
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    """causal_lm (text generation) or seq_cls (sequence classification)."""
+    num_labels: int | None = Field(None, ge=2, le=100000)
+    """Number of classes (seq_cls). Implied by labels when those are given."""
+    labels: list[str] | None = None
+    """Class names (seq_cls); label ids follow this order."""
+    priority: int = Field(0, ge=-100, le=100)
+    """Queue priority: higher runs first; equal priorities share fairly across customers."""
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    """The LoRA adapter."""
+    dataset: DatasetSpec
+    """Training and evaluation data."""
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    """Optimization settings."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    """What the job's Ray Train worker gets."""
+
+    _check_customer = field_validator("customer", "adapter")(classmethod(lambda cls, v: check_name(v)))
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must be a model directory, an s3:// URL or a hub id, not empty")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> Manifest:
+        problems = []
+        if self.task == "seq_cls":
+            if self.labels is not None:
+                if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+                    problems.append("labels: must be at least 2 distinct class names")
+                elif self.num_labels is not None and self.num_labels != len(self.labels):
+                    problems.append(
+                        f"num_labels: {self.num_labels} does not match the {len(self.labels)} labels given"
+                    )
+            elif self.num_labels is None:
+                problems.append("num_labels: task seq_cls needs num_labels or labels")
+            if self.training.packing:
+                problems.append("training.packing: only allowed with task causal_lm")
+            if self.dataset.format not in ("auto", "classification"):
+                problems.append(
+                    f"dataset.format: {self.dataset.format!r} cannot train task seq_cls; use classification"
+                )
+        else:
+            if self.labels is not None or self.num_labels is not None:
+                problems.append("labels/num_labels: only allowed with task seq_cls")
+            if self.dataset.format == "classification":
+                problems.append("dataset.format: classification needs task seq_cls")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # ---- derived values (no heavy imports) ----
+    @property
+    def name(self) -> str:
+        return f"{self.customer}/{self.adapter}"
+
+    @property
+    def class_labels(self) -> list[str] | None:
+        if self.task != "seq_cls":
+            return None
+        return list(self.labels) if self.labels else [str(i) for i in range(self.num_labels or 0)]
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of the manifest (idempotent submits, lineage)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def summary(self) -> str:
+        t = self.training
+        length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch{'s' if t.epochs != 1 else ''}"
+        targets = self.lora.target_modules if isinstance(self.lora.target_modules, str) else ",".join(self.lora.target_modules)
+        return (
+            f"{self.name}: {self.task} on {self.base_model} ({self.quantization}), "
+            f"LoRA r={self.lora.r} on {targets}, {length}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error formatting
+
+
+def _suggest(bad: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(bad, allowed, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown key {bad!r}{hint} (allowed: {', '.join(sorted(allowed))})"
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The allowed keys of the schema section at a YAML location."""
+    model: Any = Manifest
+    for part in loc:
+        info = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if info is None:
+            return []
+        ann = info.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _format_error(err: dict) -> str:
+    loc = err["loc"]
+    path = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return f"{path}: " + _suggest(str(loc[-1]), _fields_at(loc[:-1]))
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    msg = msg.replace("Input should be", "must be")
+    if kind.startswith("literal_error"):
+        msg = "must be one of " + msg.removeprefix("must be ").replace(" or ", ", ")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if not path:
+        return f"{msg}"
+    return f"{path}: {msg}{shown}"
+
+
+def _clean_paths(errors: list[dict]) -> list[dict]:
+    """Drop pydantic's union branch names from locations (e.g. 'list[str]') so paths read as YAML."""
+    out = []
+    seen = set()
+    for e in errors:
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("literal"))))
+        key = (loc, e["type"])
+        # A union field reports one error per branch; keep one line per location.
+        if loc in {s[0] for s in seen} and e["type"] not in ("extra_forbidden",):
+            continue
+        seen.add(key)
+        out.append({**e, "loc": loc})
+    return out
+
+
+def _resolve_paths(data: dict, base_dir: Path) -> dict:
+    """Make local paths absolute, relative to the manifest's folder (URLs and hub ids untouched)."""
+
+    def fix(value: Any, *, model: bool = False) -> Any:
+        if not isinstance(value, str) or not value or is_url(value):
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        candidate = (base_dir / p).resolve()
+        if model and not candidate.exists() and not value.startswith((".", "/")):
+            return value  # a hub id like "meta-llama/Llama-2-7b-hf"
+        return str(candidate)
+
+    out = dict(data)
+    if "base_model" in out:
+        out["base_model"] = fix(out["base_model"], model=True)
+    ds = out.get("dataset")
+    if isinstance(ds, dict):
+        ds = dict(ds)
+        for key in ("train", "eval"):
+            if key in ds:
+                ds[key] = fix(ds[key])
+        out["dataset"] = ds
+    return out
+
+
+def parse_manifest(data: Any, source: str = "<manifest>", base_dir: Path | None = None) -> Manifest:
+    """Validate a mapping as a manifest; raise ManifestError listing every problem."""
+    if not isinstance(data, dict):
+        raise ManifestError(source, [f"the manifest must be a YAML mapping of keys, got {type(data).__name__}"])
+    if base_dir is not None:
+        data = _resolve_paths(data, base_dir)
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        problems = [_format_error(e) for e in _clean_paths(exc.errors())]
+        raise ManifestError(source, problems) from None
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Load and validate a YAML manifest file. Relative paths inside it are relative to the file."""
+    p = Path(path)
+    if not p.exists():
+        raise ManifestError(str(path), ["file not found"])
+    if p.is_dir():
+        raise ManifestError(str(path), ["is a directory, expected a YAML file"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(str(path), [f"cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ManifestError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+    if data is None:
+        raise ManifestError(str(path), ["the file is empty"])
+    return parse_manifest(data, source=str(path), base_dir=p.resolve().parent)
