@@ -1,0 +1,466 @@
+"""The durable job store: SQLite in WAL mode, safe to share between processes (CLI, scheduler actor,
+trainer tasks on the same host). Every state change goes through `_transition`, which checks the
+lifecycle table and writes an event row in the same transaction.
+
+`JobStore` is the interface the scheduler and CLI use; a server database (for a multi-node head in
+HA) implements the same methods.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from farm.errors import JobNotFound, QueueError
+from farm.queue.fairness import Candidate, fair_order, pick_next
+from farm.queue.job import Event, Job, Submitted
+from farm.queue.lifecycle import ACTIVE, TERMINAL, JobState, check_transition, retry_delay
+
+if TYPE_CHECKING:
+    from farm.manifest import Manifest
+
+DEFAULT_MAX_ATTEMPTS = 3
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    customer TEXT NOT NULL,
+    adapter TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    manifest_hash TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    next_attempt_at REAL,
+    last_error TEXT,
+    progress TEXT,
+    accelerator_seconds REAL NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    adapter_ref TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_id TEXT,
+    lease_expires_at REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    first_started_at REAL,
+    started_at REAL,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, customer);
+CREATE INDEX IF NOT EXISTS jobs_dedup ON jobs(customer, adapter, manifest_hash);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id, id);
+CREATE TABLE IF NOT EXISTS customers (
+    customer TEXT PRIMARY KEY,
+    last_served_at REAL,
+    dispatched INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_ELIGIBLE = "cancel_requested = 0 AND (state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?))"
+
+
+class JobStore(Protocol):
+    """What the scheduler and the CLI need from a job store."""
+
+    def submit(self, manifest: Manifest, *, priority: int | None = None, max_attempts: int = ...,
+               force: bool = False) -> Submitted: ...
+    def get(self, job_id: str) -> Job: ...
+    def list(self, *, customer: str | None = None, state: JobState | None = None) -> list[Job]: ...
+    def events(self, job_id: str) -> list[Event]: ...
+    def claim_next(self, owner: str, *, lease_ttl: float, per_customer_limit: int | None = None) -> Job | None: ...
+    def heartbeat(self, owner: str, *, lease_ttl: float) -> int: ...
+    def record_progress(self, job_id: str, lease_id: str, progress: dict[str, Any]) -> bool: ...
+    def succeed(self, job_id: str, lease_id: str, *, adapter_ref: str | None, accelerator_seconds: float = 0.0,
+                tokens: int = 0) -> Job | None: ...
+    def fail_attempt(self, job_id: str, lease_id: str, error: str, *, retryable: bool = True,
+                     backoff_base: float = 5.0, backoff_max: float = 300.0, accelerator_seconds: float = 0.0,
+                     tokens: int = 0) -> Job | None: ...
+    def request_cancel(self, job_id: str, reason: str = ...) -> Job: ...
+    def mark_cancelled(self, job_id: str, lease_id: str, reason: str) -> Job | None: ...
+    def cancel_requests(self, owner: str) -> list[Job]: ...
+    def recover_orphans(self, owner: str, *, takeover: Callable[[str], bool] = ...) -> list[Job]: ...
+    def retry(self, job_id: str) -> Job: ...
+    def counts(self) -> dict[str, int]: ...
+    def queue_positions(self) -> dict[str, int]: ...
+
+
+class SQLiteStore:
+    """JobStore on one SQLite file. One connection per instance, guarded by a lock so threads of the
+    scheduler actor can share it; other processes coordinate through SQLite's own locking."""
+
+    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time, busy_timeout_s: float = 30.0):
+        self.path = Path(path)
+        self.clock = clock
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                str(self.path), timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")  # durable at checkpoints; WAL survives crashes
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise QueueError(
+                    f"queue database {self.path} has schema version {version}; this farm knows "
+                    f"version {SCHEMA_VERSION} (upgrade farm)"
+                )
+            if version < SCHEMA_VERSION:
+                self._conn.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                )
+        except sqlite3.DatabaseError as exc:
+            raise QueueError(f"cannot open the queue database {self.path}: {exc}") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE takes SQLite's write lock up front, so a
+        read-then-write (claim, dedup) cannot interleave with another process."""
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                raise QueueError(f"queue database {self.path} is busy or unwritable: {exc}") from None
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _row(self, c: sqlite3.Connection, job_id: str) -> Job:
+        row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job with id {job_id!r} (list jobs with `farm jobs`)")
+        return Job.from_row(row)
+
+    def _event(self, c: sqlite3.Connection, job_id: str, from_state: str | None, to_state: str, reason: str) -> None:
+        c.execute(
+            "INSERT INTO events (job_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
+            (job_id, self.clock(), from_state, to_state, reason),
+        )
+
+    def _transition(self, c: sqlite3.Connection, job: Job, target: JobState, reason: str, **fields: Any) -> Job:
+        """The only place a job's state changes: check the table, update, record the event."""
+        check_transition(job.id, job.state, target)
+        now = self.clock()
+        fields = {"state": target.value, "updated_at": now, **fields}
+        if target in TERMINAL:
+            fields.setdefault("finished_at", now)
+        if target is not JobState.RUNNING:
+            fields.update(lease_owner=None, lease_id=None, lease_expires_at=None)
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        c.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*fields.values(), job.id))
+        self._event(c, job.id, job.state.value, target.value, reason)
+        return self._row(c, job.id)
+
+    def _leased(self, c: sqlite3.Connection, job_id: str, lease_id: str) -> Job | None:
+        """The job if `lease_id` still holds it (running), else None: a superseded attempt."""
+        job = self._row(c, job_id)
+        if job.state is not JobState.RUNNING or job.lease_id != lease_id:
+            return None
+        return job
+
+    # ---- submit and read ----------------------------------------------------------------------
+
+    def submit(
+        self,
+        manifest: Manifest,
+        *,
+        priority: int | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        force: bool = False,
+    ) -> Submitted:
+        """Enqueue a validated manifest. Without `force`, an identical manifest for the same
+        customer/adapter that is still queued, running or retrying returns that job's id."""
+        if not 1 <= max_attempts <= 100:
+            raise QueueError(f"max_attempts: must be 1..100 (got {max_attempts})")
+        prio = manifest.priority if priority is None else priority
+        if not -100 <= prio <= 100:
+            raise QueueError(f"priority: must be -100..100 (got {prio})")
+        digest = manifest.content_hash()
+        doc = json.dumps(manifest.model_dump(mode="json"), sort_keys=True)
+        with self._tx() as c:
+            if not force:
+                active = ", ".join(f"'{s.value}'" for s in ACTIVE)
+                row = c.execute(
+                    f"SELECT id FROM jobs WHERE customer = ? AND adapter = ? AND manifest_hash = ? "
+                    f"AND state IN ({active}) ORDER BY seq LIMIT 1",
+                    (manifest.customer, manifest.adapter, digest),
+                ).fetchone()
+                if row is not None:
+                    return Submitted(row["id"], created=False)
+            now = self.clock()
+            for _ in range(10):
+                # The customer in the id puts it in every Ray dashboard name derived from the id.
+                job_id = f"{manifest.customer}-{secrets.token_hex(4)}"
+                try:
+                    c.execute(
+                        "INSERT INTO jobs (id, customer, adapter, manifest, manifest_hash, priority, state, "
+                        "max_attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+                        (job_id, manifest.customer, manifest.adapter, doc, digest, prio, max_attempts, now, now),
+                    )
+                    break
+                except sqlite3.IntegrityError:
+                    continue
+            else:  # pragma: no cover - 10 collisions of 32 random bits
+                raise QueueError("could not allocate a unique job id")
+            self._event(c, job_id, None, JobState.QUEUED.value, f"submitted with priority {prio}")
+            return Submitted(job_id, created=True)
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            return self._row(self._conn, job_id)
+
+    def list(self, *, customer: str | None = None, state: JobState | None = None) -> list[Job]:
+        where, args = [], []
+        if customer:
+            where.append("customer = ?")
+            args.append(customer)
+        if state:
+            where.append("state = ?")
+            args.append(JobState(state).value)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        with self._lock:
+            return [Job.from_row(r) for r in self._conn.execute(sql, args)]
+
+    def events(self, job_id: str) -> list[Event]:
+        with self._lock:
+            self._row(self._conn, job_id)
+            rows = self._conn.execute(
+                "SELECT job_id, at, from_state, to_state, reason FROM events WHERE job_id = ? ORDER BY id",
+                (job_id,),
+            ).fetchall()
+        return [Event(**dict(r)) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        out = {s.value: 0 for s in JobState}
+        out.update({r["state"]: r["n"] for r in rows})
+        return out
+
+    def _fairness_inputs(self, c: sqlite3.Connection) -> tuple[dict[str, int], dict[str, float]]:
+        running = {
+            r["customer"]: r["n"]
+            for r in c.execute("SELECT customer, COUNT(*) AS n FROM jobs WHERE state = 'running' GROUP BY customer")
+        }
+        served = {r["customer"]: r["last_served_at"] for r in c.execute("SELECT * FROM customers")}
+        return running, served
+
+    def queue_positions(self) -> dict[str, int]:
+        """Each waiting job's place in the dispatch order (1 = next), ignoring retry backoff."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, customer, priority, seq FROM jobs WHERE cancel_requested = 0 "
+                "AND state IN ('queued', 'retrying')"
+            ).fetchall()
+            running, served = self._fairness_inputs(self._conn)
+        order = fair_order([Candidate(r["id"], r["customer"], r["priority"], r["seq"]) for r in rows], running, served)
+        return {c.job_id: i for i, c in enumerate(order, 1)}
+
+    # ---- the scheduler's side -----------------------------------------------------------------
+
+    def claim_next(self, owner: str, *, lease_ttl: float, per_customer_limit: int | None = None) -> Job | None:
+        """Move the next job in fair order to running under a lease held by `owner`; None if none."""
+        with self._tx() as c:
+            now = self.clock()
+            rows = c.execute(f"SELECT id, customer, priority, seq FROM jobs WHERE {_ELIGIBLE}", (now,)).fetchall()
+            if not rows:
+                return None
+            running, served = self._fairness_inputs(c)
+            cands = [Candidate(r["id"], r["customer"], r["priority"], r["seq"]) for r in rows]
+            chosen = pick_next(cands, running, served, per_customer_limit)
+            if chosen is None:
+                return None
+            job = self._row(c, chosen.job_id)
+            attempt = job.attempts + 1
+            c.execute(
+                "INSERT INTO customers (customer, last_served_at, dispatched) VALUES (?, ?, 1) "
+                "ON CONFLICT(customer) DO UPDATE SET last_served_at = excluded.last_served_at, "
+                "dispatched = dispatched + 1",
+                (job.customer, now),
+            )
+            return self._transition(
+                c, job, JobState.RUNNING, f"attempt {attempt}/{job.max_attempts} started by {owner}",
+                attempts=attempt, lease_owner=owner, lease_id=secrets.token_hex(8),
+                lease_expires_at=now + lease_ttl, started_at=now,
+                first_started_at=job.first_started_at or now, next_attempt_at=None,
+            )
+
+    def heartbeat(self, owner: str, *, lease_ttl: float) -> int:
+        """Extend the leases of all jobs `owner` runs; returns how many."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE jobs SET lease_expires_at = ? WHERE state = 'running' AND lease_owner = ?",
+                (self.clock() + lease_ttl, owner),
+            )
+            return cur.rowcount
+
+    def record_progress(self, job_id: str, lease_id: str, progress: dict[str, Any]) -> bool:
+        """Store the latest progress of the attempt holding `lease_id`. False when that attempt no
+        longer holds the job (cancelled, or superseded after its scheduler died)."""
+        with self._tx() as c:
+            cur = c.execute(
+                "UPDATE jobs SET progress = ?, updated_at = ? WHERE id = ? AND lease_id = ? AND state = 'running'",
+                (json.dumps(progress, default=float), self.clock(), job_id, lease_id),
+            )
+            return cur.rowcount == 1
+
+    def succeed(self, job_id: str, lease_id: str, *, adapter_ref: str | None, accelerator_seconds: float = 0.0,
+                tokens: int = 0) -> Job | None:
+        with self._tx() as c:
+            job = self._leased(c, job_id, lease_id)
+            if job is None:
+                return None
+            where = f" as {adapter_ref}" if adapter_ref else ""
+            return self._transition(
+                c, job, JobState.SUCCEEDED, f"attempt {job.attempts} succeeded; published{where}",
+                adapter_ref=adapter_ref, accelerator_seconds=job.accelerator_seconds + accelerator_seconds,
+                tokens=job.tokens + int(tokens), last_error=None,
+            )
+
+    def fail_attempt(
+        self,
+        job_id: str,
+        lease_id: str,
+        error: str,
+        *,
+        retryable: bool = True,
+        backoff_base: float = 5.0,
+        backoff_max: float = 300.0,
+        accelerator_seconds: float = 0.0,
+        tokens: int = 0,
+    ) -> Job | None:
+        """Record a failed attempt: `retrying` with exponential backoff while attempts remain and the
+        error is retryable, else `failed` (the dead-letter state) with the error kept."""
+        with self._tx() as c:
+            job = self._leased(c, job_id, lease_id)
+            if job is None:
+                return None
+            cost = dict(accelerator_seconds=job.accelerator_seconds + accelerator_seconds,
+                        tokens=job.tokens + int(tokens), last_error=error)
+            head = f"attempt {job.attempts}/{job.max_attempts} failed: {error}"
+            if not retryable or job.attempts >= job.max_attempts:
+                why = "not retryable" if not retryable else "no attempts left"
+                return self._transition(c, job, JobState.FAILED, f"{head} ({why})", **cost)
+            delay = retry_delay(job.attempts, backoff_base, backoff_max)
+            return self._transition(
+                c, job, JobState.RETRYING, f"{head}; retry in {delay:g} s",
+                next_attempt_at=self.clock() + delay, **cost,
+            )
+
+    def request_cancel(self, job_id: str, reason: str = "cancelled by user") -> Job:
+        """Cancel a job. Waiting jobs are cancelled at once; a running one is flagged for its
+        scheduler to stop (or cancelled at once if its lease has lapsed: no scheduler holds it)."""
+        with self._tx() as c:
+            job = self._row(c, job_id)
+            if job.state in TERMINAL:
+                raise QueueError(f"job {job_id} is already {job.state.value}; there is nothing to cancel")
+            if job.state is JobState.RUNNING and (job.lease_expires_at or 0) > self.clock():
+                if not job.cancel_requested:
+                    c.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+                              (self.clock(), job_id))
+                    self._event(c, job_id, job.state.value, job.state.value, f"cancel requested: {reason}")
+                return self._row(c, job_id)
+            return self._transition(c, job, JobState.CANCELLED, reason, cancel_requested=0)
+
+    def mark_cancelled(self, job_id: str, lease_id: str, reason: str) -> Job | None:
+        """The scheduler stopped the attempt holding `lease_id` on request."""
+        with self._tx() as c:
+            job = self._leased(c, job_id, lease_id)
+            if job is None:
+                return None
+            return self._transition(c, job, JobState.CANCELLED, reason, cancel_requested=0)
+
+    def cancel_requests(self, owner: str) -> list[Job]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM jobs WHERE state = 'running' AND cancel_requested = 1 AND lease_owner = ?", (owner,)
+            ).fetchall()
+        return [Job.from_row(r) for r in rows]
+
+    def running(self, owner: str | None = None) -> list[Job]:
+        sql, args = "SELECT * FROM jobs WHERE state = 'running'", ()
+        if owner is not None:
+            sql, args = sql + " AND lease_owner = ?", (owner,)
+        with self._lock:
+            return [Job.from_row(r) for r in self._conn.execute(sql + " ORDER BY seq", args)]
+
+    def recover_orphans(self, owner: str, *, takeover: Callable[[str], bool] = lambda _owner: False) -> list[Job]:
+        """Running jobs whose holder is gone (lease lapsed, or `takeover(lease_owner)` says it is a
+        dead predecessor of `owner`) go back to the queue; the interrupted attempt is not counted
+        against the job. Flagged for cancel, they are cancelled instead."""
+        out = []
+        with self._tx() as c:
+            now = self.clock()
+            rows = c.execute("SELECT * FROM jobs WHERE state = 'running' AND lease_owner IS NOT ?", (owner,))
+            for job in [Job.from_row(r) for r in rows.fetchall()]:
+                if not ((job.lease_expires_at or 0) < now or takeover(job.lease_owner or "")):
+                    continue
+                gone = f"attempt {job.attempts} interrupted: its scheduler {job.lease_owner} is gone"
+                if job.cancel_requested:
+                    out.append(self._transition(c, job, JobState.CANCELLED, f"{gone}; cancel was requested",
+                                                cancel_requested=0))
+                else:
+                    out.append(self._transition(c, job, JobState.QUEUED,
+                                                f"{gone}; re-queued to resume from its last checkpoint",
+                                                attempts=job.attempts - 1))
+        return out
+
+    def retry(self, job_id: str) -> Job:
+        """`farm retry`: a failed or cancelled job goes back to the queue with a fresh attempt budget."""
+        with self._tx() as c:
+            job = self._row(c, job_id)
+            if job.state not in (JobState.FAILED, JobState.CANCELLED):
+                raise QueueError(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
+            return self._transition(
+                c, job, JobState.QUEUED, f"re-queued by retry after {job.attempts} attempt(s)",
+                attempts=0, next_attempt_at=None, cancel_requested=0, finished_at=None,
+            )
+
+
+def open_store(url: str | Path | None = None, **kwargs: Any) -> SQLiteStore:
+    """The job store at `url`: a path or sqlite:///path; default `farm.settings.queue_db_path()`."""
+    if url is None:
+        from farm.settings import queue_db_path
+
+        return SQLiteStore(queue_db_path(), **kwargs)
+    text = str(url)
+    if text.startswith("sqlite:///"):
+        return SQLiteStore(text[len("sqlite://"):], **kwargs)
+    if "://" in text:
+        raise QueueError(f"unsupported queue store URL {text!r} (supported: a file path or sqlite:///path)")
+    return SQLiteStore(text, **kwargs)

@@ -1,0 +1,79 @@
+"""Small real runner functions for queue/scheduler tests, and a manifest factory.
+
+Ray workers import this module by its dotted path (`tests.queue_runners:...`), so it must stay
+importable from the repository root. Runners take their cues from the manifest (`training.max_steps`
+= steps, `training.seed` = milliseconds per step) and leave traces under FARM_HOME, which the
+scheduler passes to its tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from farm.errors import TrainingError
+from farm.manifest import Manifest, parse_manifest
+from farm.settings import farm_home
+
+
+def make_manifest(customer: str = "acme", adapter: str = "a", **over) -> Manifest:
+    data = {
+        "customer": customer,
+        "adapter": adapter,
+        "base_model": "tiny/llama",
+        "dataset": {"train": "/data/train.jsonl"},
+        "training": {"max_steps": over.pop("steps", 1), "seed": over.pop("ms_per_step", 0)},
+        **over,
+    }
+    return parse_manifest(data)
+
+
+@dataclass
+class FakeVersion:
+    ref: str
+
+
+def _trace(name: str, line: str) -> None:
+    path = farm_home() / name
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_trace(home: Path, name: str) -> list[str]:
+    p = home / name
+    return p.read_text().split() if p.exists() else []
+
+
+def _steps(manifest: Manifest, job_id: str, on_progress) -> None:
+    total = manifest.training.max_steps or 1
+    for step in range(1, total + 1):
+        time.sleep(manifest.training.seed / 1000)
+        if on_progress:
+            on_progress({"step": step, "total_steps": total, "loss": 1.0 / step, "tokens_per_s": 100.0,
+                         "accelerator_seconds": 0.5 * step, "tokens": 10 * step})
+
+
+def _publish(manifest: Manifest, job_id: str) -> FakeVersion:
+    """Publish once per job id, like the catalog's idempotency key."""
+    marker = farm_home() / "published" / job_id
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        marker.write_text(job_id)
+        _trace("publish.log", job_id)
+    return FakeVersion(f"{manifest.customer}/{manifest.adapter}@v1")
+
+
+def record(manifest: Manifest, *, job_id: str, on_progress=None) -> FakeVersion:
+    """Runs its steps, logs the job id to start.log at start, publishes."""
+    _trace("start.log", job_id)
+    _steps(manifest, job_id, on_progress)
+    return _publish(manifest, job_id)
+
+
+def always_fail(manifest: Manifest, *, job_id: str, on_progress=None) -> FakeVersion:
+    _trace("start.log", f"{job_id}@{time.time():.3f}")
+    raise TrainingError(f"job {job_id}: the loss went NaN at step 1")

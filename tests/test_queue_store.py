@@ -1,0 +1,243 @@
+"""The SQLite job store on a real file: transitions, events, idempotency, fairness, leases, backoff."""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+
+import pytest
+
+from farm.errors import JobNotFound, QueueError
+from farm.queue import (
+    TRANSITIONS, Candidate, JobState, SQLiteStore, check_transition, fair_order, open_store, parse_state,
+    pick_next,
+)
+from tests.queue_runners import make_manifest
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    s = SQLiteStore(tmp_path / "queue.db", clock=clock)
+    yield s
+    s.close()
+
+
+def run_one(store, owner="s1", **kw):
+    job = store.claim_next(owner, lease_ttl=10, **kw)
+    assert job is not None and job.state is JobState.RUNNING
+    return job
+
+
+def test_lifecycle_table_is_the_only_judge():
+    check_transition("j", JobState.QUEUED, JobState.RUNNING)
+    for state, allowed in TRANSITIONS.items():
+        for target in JobState:
+            if target not in allowed:
+                with pytest.raises(QueueError, match=f"cannot go from {state.value} to {target.value}"):
+                    check_transition("j", state, target)
+    with pytest.raises(QueueError, match="unknown job state 'done' \\(allowed: queued, running"):
+        parse_state("done")
+
+
+def test_submit_run_succeed_records_every_transition(store, clock):
+    sub = store.submit(make_manifest("acme", "chat", priority=3))
+    assert sub.created and sub.job_id.startswith("acme-")
+    job = store.get(sub.job_id)
+    assert (job.state, job.priority, job.attempts, job.manifest["adapter"]) == (JobState.QUEUED, 3, 0, "chat")
+    assert job.manifest_hash == make_manifest("acme", "chat", priority=3).content_hash()
+    clock.t += 5
+    job = run_one(store)
+    assert job.attempts == 1 and job.lease_owner == "s1" and job.lease_expires_at == clock.t + 10
+    assert store.record_progress(job.id, job.lease_id, {"step": 1, "total_steps": 2, "loss": 0.5})
+    assert store.get(job.id).progress["loss"] == 0.5
+    done = store.succeed(job.id, job.lease_id, adapter_ref="acme/chat@v1", accelerator_seconds=7.5, tokens=99)
+    assert (done.state, done.adapter_ref, done.accelerator_seconds, done.tokens) == (JobState.SUCCEEDED, "acme/chat@v1", 7.5, 99)
+    assert done.lease_owner is None and done.finished_at == clock.t
+    ev = store.events(job.id)
+    assert [(e.from_state, e.to_state) for e in ev] == [(None, "queued"), ("queued", "running"), ("running", "succeeded")]
+    assert ev[1].at == 1005.0 and "attempt 1/3" in ev[1].reason and "acme/chat@v1" in ev[2].reason
+    with pytest.raises(QueueError, match="already succeeded"):
+        store.request_cancel(job.id)
+    with pytest.raises(QueueError, match="only failed or cancelled jobs can be retried"):
+        store.retry(job.id)
+
+
+def test_unknown_job_and_bad_inputs_are_clear(store, tmp_path):
+    with pytest.raises(JobNotFound, match="no job with id 'nope'"):
+        store.get("nope")
+    with pytest.raises(QueueError, match=r"priority: must be -100..100 \(got 101\)"):
+        store.submit(make_manifest(), priority=101)
+    with pytest.raises(QueueError, match="unsupported queue store URL 'postgres://x'"):
+        open_store("postgres://x")
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(QueueError, match="cannot open the queue database"):
+        SQLiteStore(bad)
+    assert store.counts()["queued"] == 0
+
+
+def test_duplicate_submit_returns_the_active_job(store):
+    m = make_manifest("acme", "chat")
+    first = store.submit(m)
+    assert store.submit(make_manifest("acme", "chat")) == type(first)(first.job_id, created=False)
+    forced = store.submit(m, force=True).job_id
+    assert forced != first.job_id
+    assert store.submit(make_manifest("acme", "chat", steps=2)).created  # different content
+    assert store.submit(make_manifest("other", "chat")).created  # different customer
+    job = run_one(store)
+    assert store.submit(m).job_id == job.id  # still running: same id
+    assert job.id == first.job_id
+    store.succeed(job.id, job.lease_id, adapter_ref=None)
+    assert store.submit(m).job_id == forced  # the earliest identical job still active
+
+
+def test_priority_then_fair_across_customers(store, clock):
+    # 6 jobs of 3 customers; a floods first, b and c arrive later.
+    ids = {}
+    for name, cust, prio in [("a1", "a", 0), ("a2", "a", 0), ("a3", "a", 0), ("b1", "b", 0), ("c1", "c", 5), ("b2", "b", 0)]:
+        clock.t += 1
+        ids[store.submit(make_manifest(cust, name, priority=prio)).job_id] = name
+    positions = store.queue_positions()
+    planned = [ids[j] for j in sorted(positions, key=positions.get)]
+    got = []
+    for _ in range(6):
+        clock.t += 1
+        job = run_one(store)
+        got.append(ids[job.id])
+        store.succeed(job.id, job.lease_id, adapter_ref=None)
+    assert got == ["c1", "a1", "b1", "a2", "b2", "a3"]
+    assert planned == got
+    assert store.claim_next("s1", lease_ttl=10) is None
+
+
+def test_fewest_running_first_and_per_customer_limit(store, clock):
+    for i in range(3):
+        store.submit(make_manifest("big", f"j{i}"))
+    store.submit(make_manifest("small", "j0"))
+    first = run_one(store)
+    assert first.customer == "big"
+    assert run_one(store).customer == "small"
+    # big has 1 running; with a limit of 1 nothing else may start.
+    assert store.claim_next("s1", lease_ttl=10, per_customer_limit=1) is None
+    assert run_one(store, per_customer_limit=2).customer == "big"
+
+
+def test_fair_order_matches_repeated_pick():
+    rng = random.Random(0)
+    cands = [Candidate(f"j{i}", f"c{rng.randrange(7)}", rng.choice([0, 0, 1, 5]), i) for i in range(300)]
+    running = {"c1": 1, "c3": 2}
+    served = {"c2": 5.0, "c4": 1.0}
+    expected, pool, served_sim, tick = [], list(cands), dict(served), 5.0
+    while pool:
+        c = pick_next(pool, running, served_sim)
+        pool.remove(c)
+        expected.append(c)
+        tick += 1
+        served_sim[c.customer] = tick
+    assert fair_order(cands, running, served) == expected
+
+
+def test_failures_back_off_exponentially_then_dead_letter(store, clock):
+    job_id = store.submit(make_manifest(), max_attempts=3).job_id
+    gaps = []
+    for attempt in (1, 2, 3):
+        job = run_one(store)
+        assert job.attempts == attempt
+        after = store.fail_attempt(job.id, job.lease_id, "TrainingError: boom", backoff_base=2, backoff_max=60)
+        if attempt < 3:
+            assert after.state is JobState.RETRYING
+            gaps.append(after.next_attempt_at - clock.t)
+            assert store.claim_next("s1", lease_ttl=10) is None  # still backing off
+            clock.t = after.next_attempt_at
+    assert gaps == [2, 4]
+    job = store.get(job_id)
+    assert job.state is JobState.FAILED and job.last_error == "TrainingError: boom"
+    assert "no attempts left" in store.events(job_id)[-1].reason
+    again = store.retry(job_id)
+    assert again.state is JobState.QUEUED and again.attempts == 0
+
+
+def test_non_retryable_error_fails_at_once(store):
+    store.submit(make_manifest())
+    job = run_one(store)
+    failed = store.fail_attempt(job.id, job.lease_id, "DataError: no column 'text'", retryable=False)
+    assert failed.state is JobState.FAILED and failed.attempts == 1
+
+
+def test_cancel_waiting_and_running(store, clock):
+    waiting = store.submit(make_manifest("a", "w")).job_id
+    assert store.request_cancel(waiting).state is JobState.CANCELLED
+    assert store.claim_next("s1", lease_ttl=10) is None  # a cancelled job never starts
+    store.submit(make_manifest("a", "r"))
+    job = run_one(store)
+    flagged = store.request_cancel(job.id)
+    assert flagged.state is JobState.RUNNING and flagged.cancel_requested
+    assert [j.id for j in store.cancel_requests("s1")] == [job.id]
+    assert store.cancel_requests("other") == []
+    done = store.mark_cancelled(job.id, job.lease_id, "stopped on request")
+    assert done.state is JobState.CANCELLED and not done.cancel_requested
+    assert store.succeed(job.id, job.lease_id, adapter_ref="a/r@v1") is None  # too late: nothing recorded
+    assert store.get(job.id).adapter_ref is None
+
+
+def test_leases_orphans_and_superseded_attempts(store, clock):
+    store.submit(make_manifest("a", "x"))
+    store.submit(make_manifest("b", "y"))
+    old = run_one(store, owner="sched/1")
+    other = run_one(store, owner="sched/1")
+    clock.t += 5
+    assert store.heartbeat("sched/1", lease_ttl=10) == 2
+    assert store.recover_orphans("sched/2") == []  # leases still fresh
+    # A restarted scheduler takes over its dead predecessor's jobs at once.
+    back = store.recover_orphans("sched/2", takeover=lambda owner: owner == "sched/1")
+    assert {j.id for j in back} == {old.id, other.id} and all(j.state is JobState.QUEUED for j in back)
+    assert all(j.attempts == 0 for j in back)
+    assert "re-queued to resume" in store.events(old.id)[-1].reason
+    # The interrupted attempt can no longer write.
+    assert not store.record_progress(old.id, old.lease_id, {"step": 9})
+    again = run_one(store, owner="sched/2")
+    assert again.attempts == 1 and again.lease_id != old.lease_id
+    # A lapsed lease is an orphan too; one flagged for cancel ends cancelled.
+    store.request_cancel(again.id)
+    clock.t += 60
+    (gone,) = [j for j in store.recover_orphans("sched/3") if j.id == again.id]
+    assert gone.state is JobState.CANCELLED
+
+
+def test_cancel_with_no_live_scheduler_is_immediate(store, clock):
+    store.submit(make_manifest())
+    job = run_one(store)
+    clock.t += 60  # lease lapsed: nobody would act on a flag
+    assert store.request_cancel(job.id).state is JobState.CANCELLED
+
+
+def _submit_many(path: str, customer: str, n: int) -> list[str]:
+    s = SQLiteStore(path)
+    return [s.submit(make_manifest(customer, f"j{i}")).job_id for i in range(n)]
+
+
+def test_several_processes_share_the_file(tmp_path):
+    path = str(tmp_path / "shared.db")
+    SQLiteStore(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        results = pool.starmap(_submit_many, [(path, f"c{i}", 20) for i in range(3)])
+    s = SQLiteStore(path)
+    assert s.counts()["queued"] == 60 == len({j for r in results for j in r})
+    claimed = set()
+    while (job := s.claim_next("x", lease_ttl=10)) is not None:
+        claimed.add(job.id)
+    assert len(claimed) == 60
