@@ -1,9 +1,64 @@
-"""`farm` commands: train (filled in by the issue that owns it)."""
+"""`farm train FILE`: run one job now, in the foreground, on Ray Train; publish; print the ref."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from farm.cli._common import console, err_console, print_json
+
+
+def train(
+    file: Annotated[Path, typer.Argument(help="Job manifest YAML.")],
+    job_id: Annotated[str | None, typer.Option(help="Reuse a job id to resume its last checkpoint.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the published version as JSON.")] = False,
+) -> None:
+    """Train one adapter now on the Ray cluster at RAY_ADDRESS (or a local one) and publish it."""
+    from farm.manifest import load_manifest
+
+    manifest = load_manifest(file)  # invalid manifests fail before anything heavy is imported
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from farm.train.run import new_job_id, run_job
+
+    job_id = job_id or new_job_id()
+    if not json_out:
+        console.print(f"job [bold]{job_id}[/]: {manifest.summary()}")
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=json_out) as bar:
+        task = bar.add_task("loading", total=None, stats="")
+
+        def on_progress(m: dict) -> None:
+            if m.get("event") == "cpu_fallback":
+                bar.console.print(f"[yellow]note:[/] {m['message']}")
+                return
+            if "step" not in m:
+                return
+            stats = f"loss {m['loss']:.3f}  {m['tokens_per_s']:.0f} tok/s" if "loss" in m else ""
+            if "eval_loss" in m:
+                stats += f"  eval {m['eval_loss']:.3f}"
+            bar.update(task, description="training", completed=m["step"], total=m["total_steps"], stats=stats)
+
+        version = run_job(manifest, job_id=job_id, on_progress=on_progress)
+    if json_out:
+        print_json(version.to_json())
+        return
+    metrics = version.metadata.get("metrics", {})
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+    console.print(f"[green]published[/] [bold]{version.ref}[/]  {shown}")
+    console.print(f"  at {version.uri}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    app.command()(train)

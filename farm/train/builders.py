@@ -3,6 +3,7 @@ sees the manifest. Heavy libraries are imported inside the functions."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,3 +31,49 @@ def lora_config(manifest: Manifest) -> peft.LoraConfig:
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
         task_type=TaskType.SEQ_CLS if manifest.task == "seq_cls" else TaskType.CAUSAL_LM,
     )
+
+
+def model_config(manifest: Manifest, label_names: list[str] | None = None) -> dict:
+    """Plain arguments for farm.modeling.load_base_model (picklable, for the Ray Train worker)."""
+    labels = label_names or manifest.class_labels
+    return {
+        "source": manifest.base_model,
+        "revision": manifest.revision,
+        "task": manifest.task,
+        "num_labels": len(labels) if labels else None,
+        "id2label": dict(enumerate(labels)) if labels else None,
+        "quant": {
+            "mode": manifest.quantization,
+            "double_quant": manifest.double_quant,
+            "compute_dtype": manifest.compute_dtype,
+        },
+    }
+
+
+def total_steps(manifest: Manifest, train_rows: int) -> int:
+    """Optimizer steps the job runs: max_steps, or epochs over the data in (batch × grad_accum) steps."""
+    t = manifest.training
+    if t.max_steps:
+        return t.max_steps
+    micro_batches = math.ceil(train_rows / t.batch_size)
+    return max(1, math.ceil((t.epochs or 1.0) * micro_batches / t.grad_accum))
+
+
+def optim_config(manifest: Manifest, train_rows: int) -> dict:
+    """Optimizer, schedule and loop settings for the worker."""
+    t = manifest.training
+    return {
+        "optimizer": t.optimizer,
+        "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "lr_scheduler": t.lr_scheduler,
+        "warmup_ratio": t.warmup_ratio,
+        "batch_size": t.batch_size,
+        "grad_accum": t.grad_accum,
+        "seed": t.seed,
+        "eval_every": t.eval_every,
+        "checkpoint_every": t.checkpoint_every,
+        "early_stopping_patience": t.early_stopping_patience,
+        "total_steps": total_steps(manifest, train_rows),
+    }

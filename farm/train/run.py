@@ -1,0 +1,217 @@
+"""Run one job: validate its data, fit a Ray Train TorchTrainer (one worker), publish the adapter.
+
+This is the driver side. `run_job` is what `farm train` calls in the foreground and what the
+scheduler calls inside a Ray task. The Ray Train run is named `farm-<job_id>` under the farm's run
+storage, so running the same job id again resumes from its last checkpoint, and the catalog
+publish uses the job id as idempotency key, so a job publishes at most once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from farm.errors import FarmError, TrainingError
+from farm.manifest import Manifest
+
+if TYPE_CHECKING:
+    from farm.catalog import AdapterVersion, Catalog
+
+log = logging.getLogger("farm.train")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+
+ProgressFn = Callable[[dict], None]
+
+
+def new_job_id() -> str:
+    """A sortable, unique job id (time + randomness)."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at `address`/RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(
+            include_dashboard=False,
+            node_ip_address="127.0.0.1",
+            log_to_driver=False,
+            configure_logging=False,
+        )
+
+
+def _cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _rows(ds) -> dict[str, list]:
+    """A tokenized datasets.Dataset as plain columns (cheap to ship through the object store)."""
+    return {c: ds[c] for c in ("input_ids", "attention_mask", "labels")}
+
+
+def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list) -> None:
+    while not stop.is_set() or not queue.empty():
+        try:
+            item = queue.get(timeout=0.2)
+        except Exception:  # noqa: BLE001 - queue.Empty, or the queue actor gone at shutdown
+            continue
+        history.append(item)
+        if on_progress is not None:
+            try:
+                on_progress(item)
+            except Exception:  # noqa: BLE001 - a progress consumer must not kill the job
+                log.exception("progress callback failed")
+
+
+def run_job(
+    manifest: Manifest,
+    *,
+    job_id: str | None = None,
+    on_progress: ProgressFn | None = None,
+    catalog: Catalog | None = None,
+    storage_path: str | None = None,
+    cpu_threads: int | None = None,
+) -> AdapterVersion:
+    """Train the manifest's adapter on Ray Train and publish it; returns the published version."""
+    from farm.catalog import Catalog
+    from farm.modeling import config_fingerprint, load_tokenizer
+    from farm.settings import storage_path as default_storage
+    from farm.train import builders
+    from farm.train.data import prepare_data
+
+    started = time.time()
+    job_id = job_id or new_job_id()
+    catalog = catalog or Catalog()
+
+    # Everything that can be wrong with the inputs fails here, before any Ray work starts.
+    tokenizer = load_tokenizer(manifest.base_model, manifest.revision)
+    data = prepare_data(
+        manifest.dataset,
+        task=manifest.task,
+        tokenizer=tokenizer,
+        max_seq_len=manifest.training.max_seq_len,
+        seed=manifest.training.seed,
+        labels=manifest.labels,
+        num_labels=manifest.num_labels,
+        packing=manifest.training.packing,
+    )
+    fingerprint = config_fingerprint(manifest.base_model, manifest.revision)
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from farm.train.loop import FINAL_MARKER, STATE_FILE, train_loop_per_worker
+
+    ensure_ray()
+    want_gpus = manifest.resources.gpus
+    have_gpus = _cluster_gpus()
+    use_gpu = want_gpus > 0 and have_gpus > 0
+    if want_gpus > 0 and not use_gpu:
+        msg = f"resources.gpus={want_gpus} but the Ray cluster has no GPUs: job {job_id} runs on CPU"
+        log.warning(msg)
+        if on_progress:
+            on_progress({"event": "cpu_fallback", "message": msg})
+
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    config: dict[str, Any] = {
+        "model": builders.model_config(manifest, data.label_names),
+        "lora": builders.lora_config(manifest),
+        "optim": builders.optim_config(manifest, len(data.train)),
+        "data": ray.put((_rows(data.train), _rows(data.eval))),
+        "pad_token_id": tokenizer.pad_token_id,
+        "progress": progress,
+        "cpu_threads": cpu_threads,
+    }
+    resources = {"CPU": 1, **({"GPU": want_gpus} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=f"farm-{job_id}",
+            storage_path=storage_path or default_storage(),
+            failure_config=FailureConfig(max_failures=manifest.resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    history: list[dict] = []
+    stop = threading.Event()
+    drainer = threading.Thread(target=_drain, args=(progress, on_progress, stop, history), daemon=True)
+    drainer.start()
+    try:
+        result = trainer.fit()
+    except FarmError:
+        raise
+    except Exception as exc:  # Ray Train wraps worker errors; report the root cause in one line
+        raise TrainingError(f"job {job_id} ({manifest.name}): training failed: {_root_cause(exc)}") from exc
+    finally:
+        stop.set()
+        drainer.join(timeout=5)
+        try:
+            progress.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+    if result.checkpoint is None:
+        raise TrainingError(f"job {job_id} ({manifest.name}): training ended without a final checkpoint")
+
+    import torch
+
+    from farm.train.report import build_metadata, plot_loss_curve
+
+    with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="farm-publish-") as out:
+        ckpt = Path(ckpt_dir)
+        if not (ckpt / FINAL_MARKER).exists():
+            raise TrainingError(f"job {job_id}: the last checkpoint is not a finished adapter")
+        state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        final = state.get("final_metrics", {})
+        for name in ADAPTER_FILES:
+            if (ckpt / name).exists():
+                shutil.copy2(ckpt / name, Path(out) / name)
+        full_history = state.get("history", [])
+        plot_loss_curve(full_history, Path(out) / "loss_curve.png", f"{manifest.name} — job {job_id}")
+        metadata = build_metadata(
+            job_id=job_id,
+            manifest=manifest,
+            base_fingerprint=fingerprint,
+            data_stats=data.stats,
+            label_names=data.label_names,
+            final=final,
+            history=full_history,
+            device="cuda" if use_gpu else "cpu",
+            gpus=want_gpus if use_gpu else 0,
+            wall_seconds=time.time() - started,
+        )
+        version = catalog.publish(manifest.customer, manifest.adapter, Path(out), metadata, idempotency_key=job_id)
+    log.info("job %s published %s", job_id, version.ref)
+    return version
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error message of a (possibly wrapped) Ray Train failure, on one line."""
+    seen = exc
+    while True:
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    text = str(seen).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
+    return f"{type(seen).__name__}: {last.strip()}"
