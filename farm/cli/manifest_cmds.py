@@ -30,5 +30,60 @@ def validate(
         raise typer.Exit(1)
 
 
+def plan(
+    file: Annotated[Path, typer.Argument(help="Job manifest YAML file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Cost before compute: parameter counts, adapter size and base-model memory per quantization mode.
+
+    Builds the model on the meta device from its config; no weights are loaded."""
+    from farm.manifest import load_manifest
+    from farm.plan import plan as make_plan
+
+    report = make_plan(load_manifest(file), source=str(file))
+    if as_json:
+        print_json(report)
+    else:
+        _render(report)
+
+
+def _render(r: dict) -> None:
+    from rich.table import Table
+
+    from farm.plan import human_bytes
+
+    p, a, f = r["params"], r["adapter"], r["footprint"]
+    targets = r["lora"]["target_modules"]
+    targets = targets if isinstance(targets, str) else ", ".join(targets)
+    console.print(f"[bold]{r['manifest']}[/]: {r['task']} on {r['base_model']} ({r['model_type']})")
+    console.print(f"LoRA r={r['lora']['r']} alpha={r['lora']['alpha']:g} on {targets}")
+    if r["lora"]["modules_to_save"]:
+        console.print(f"trained in full: {', '.join(r['lora']['modules_to_save'])}")
+    params = Table(show_header=False, box=None, pad_edge=False)
+    params.add_row("base params", f"{p['base']:,}")
+    params.add_row("total params (with adapter)", f"{p['total']:,}")
+    params.add_row("trainable params", f"{p['trainable']:,} ({p['trainable_percent']:.4f}%)")
+    params.add_row("adapter file", f"{human_bytes(a['file_bytes'])} ({a['tensors']} fp32 tensors)")
+    console.print(params)
+
+    table = Table(title="Base model weights in memory")
+    table.add_column("quantization", no_wrap=True)
+    for col in ("bits/linear param", "linear weights", "other params", "total"):
+        table.add_column(col, justify="right")
+    for m in f["modes"]:
+        mark = " ←" if m["mode"] == f["selected"] else ""
+        table.add_row(
+            m["label"] + mark,
+            f"{m['bits_per_linear_param']:.3f}" if m["bits_per_linear_param"] is not None else "-",
+            human_bytes(m["linear_bytes"]),
+            human_bytes(m["other_bytes"]),
+            human_bytes(m["total_bytes"]),
+            style="bold" if mark else None,
+        )
+    console.print(table)
+    console.print(f"[dim]{f['note']}. ← this job's setting.[/]")
+
+
 def register(app: typer.Typer) -> None:
     app.command()(validate)
+    app.command()(plan)
