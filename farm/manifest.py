@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from farm.errors import ManifestError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-NAME_RULE = "1-63 characters: lowercase letters, digits, '-', '_', '.'; starting with a letter or digit"
+NAME_RULE = "1-63 characters: lowercase letters, digits, '-', '_', '.'; starting with a letter or digit; no '..'"
 URL_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "file://", "memory://")
 
 
@@ -52,9 +52,12 @@ class LoraSpec(_Section):
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (seq_cls adds the head itself)."""
 
-    @field_validator("target_modules")
+    @field_validator("target_modules", mode="before")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
+        # Checked before pydantic's union so a wrong string reads as one clear line, not "must be a list".
+        if isinstance(v, str) and v != "all-linear":
+            raise ValueError("must be a list of module names (e.g. [q_proj, v_proj]) or 'all-linear'")
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one module, or be 'all-linear'")
         return v
@@ -210,7 +213,7 @@ class Manifest(_Section):
             if self.dataset.format == "classification":
                 problems.append("dataset.format: classification needs task seq_cls")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # split back into one problem each in parse_manifest
         return self
 
     # ---- derived values (no heavy imports) ----
@@ -243,9 +246,27 @@ class Manifest(_Section):
 # Loading and error formatting
 
 
-def _suggest(bad: str, allowed: list[str]) -> str:
+def _all_field_paths(model: Any = None, prefix: str = "") -> dict[str, str]:
+    """{field name: its dotted YAML path} over every section, for suggestions across sections."""
+    model = model or Manifest
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_all_field_paths(ann, f"{prefix}{name}."))
+        else:
+            out.setdefault(name, f"{prefix}{name}")
+    return out
+
+
+def _suggest(bad: str, allowed: list[str], here: str = "") -> str:
     close = difflib.get_close_matches(bad, allowed, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
+    if not close:  # e.g. learning_rate at the top level: it belongs in training
+        paths = _all_field_paths()
+        other = difflib.get_close_matches(bad, list(paths), n=1, cutoff=0.75)
+        if other and paths[other[0]] != f"{here}{other[0]}":
+            hint = f"; did you mean {paths[other[0]]!r} (in another section)?"
     return f"unknown key {bad!r}{hint} (allowed: {', '.join(sorted(allowed))})"
 
 
@@ -269,13 +290,16 @@ def _format_error(err: dict) -> str:
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
-        return f"{path}: " + _suggest(str(loc[-1]), _fields_at(loc[:-1]))
+        here = "".join(f"{p}." for p in loc[:-1])
+        return f"{path}: " + _suggest(str(loc[-1]), _fields_at(loc[:-1]), here)
     if kind == "missing":
         return f"{path}: required field is missing"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     msg = msg.replace("Input should be", "must be")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        msg = "must be a mapping of keys (a YAML section)"
     if kind.startswith("literal_error"):
         msg = "must be one of " + msg.removeprefix("must be ").replace(" or ", ", ")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
@@ -335,7 +359,7 @@ def parse_manifest(data: Any, source: str = "<manifest>", base_dir: Path | None 
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = [_format_error(e) for e in _clean_paths(exc.errors())]
+        problems = [line for e in _clean_paths(exc.errors()) for line in _format_error(e).split("\n")]
         raise ManifestError(source, problems) from None
 
 
