@@ -70,6 +70,10 @@ def _publish(manifest: Manifest, job_id: str) -> FakeVersion:
 def record(manifest: Manifest, *, job_id: str, on_progress=None) -> FakeVersion:
     """Runs its steps, logs the job id to start.log at start, publishes."""
     _trace("start.log", job_id)
+    import ray
+
+    if ray.is_initialized():  # inside the scheduler's task: the name the Ray dashboard shows
+        _trace("tasks.log", ray.get_runtime_context().get_task_name() or "?")
     _steps(manifest, job_id, on_progress)
     return _publish(manifest, job_id)
 
