@@ -1,0 +1,100 @@
+"""Check an adapter folder before it is published: a PEFT LoRA adapter with safetensors weights only.
+
+No torch/peft import: the config is JSON and a safetensors header is 8 bytes of length plus JSON,
+which is also how a pickle renamed to `.safetensors` is caught.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from farm.catalog.layout import FARM_JSON
+from farm.catalog.refs import check_file_name
+from farm.errors import CatalogError, RefError
+
+# Extensions of pickle-based weight formats; loading them can run arbitrary code.
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".dill"}
+CONFIG = "adapter_config.json"
+MAX_HEADER = 100 * 2**20
+
+
+def scan_folder(src: Path) -> dict[str, Path]:
+    """Every file to publish, keyed by its '/'-joined name; refuses unsafe names and pickle files."""
+    src = Path(src)
+    if not src.is_dir():
+        raise CatalogError(f"adapter folder {str(src)!r} does not exist or is not a directory")
+    found: dict[str, Path] = {}
+    pickles = []
+    for p in sorted(src.rglob("*")):
+        if p.is_dir():
+            continue
+        name = p.relative_to(src).as_posix()
+        if p.suffix.lower() in PICKLE_SUFFIXES:
+            pickles.append(name)
+            continue
+        if any(part.startswith(".") for part in name.split("/")):
+            continue  # editor/OS droppings (.DS_Store, .ipynb_checkpoints) are not part of an adapter
+        try:
+            check_file_name(name)
+        except RefError as exc:
+            raise CatalogError(f"{src}: {exc}") from None
+        if name == FARM_JSON:
+            raise CatalogError(f"{src}: contains {FARM_JSON}, a name the catalog reserves for its own record")
+        found[name] = p
+    if pickles:
+        raise CatalogError(
+            f"{src}: refusing pickle weight file(s) {', '.join(pickles)}: only safetensors weights are "
+            "accepted (they cannot run code when loaded); re-save with "
+            "model.save_pretrained(dir, safe_serialization=True)"
+        )
+    return found
+
+
+def safetensors_summary(path: Path) -> dict[str, Any]:
+    """Tensor count, parameter count and dtypes from a safetensors header; CatalogError if not one."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER or n > path.stat().st_size - 8:
+                raise ValueError(f"header length {n} is impossible for a {path.stat().st_size}-byte file")
+            header = json.loads(f.read(n))
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        params = 0
+        for v in tensors.values():
+            count = 1
+            for d in v["shape"]:
+                count *= int(d)
+            params += count
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{path}: not a valid safetensors file ({exc})") from None
+    return {"tensors": len(tensors), "params": params, "dtypes": sorted({v["dtype"] for v in tensors.values()})}
+
+
+def describe_adapter(src: Path, files: dict[str, Path]) -> dict[str, Any]:
+    """Validate a PEFT LoRA adapter folder and return what can be said about it (for metadata)."""
+    if CONFIG not in files:
+        raise CatalogError(f"{src}: no {CONFIG}; expected a PEFT adapter folder as save_pretrained writes it")
+    try:
+        config = json.loads(files[CONFIG].read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CatalogError(f"{src / CONFIG}: invalid JSON ({exc})") from None
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise CatalogError(f"{src / CONFIG}: peft_type is {config.get('peft_type')!r}; only LORA adapters are accepted")
+    weights = sorted(n for n in files if n.endswith(".safetensors"))
+    if not weights:
+        raise CatalogError(f"{src}: no .safetensors weights (expected adapter_model.safetensors)")
+    summaries = {n: safetensors_summary(files[n]) for n in weights}
+    keys = ("base_model_name_or_path", "r", "lora_alpha", "target_modules", "task_type", "modules_to_save")
+    info = {k: config.get(k) for k in keys if config.get(k) is not None}
+    if isinstance(info.get("target_modules"), (set, tuple)):
+        info["target_modules"] = sorted(info["target_modules"])
+    info["peft_version"] = config.get("peft_version")
+    info["weights"] = summaries
+    info["params"] = sum(s["params"] for s in summaries.values())
+    return {k: v for k, v in info.items() if v is not None}
