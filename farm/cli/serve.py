@@ -1,9 +1,67 @@
-"""`farm` commands: serve (filled in by the issue that owns it)."""
+"""`farm serve`: deploy the OpenAI-compatible inference service on the farm's Ray cluster."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from farm.cli._common import console
+
+
+def serve_cmd(
+    base_model: Annotated[str, typer.Option("--base-model", help="Base model: local dir, s3:// URL or hub id.")] = "models/tiny-llama",
+    replicas: Annotated[int, typer.Option(help="Model replicas (each holds the base once).")] = 1,
+    max_adapters: Annotated[int, typer.Option("--max-adapters", help="Adapters held per replica (LRU).")] = 8,
+    host: Annotated[str, typer.Option(help="Bind address. Non-loopback needs API keys.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    keys: Annotated[Path | None, typer.Option("--keys", help="API keys file (sha256 hashes); see docs/serving.md.")] = None,
+    routing: Annotated[str, typer.Option(help="affinity (adapter-aware, default) or spread.")] = "affinity",
+    max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows per forward pass.")] = 32,
+    quantization: Annotated[str, typer.Option(help="nf4 | fp4 | int8 | none.")] = "nf4",
+    catalog: Annotated[str | None, typer.Option(help="Catalog URL (default FARM_CATALOG or $FARM_HOME/catalog).")] = None,
+) -> None:
+    """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, or a local one; Ctrl-C stops."""
+    from farm.serve.auth import KeyStore
+    from farm.serve.config import ServeConfig, check_bind
+
+    cfg = ServeConfig(
+        base_model=base_model,
+        catalog_url=catalog,
+        quantization=quantization,
+        replicas=replicas,
+        max_adapters=max_adapters,
+        routing=routing,
+        max_batch_size=max_batch_size,
+        keys_file=str(keys) if keys else None,
+        host=host,
+        port=port,
+    )
+    store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
+    check_bind(cfg.host, len(store))
+
+    import ray
+
+    from farm.serve.app import deploy
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    url = deploy(cfg, store)
+    console.print(f"serving {cfg.served_name} and adapters from {cfg.catalog_url} at {url}/v1 "
+                  f"({replicas} replica(s), {len(store)} key(s)); Ctrl-C stops")
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.delete("farm")
+        console.print("stopped")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the root app."""
+    app.command("serve")(serve_cmd)

@@ -1,0 +1,14 @@
+"""Ray Serve inference: one NF4 base per replica, LoRA adapters hot-loaded from the catalog,
+mixed-adapter batches, an OpenAI-compatible API with per-customer keys.
+
+    config.py    ServeConfig: every knob of a deployment (no heavy imports)
+    protocol.py  pydantic request/response models of the OpenAI API
+    auth.py      API keys (sha256-hashed) -> customer or admin
+    limits.py    ApiError and the request limits (context length, max_tokens, body size)
+    metrics.py   ray.util.metrics instruments
+    sampling.py  per-row greedy / temperature / top-p sampling and stop strings
+    engine.py    base model + adapter slots + the mixed-adapter batching decode loop
+    resolver.py  ref -> version with tenancy checks and a short TTL (freshness)
+    server.py    the model deployment (replicas, multiplexed adapter LRU)
+    app.py       the FastAPI ingress deployment and build_app/deploy
+"""

@@ -1,0 +1,367 @@
+"""One replica's model: the NF4 base loaded once, LoRA adapters attached under slot names, and the
+batching layer that runs concurrent requests for different adapters in one forward pass.
+
+Requests are queued; a worker thread takes up to `max_batch_size` of them (waiting at most
+`max_wait_ms` after the first), left-pads the prompts and runs a KV-cached decode loop in which every
+forward passes PEFT's per-row `adapter_names`. Rows leave the batch as they finish. Each row has its
+own sampler (temperature, top-p, seed) and stop strings, and streams text back to its asyncio queue.
+
+Adapters are attached and detached only under the model lock, between batches; a detach requested
+while queued or running requests still use the slot waits until they are done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from farm.serve import metrics
+from farm.serve.limits import ApiError, overloaded
+from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+@dataclass
+class Slot:
+    """An attached adapter: `name` is its PEFT adapter name on this replica (unique per load)."""
+
+    name: str
+    task: str  # causal_lm | seq_cls
+    num_labels: int | None = None
+    labels: list[str] | None = None
+
+
+@dataclass
+class GenJob:
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stops: list[str] = field(default_factory=list)
+    slot: str | None = None
+    tag: str = "base"  # metrics label
+    stream: bool = False
+    # filled in by the engine
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    out_ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already streamed
+
+    def emit(self, event: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the caller's loop is gone (client went away)
+            self.cancelled = True
+
+
+def inspect_adapter(path: Path) -> tuple[str, int | None]:
+    """(task, num_labels) of a PEFT LoRA adapter folder; refuses anything but safetensors LoRA."""
+    files = [p.name for p in path.iterdir()]
+    bad = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if bad:
+        raise ApiError(422, f"adapter folder holds pickle files {bad}: only safetensors are loaded", "adapter_error")
+    if "adapter_model.safetensors" not in files or "adapter_config.json" not in files:
+        raise ApiError(422, "adapter folder lacks adapter_config.json or adapter_model.safetensors", "adapter_error")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ApiError(422, f"adapter is {cfg.get('peft_type')}, only LoRA is served", "adapter_error")
+    if cfg.get("task_type") != "SEQ_CLS":
+        return "causal_lm", None
+    from safetensors import safe_open
+
+    heads = set(cfg.get("modules_to_save") or ["score", "classifier"])
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            parts = key.split(".")
+            if key.endswith(".weight") and any(h in parts for h in heads):
+                return "seq_cls", int(f.get_slice(key).get_shape()[0])
+    raise ApiError(422, "seq_cls adapter has no saved classification head (modules_to_save)", "adapter_error")
+
+
+class Engine:
+    """The model side of one replica. Thread-safe; async entry points run on the replica's loop."""
+
+    def __init__(
+        self,
+        base_model: str,
+        *,
+        quantization: str = "nf4",
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        max_waiting: int = 64,
+        threads: int | None = None,
+    ):
+        import torch
+
+        from farm.modeling import Quantization, load_base_model, load_tokenizer
+
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.base_model = base_model
+        self.quant = Quantization(mode=quantization)
+        self.tokenizer = load_tokenizer(base_model)
+        self.base = load_base_model(base_model, quant=self.quant, device="cpu").eval()
+        cfg = self.base.config
+        self.context_length = int(
+            getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        )
+        self.eos_ids = self._eos_ids()
+        self.peft = None  # PeftModel over self.base once the first causal adapter is attached
+        self.classifiers: dict[int, object] = {}  # num_labels -> seq_cls base (PeftModel once used)
+        self.slots: dict[str, Slot] = {}
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_waiting = max_waiting
+        self._names = itertools.count()
+        self._model_lock = threading.RLock()
+        self._cv = threading.Condition()
+        self._queue: collections.deque[GenJob] = collections.deque()
+        self._in_use: collections.Counter[str] = collections.Counter()
+        self._doomed: set[str] = set()
+        self.stats = collections.Counter()  # loads / evictions / batches / rows, for /admin and tests
+        self._worker = threading.Thread(target=self._run, name="farm-batcher", daemon=True)
+        self._worker.start()
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.base.generation_config.eos_token_id if self.base.generation_config else None
+        ids = ids if ids is not None else self.base.config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return {int(i) for i in ids if i is not None}
+
+    # ---- adapters -------------------------------------------------------------------------
+    def attach(self, path: Path, labels: list[str] | None = None) -> Slot:
+        """Attach the adapter folder under a fresh slot name (blocking; call from a thread)."""
+        from peft import PeftModel
+
+        task, num_labels = inspect_adapter(Path(path))
+        slot = Slot(name=f"s{next(self._names)}", task=task, num_labels=num_labels)
+        if task == "seq_cls":
+            slot.labels = labels if labels and len(labels) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
+        with self._model_lock:
+            if task == "causal_lm":
+                if self.peft is None:
+                    self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=slot.name).eval()
+                else:
+                    self.peft.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+            else:
+                model = self.classifiers.get(num_labels)
+                if model is None:
+                    from farm.modeling import load_base_model
+
+                    base = load_base_model(
+                        self.base_model, task="seq_cls", num_labels=num_labels, quant=self.quant, device="cpu"
+                    )
+                    model = PeftModel.from_pretrained(base, str(path), adapter_name=slot.name).eval()
+                    self.classifiers[num_labels] = model
+                else:
+                    model.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+            self.slots[slot.name] = slot
+            self.stats["loads"] += 1
+        return slot
+
+    def detach(self, name: str) -> None:
+        """Drop a slot once no queued or running request uses it."""
+        with self._cv:
+            self._doomed.add(name)
+        self._reap()
+
+    def _reap(self) -> None:
+        with self._model_lock, self._cv:
+            for name in list(self._doomed):
+                slot = self.slots.get(name)
+                if slot is None:
+                    self._doomed.discard(name)
+                    continue
+                if self._in_use[name]:
+                    continue
+                model = self.peft if slot.task == "causal_lm" else self.classifiers[slot.num_labels]
+                if len(model.peft_config) <= 1:
+                    continue  # PEFT keeps >= 1 adapter: drop this one when the next is attached
+                model.delete_adapter(name)
+                del self.slots[name]
+                self._doomed.discard(name)
+                self.stats["evictions"] += 1
+
+    def resident(self) -> list[str]:
+        with self._cv:
+            return [n for n in self.slots if n not in self._doomed]
+
+    # ---- generation -----------------------------------------------------------------------
+    async def generate(self, job: GenJob):
+        """Queue a job and yield its events: {'delta': text} (stream only), then one {'done': ...}."""
+        job.loop = asyncio.get_running_loop()
+        job.events = asyncio.Queue()
+        job.submitted = time.perf_counter()
+        with self._cv:
+            if len(self._queue) >= self.max_waiting:
+                raise overloaded(len(self._queue))
+            if job.slot is not None:
+                if job.slot not in self.slots:
+                    raise ApiError(503, "adapter was unloaded while the request waited; retry", "overloaded", 0.1)
+                self._in_use[job.slot] += 1
+            self._queue.append(job)
+            metrics.get("waiting").set(len(self._queue))
+            self._cv.notify()
+        try:
+            while True:
+                event = await job.events.get()
+                yield event
+                if "done" in event or "error" in event:
+                    return
+        finally:
+            job.cancelled = True
+
+    def _take_batch(self) -> list[GenJob]:
+        with self._cv:
+            while not self._queue:
+                self._cv.wait()
+            deadline = time.perf_counter() + self.max_wait_s
+            while len(self._queue) < self.max_batch_size:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            n = min(self.max_batch_size, len(self._queue))
+            batch = [self._queue.popleft() for _ in range(n)]
+            metrics.get("waiting").set(len(self._queue))
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take_batch()
+            try:
+                self._decode(batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the replica
+                for job in batch:
+                    job.emit({"error": ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")})
+            finally:
+                with self._cv:
+                    for job in batch:
+                        if job.slot is not None:
+                            self._in_use[job.slot] -= 1
+                self._reap()
+
+    def _decode(self, batch: list[GenJob]) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        batch = [j for j in batch if not j.cancelled]
+        if not batch:
+            return
+        metrics.get("batch_size").observe(len(batch))
+        metrics.get("batch_adapters").observe(len({j.slot for j in batch}))
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(j.prompt_ids) for j in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, j in enumerate(batch):  # left padding: every row's last prompt token is at -1
+            ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
+            mask[i, width - len(j.prompt_ids) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._model_lock, torch.inference_mode():
+            use_peft = self.peft is not None
+            model = self.peft if use_peft else self.base
+            names = [j.slot or BASE for j in batch]
+            if not use_peft and any(j.slot for j in batch):
+                raise RuntimeError("adapter slot requested but no adapter is attached")
+            cache = DynamicCache()
+            rows = list(batch)
+            kw = {"adapter_names": names} if use_peft else {}
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kw)
+            while True:
+                logits = out.logits[:, -1, :].float()
+                next_ids, keep = [], []
+                for i, job in enumerate(rows):
+                    tok = job.sampler.sample(logits[i])
+                    if self._advance(job, tok):
+                        keep.append(i)
+                        next_ids.append(tok)
+                if not keep:
+                    return
+                if len(keep) < len(rows):
+                    idx = torch.tensor(keep)
+                    cache.batch_select_indices(idx)
+                    mask, pos = mask[idx], pos[idx]
+                    rows = [rows[i] for i in keep]
+                    names = [names[i] for i in keep]
+                    if use_peft:
+                        kw = {"adapter_names": names}
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
+                pos = pos[:, -1:] + 1
+                out = model(
+                    input_ids=torch.tensor(next_ids)[:, None],
+                    attention_mask=mask,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    **kw,
+                )
+
+    def _advance(self, job: GenJob, tok: int) -> bool:
+        """Record one token for a row; emit text; return False when the row is finished."""
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+            metrics.get("ttft").observe(now - job.submitted, tags={"adapter": job.tag})
+        if job.cancelled:
+            return False
+        finish = None
+        if tok in self.eos_ids:
+            finish = "stop"
+        else:
+            job.out_ids.append(tok)
+            if len(job.out_ids) >= job.max_tokens:
+                finish = "length"
+        text = None
+        if job.stops or job.stream or finish:
+            text = self.tokenizer.decode(job.out_ids, skip_special_tokens=True)
+            cut = find_stop(text, job.stops) if job.stops else -1
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if job.stream and text is not None:
+            end = len(text) if finish else safe_prefix_len(text, job.stops)
+            if end > job.sent:
+                job.emit({"delta": text[job.sent : end]})
+                job.sent = end
+        if finish is None:
+            return True
+        n = len(job.out_ids)
+        elapsed = max(now - job.submitted, 1e-9)
+        metrics.get("tokens").inc(n, tags={"adapter": job.tag})
+        metrics.get("tokens_per_s").observe(n / elapsed, tags={"adapter": job.tag})
+        job.emit({"done": {"text": text, "finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(job.prompt_ids)}})
+        return False
+
+    # ---- classification -------------------------------------------------------------------
+    def classify(self, slot_name: str, input_ids: list[int]) -> dict:
+        """Label and probabilities from a seq_cls adapter (blocking; call from a thread)."""
+        import torch
+
+        with self._cv:
+            slot = self.slots.get(slot_name)
+            if slot is None:
+                raise ApiError(503, "adapter was unloaded while the request waited; retry", "overloaded", 0.1)
+            self._in_use[slot_name] += 1
+        try:
+            with self._model_lock, torch.inference_mode():
+                model = self.classifiers[slot.num_labels]
+                logits = model(input_ids=torch.tensor([input_ids]), adapter_names=[slot_name]).logits[0].float()
+            probs = torch.softmax(logits, -1).tolist()
+        finally:
+            with self._cv:
+                self._in_use[slot_name] -= 1
+            self._reap()
+        best = max(range(len(probs)), key=probs.__getitem__)
+        return {"label": slot.labels[best], "index": best, "probabilities": dict(zip(slot.labels, probs))}

@@ -1,0 +1,111 @@
+"""From the request's `model` to what serves it: the base model, or one exact adapter version.
+
+Order matters for tenancy: the ref is parsed by the catalog's strict parser (bad -> 400) and checked
+against the caller's customer (foreign -> 404, the same answer as a missing adapter) before any
+storage request. Resolutions are reused for at most `ttl_s`, which bounds how long after a publish a
+request can still get the previous version.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from farm.errors import AdapterNotFound, CatalogError, IntegrityError, RefError
+from farm.serve.auth import Principal
+from farm.serve.limits import ApiError, not_found
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request runs on. For the base model `version` is None and `ref` is its served name."""
+
+    ref: str  # the exact name every response carries: customer/adapter@vN or the base model's name
+    name: str  # customer/adapter (metrics tag) or the base name
+    version: Any = None  # farm.catalog AdapterVersion
+
+    @property
+    def vid(self) -> str | None:
+        return None if self.version is None else self.version.id
+
+
+def catalog_error(exc: Exception, model: str) -> ApiError:
+    """Catalog failures as HTTP errors: not found 404, bad ref 400, storage trouble 502."""
+    if isinstance(exc, AdapterNotFound):
+        return not_found(model)
+    if isinstance(exc, RefError):
+        return ApiError(400, str(exc))
+    if isinstance(exc, IntegrityError):
+        return ApiError(502, f"adapter {model!r} failed verification in the catalog: {exc}", "adapter_error")
+    return ApiError(502, f"catalog unavailable: {exc}", "catalog_error")
+
+
+class Resolver:
+    """Thread-safe; blocking (call from a worker thread)."""
+
+    def __init__(self, catalog_url: str, served_name: str, ttl_s: float = 1.0):
+        self.catalog_url = catalog_url
+        self.served_name = served_name
+        self.ttl_s = ttl_s
+        self._catalog = None
+        self._cache: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from farm.catalog import Catalog
+
+            self._catalog = Catalog(self.catalog_url)
+        return self._catalog
+
+    def resolve(self, principal: Principal, model: str) -> Target:
+        if model == self.served_name:
+            return Target(ref=model, name=model)
+        from farm.catalog import parse_ref
+
+        try:
+            ref = parse_ref(model)
+        except RefError as exc:
+            raise ApiError(400, str(exc)) from None
+        if not principal.may_use(ref.customer):
+            raise not_found(model)
+        key = str(ref)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(key)
+        if hit and now - hit[0] < self.ttl_s:
+            version = hit[1]
+        else:
+            try:
+                version = self.catalog.resolve(key)
+            except CatalogError as exc:
+                raise catalog_error(exc, model) from None
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[key] = (now, version)
+        return Target(ref=version.ref, name=f"{ref.customer}/{ref.adapter}", version=version)
+
+    def models(self, principal: Principal) -> list[dict]:
+        """The base model plus every adapter the caller may use (latest version of each)."""
+        data = [{"id": self.served_name, "object": "model", "owned_by": "farm", "created": 0}]
+        try:
+            versions = self.catalog.list(customer=None if principal.admin else principal.customer)
+        except CatalogError as exc:
+            raise catalog_error(exc, "*") from None
+        for v in versions:
+            created = 0
+            data.append(
+                {
+                    "id": f"{v.customer}/{v.adapter}",
+                    "object": "model",
+                    "owned_by": v.customer,
+                    "created": created,
+                    "version": v.ref,
+                    "task": (v.metadata or {}).get("task", "causal_lm"),
+                }
+            )
+        return data

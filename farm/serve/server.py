@@ -1,0 +1,169 @@
+"""The model deployment: N replicas, each one Engine (the base once) and an LRU of at most K adapters.
+
+The LRU is Ray Serve's model multiplexing keyed by the immutable version id, so Serve's router knows
+which replica holds which adapter and, with routing=affinity, sends requests there. Loading an
+adapter = verified fetch from the catalog into a temp folder + attach; eviction detaches it once no
+queued or running request uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ray import serve
+
+from farm.errors import CatalogError
+from farm.serve import metrics
+from farm.serve.config import ServeConfig
+from farm.serve.engine import Engine, GenJob, Slot
+from farm.serve.limits import ApiError
+from farm.serve.resolver import catalog_error
+from farm.serve.sampling import Sampler
+
+
+class Resident:
+    """What the multiplexing LRU holds per adapter version; Serve calls __del__ when it evicts it."""
+
+    def __init__(self, server: AdapterServer, vid: str, name: str, slot: Slot):
+        self.server, self.vid, self.name, self.slot = server, vid, name, slot
+        self._released = False
+
+    def __del__(self):
+        if self._released:
+            return
+        self._released = True
+        self.server._resident.pop(self.vid, None)
+        self.server.engine.detach(self.slot.name)
+        metrics.get("cache_evictions").inc(tags={"adapter": self.name})
+
+
+class AdapterServer:
+    """Ray Serve deployment class (wrapped with serve.deployment in app.build_app)."""
+
+    def __init__(self, config: dict):
+        cfg = ServeConfig(**config)
+        self.cfg = cfg
+        self.engine = Engine(
+            cfg.base_model,
+            quantization=cfg.quantization,
+            max_batch_size=cfg.max_batch_size,
+            max_wait_ms=cfg.max_wait_ms,
+            max_waiting=cfg.max_waiting,
+            threads=max(1, int(cfg.cpus_per_replica)),
+        )
+        self._catalog = None
+        self._versions: dict[str, object] = {}  # vid -> AdapterVersion, for the loader
+        self._resident: dict[str, Resident] = {}
+        self._dir = Path(tempfile.mkdtemp(prefix="farm-adapters-"))
+        self.load_seconds: list[float] = []
+
+        async def load(vid: str) -> Resident:
+            return await self._load(vid)
+
+        # Wired per instance so K comes from the config (Serve detects instance-level multiplexing).
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters)(load)
+
+    @property
+    def catalog(self):
+        if self._catalog is None:
+            from farm.catalog import Catalog
+
+            self._catalog = Catalog(self.cfg.catalog_url)
+        return self._catalog
+
+    async def _load(self, vid: str) -> Resident:
+        version = self._versions[vid]
+        name = f"{version.customer}/{version.adapter}"
+        dest = self._dir / re.sub(r"[^A-Za-z0-9_.-]", "_", vid)
+        t0 = time.perf_counter()
+        try:
+            path = await asyncio.to_thread(self.catalog.fetch, version, dest)
+            labels = _labels(version.metadata or {})
+            slot = await asyncio.to_thread(self.engine.attach, Path(path), labels)
+        except CatalogError as exc:
+            raise catalog_error(exc, version.ref) from None
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)  # weights are in memory now
+        took = time.perf_counter() - t0
+        self.load_seconds.append(took)
+        metrics.get("load").observe(took, tags={"adapter": name})
+        resident = Resident(self, vid, name, slot)
+        self._resident[vid] = resident
+        return resident
+
+    async def _slot(self, job: dict, task: str) -> Slot | None:
+        version = job.get("version")
+        if version is None:
+            if task == "seq_cls":
+                raise ApiError(400, f"{job['ref']} is the base model; /v1/classify needs a seq_cls adapter")
+            return None
+        vid = version.id
+        hit = vid in self._resident
+        metrics.get("cache_hits" if hit else "cache_misses").inc(tags={"adapter": job["name"]})
+        if len(self._versions) > 4096:  # forget versions that are no longer resident
+            self._versions = {v: self._versions[v] for v in self._resident}
+        self._versions[vid] = version
+        resident = await self.get_adapter(vid)
+        if resident.slot.task != task:
+            route = "/v1/classify" if resident.slot.task == "seq_cls" else "/v1/completions or /v1/chat/completions"
+            raise ApiError(400, f"{job['ref']} is a {resident.slot.task} adapter; use {route}")
+        return resident.slot
+
+    async def generate(self, job: dict):
+        """Stream engine events for one request (`job` is built by the ingress)."""
+        slot = await self._slot(job, "causal_lm")
+        gen = GenJob(
+            prompt_ids=job["prompt_ids"],
+            max_tokens=job["max_tokens"],
+            sampler=Sampler(temperature=job["temperature"], top_p=job["top_p"], seed=job["seed"]),
+            stops=job["stops"],
+            slot=slot.name if slot else None,
+            tag=job["name"],
+            stream=job["stream"],
+        )
+        async for event in self.engine.generate(gen):
+            if "error" in event:
+                raise event["error"]
+            yield event
+
+    async def complete(self, job: dict) -> dict:
+        """The whole result of one non-streaming request."""
+        async for event in self.generate(job):
+            if "done" in event:
+                return event["done"]
+        raise ApiError(500, "generation ended without a result", "server_error")
+
+    async def classify(self, job: dict) -> dict:
+        slot = await self._slot(job, "seq_cls")
+        return await asyncio.to_thread(self.engine.classify, slot.name, job["prompt_ids"])
+
+    async def cache_state(self) -> dict:
+        """This replica's resident adapters and counters (admin endpoint, tests)."""
+        return {
+            "resident": sorted(self._versions[vid].ref for vid in self._resident),
+            "stats": dict(self.engine.stats),
+            "load_seconds": list(self.load_seconds),
+        }
+
+    def __del__(self):
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+
+
+def _labels(metadata: dict) -> list[str] | None:
+    """Class names recorded at publish time, if any (label_names / labels / id2label)."""
+    for key in ("label_names", "labels"):
+        v = metadata.get(key)
+        if isinstance(v, list) and all(isinstance(x, str) for x in v):
+            return v
+    id2label = metadata.get("id2label")
+    if isinstance(id2label, dict):
+        try:
+            return [id2label[k] for k in sorted(id2label, key=int)]
+        except (ValueError, KeyError):
+            return None
+    return None
