@@ -394,3 +394,25 @@ def test_shipped_job_data_prepares(tok, job):
     )
     assert len(d.train) > len(d.eval) > 0
     assert d.stats["train"]["dropped"] == 0
+
+
+# ---- S3
+
+
+@pytest.mark.s3
+def test_s3_input_matches_local(tok, tmp_path, s3_env):
+    import fsspec
+
+    from farm.train.data import storage_options
+
+    local = jsonl(tmp_path / "pc.jsonl", PC_ROWS)
+    url = f"{s3_env}/data/pc.jsonl"
+    fs, _ = fsspec.core.url_to_fs(url, **storage_options(url))  # endpoint from AWS_ENDPOINT_URL
+    fs.pipe(url, local.read_bytes())
+    d = prep(tok, url, eval=url)
+    ref = prep(tok, local, eval=str(local))
+    assert d.train["labels"] == ref.train["labels"]
+    assert d.stats["train"]["source"] == url
+    assert d.stats["train"]["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+    missing = f"{s3_env}/data/none.jsonl"
+    assert data_error(prep, tok, missing) == f"{missing}: file not found"
