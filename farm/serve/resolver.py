@@ -73,10 +73,10 @@ class Resolver:
         if not principal.may_use(ref.customer):
             raise not_found(model)
         key = str(ref)
-        now = time.monotonic()
+        started = time.monotonic()
         with self._lock:
             hit = self._cache.get(key)
-        if hit and now - hit[0] < self.ttl_s:
+        if hit and started - hit[0] < self.ttl_s:
             version = hit[1]
         else:
             try:
@@ -86,7 +86,10 @@ class Resolver:
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
-                self._cache[key] = (now, version)
+                old = self._cache.get(key)
+                # A slow resolve that started before a newer one finished must not put back an older answer.
+                if old is None or old[0] <= started:
+                    self._cache[key] = (started, version)
         return Target(ref=version.ref, name=f"{ref.customer}/{ref.adapter}", version=version)
 
     def models(self, principal: Principal) -> list[dict]:

@@ -1,0 +1,103 @@
+"""The engine without Ray: mixed-adapter batches reproduce stock PEFT, sampling, stops, slots."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from farm.serve.engine import Engine, GenJob, inspect_adapter
+from farm.serve.limits import ApiError
+from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
+from tests.test_serve_support import make_adapter, stock_greedy
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(tiny_llama, root / f"a{i}", seed=i + 1) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama):
+    return Engine(str(tiny_llama), max_batch_size=16, max_wait_ms=20, max_waiting=16)
+
+
+async def _run(engine, slot, prompt, max_tokens=12, stream=False, stops=(), **sampling):
+    job = GenJob(prompt_ids=engine.tokenizer(prompt).input_ids, max_tokens=max_tokens,
+                 sampler=Sampler(**{"temperature": 0.0, **sampling}), slot=slot, stream=stream, stops=list(stops))
+    deltas = []
+    async for event in engine.generate(job):
+        if "delta" in event:
+            deltas.append(event["delta"])
+        if "done" in event:
+            return event["done"], "".join(deltas)
+
+
+def test_mixed_adapter_batch_equals_stock_peft_greedy(engine, adapters, tiny_llama):
+    slots = [engine.attach(a) for a in adapters]
+    rows = [(s, p) for s in slots + [None] for p in PROMPTS]
+
+    async def all_at_once():
+        return await asyncio.gather(*[_run(engine, s.name if s else None, p, stream=True) for s, p in rows])
+
+    before = engine.stats["batches"]
+    results = asyncio.run(all_at_once())
+    assert engine.stats["batches"] - before <= 2, "concurrent requests for 3 adapters + base should share batches"
+    for (slot, prompt), (done, streamed) in zip(rows, results):
+        adapter_dir = adapters[slots.index(slot)] if slot else None
+        want = stock_greedy(tiny_llama, adapter_dir, engine.tokenizer(prompt).input_ids, 12)
+        assert done["text"] == want, (slot, prompt)
+        assert streamed == done["text"]
+    # adapters really differ from each other and from the base
+    texts = {r[0]["text"] for r in results[: len(PROMPTS)]} | {r[0]["text"] for r in results[-len(PROMPTS):]}
+    assert len(texts) == 2 * len(PROMPTS)
+    for s in slots:
+        engine.detach(s.name)
+    assert len(engine.resident()) == 0
+
+
+def test_seed_gives_same_sample_and_stop_strings_cut(engine, adapters):
+    slot = engine.attach(adapters[0]).name
+    a = asyncio.run(_run(engine, slot, "Hello", max_tokens=20, temperature=0.9, top_p=0.9, seed=7))[0]
+    b = asyncio.run(_run(engine, slot, "Hello", max_tokens=20, temperature=0.9, top_p=0.9, seed=7))[0]
+    c = asyncio.run(_run(engine, slot, "Hello", max_tokens=20, temperature=0.9, top_p=0.9, seed=8))[0]
+    assert a["text"] == b["text"] and a["text"] != c["text"]
+    full = asyncio.run(_run(engine, slot, "Hello", max_tokens=20))[0]["text"]
+    stop = full[5:8]
+    cut, streamed = asyncio.run(_run(engine, slot, "Hello", max_tokens=20, stream=True, stops=[stop]))
+    assert cut["finish_reason"] == "stop" and cut["text"] == full[: full.find(stop)] and streamed == cut["text"]
+    engine.detach(slot)
+
+
+def test_overload_is_an_api_error_and_engine_recovers(engine):
+    async def flood():
+        return await asyncio.gather(*[_run(engine, None, "Hi", max_tokens=30) for _ in range(60)], return_exceptions=True)
+
+    results = asyncio.run(flood())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert errors and all(isinstance(e, ApiError) and e.status == 503 and e.retry_after for e in errors)
+    assert asyncio.run(_run(engine, None, "Hi", max_tokens=3))[0]["completion_tokens"] == 3
+
+
+def test_pickle_adapters_are_refused(tmp_path, adapters):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters[0], bad)
+    (bad / "adapter_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(ApiError, match="only safetensors"):
+        inspect_adapter(bad)
+
+
+def test_sampling_helpers():
+    import torch
+
+    logits = torch.tensor([0.0, 5.0, 1.0])
+    assert Sampler(temperature=0.0).sample(logits) == 1
+    assert {Sampler(temperature=1.0, top_p=0.01, seed=s).sample(logits) for s in range(10)} == {1}
+    assert find_stop("abc\n\ndef", ["\n\n", "x"]) == 3
+    assert safe_prefix_len("hello wor", ["world"]) == len("hello ")
+    assert safe_prefix_len("ab\ufffd", []) == 2

@@ -1,0 +1,57 @@
+"""Helpers for the serving tests (no tests here): tiny LoRA adapters made with stock PEFT, and stock
+PEFT's greedy output as the reference the server must reproduce."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapter(base: Path, dest: Path, seed: int, *, task: str = "causal_lm", num_labels: int = 3) -> Path:
+    """A LoRA adapter with random (non-zero) B, so it really changes the base's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from farm.modeling import load_base_model
+
+    torch.manual_seed(seed)
+    if task == "seq_cls":
+        model = load_base_model(str(base), task="seq_cls", num_labels=num_labels, device="cpu")
+        cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS",
+                         init_lora_weights=False)
+    else:
+        model = load_base_model(str(base), device="cpu")
+        targets = ["q_proj", "v_proj", "o_proj", "up_proj"] if seed % 2 else ["q_proj", "k_proj", "down_proj"]
+        cfg = LoraConfig(r=4 + seed % 5, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(40.0)  # random init is too gentle to change a greedy argmax reliably
+    peft_model.save_pretrained(dest)
+    return dest
+
+
+def stock_greedy(base: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """What stock transformers + PEFT generate greedily on the NF4 base (decoded, special tokens dropped)."""
+    import torch
+    from peft import PeftModel
+
+    from farm.modeling import load_base_model, load_tokenizer
+
+    tok = load_tokenizer(str(base))
+    model = load_base_model(str(base), device="cpu")
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
