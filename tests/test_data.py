@@ -416,3 +416,23 @@ def test_s3_input_matches_local(tok, tmp_path, s3_env):
     assert d.stats["train"]["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
     missing = f"{s3_env}/data/none.jsonl"
     assert data_error(prep, tok, missing) == f"{missing}: file not found"
+
+
+def test_chat_from_csv_json_cells_and_template_errors(tok, tmp_path):
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    f = tmp_path / "chat.csv"
+    pcsv.write_csv(pa.Table.from_pylist([{"messages": json.dumps(r["messages"])} for r in CHAT_ROWS]), f)
+    ref = prep(tok, jsonl(tmp_path / "chat.jsonl", CHAT_ROWS), eval=str(tmp_path / "chat.jsonl"))
+    assert prep(tok, f, eval=str(f)).train["labels"] == ref.train["labels"]
+
+    strict = tok.__class__.from_pretrained(tok.name_or_path)
+    strict.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}{% generation %}x{% endgeneration %}"
+    g = jsonl(tmp_path / "sys.jsonl", CHAT_ROWS)
+    msg = data_error(prep, strict, g, eval=str(g))
+    assert msg.startswith(f"{g}: line 1: column 'messages': the tokenizer's chat template rejected these messages (")
+    assert "no system role" in msg
+
+    strict.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert "has no {% generation %} markers" in data_error(prep, strict, g, eval=str(g))

@@ -221,8 +221,6 @@ def _check_str(p: _Problems, where: str, col: str, v: Any, *, allow_empty: bool 
 
 
 def _check_messages(p: _Problems, where: str, col: str, msgs: Any) -> None:
-    if isinstance(msgs, str) and msgs.lstrip().startswith("["):
-        return  # CSV cells hold JSON; parsed (and checked) in _messages
     if not isinstance(msgs, list) or not msgs:
         got = _type_name(msgs) if not isinstance(msgs, list) else "an empty list"
         p.add(where, col, f"must be a non-empty list of {{role, content}} messages (got {got})")
@@ -243,7 +241,8 @@ def _check_messages(p: _Problems, where: str, col: str, msgs: Any) -> None:
 
 
 def _messages(v: Any) -> Any:
-    if isinstance(v, str):
+    """Messages as stored; a CSV cell can hold them as a JSON string."""
+    if isinstance(v, str) and v.lstrip().startswith("["):
         try:
             return json.loads(v)
         except json.JSONDecodeError:
@@ -332,10 +331,16 @@ def _tokenize(
             label_col.append(([IGNORE_INDEX] * len(pr) + co)[:max_seq_len])
     elif fmt == "chat":
         _check_template(tokenizer, table.source)
-        for r in rows:
-            out = tokenizer.apply_chat_template(
-                r[spec.messages_column], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-            )
+        for r, w in zip(rows, where):
+            try:
+                out = tokenizer.apply_chat_template(
+                    r[spec.messages_column], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+                )
+            except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. "no system role")
+                raise DataError(
+                    f"{table.source}: {w}: column {spec.messages_column!r}: the tokenizer's chat template "
+                    f"rejected these messages ({type(exc).__name__}: {exc})"
+                ) from None
             ids = list(out["input_ids"])[:max_seq_len]
             mask = list(out["assistant_masks"])[:max_seq_len]
             input_ids.append(ids)
