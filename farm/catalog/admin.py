@@ -113,7 +113,7 @@ def gc(store: Store, customers: list[str], grace_seconds: float) -> dict[str, li
             by_version: dict[int, list[str]] = defaultdict(list)
             for e in store.walk(layout.adapter_key(c, a)):
                 rel = e.key.split("/")
-                if len(rel) >= 4 and (m := layout.VERSION_DIR.match(rel[2])):
+                if len(rel) >= 4 and (m := layout.VERSION_DIR.fullmatch(rel[2])):
                     by_version[int(m.group(1))].append(e.key)
             for n, keys in sorted(by_version.items()):
                 vkey = layout.version_key(c, a, n)

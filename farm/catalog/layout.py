@@ -20,7 +20,7 @@ FARM_JSON = "farm.json"
 CLAIM = ".claim"
 TOMBSTONE = ".deleted"
 LATEST = "latest.json"
-VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+VERSION_DIR = re.compile(r"v([1-9][0-9]*)")
 
 
 def adapter_key(customer: str, adapter: str) -> str:
@@ -50,7 +50,7 @@ def idempotency_key(customer: str, adapter: str, key: str) -> str:
 
 def version_numbers(names: list[str]) -> list[int]:
     """Version numbers among the names directly under an adapter folder, ascending."""
-    return sorted(int(m.group(1)) for n in names if (m := VERSION_DIR.match(n)))
+    return sorted(int(m.group(1)) for n in names if (m := VERSION_DIR.fullmatch(n)))
 
 
 def dumps(obj: Any) -> bytes:

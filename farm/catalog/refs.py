@@ -15,9 +15,17 @@ from farm.manifest import NAME_RULE, check_name
 MAX_REF_LEN = 200
 REF_FORM = "customer/adapter, customer/adapter@vN (N >= 1) or customer/adapter@alias"
 ALIAS_RULE = f"{NAME_RULE}; not 'latest' and not of the form vN"
-_VERSION_RE = re.compile(r"^v([1-9][0-9]{0,8})$")
+# fullmatch everywhere: `$` would also match before a trailing newline.
+_VERSION_RE = re.compile(r"v([1-9][0-9]{0,8})")
 # Characters a well-formed ref can contain at all; everything else is named in the error.
-_REF_CHARS = re.compile(r"^[a-z0-9._/@-]*$")
+_REF_CHARS = re.compile(r"[a-z0-9._/@-]*")
+_NAME_CHARS = re.compile(r"[a-z0-9._-]+")
+
+
+def _check_name(value: str) -> str:
+    if not isinstance(value, str) or not _NAME_CHARS.fullmatch(value):
+        raise ValueError(f"must be {NAME_RULE}")
+    return check_name(value)
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,8 @@ def parse_ref(ref: str | AdapterRef) -> AdapterRef:
         raise _bad(ref, "absolute paths are not allowed")
     if "%" in ref:
         raise _bad(ref, "percent-encoding is not allowed")
-    if not _REF_CHARS.match(ref):
-        bad = sorted({c for c in ref if not _REF_CHARS.match(c)})
+    if not _REF_CHARS.fullmatch(ref):
+        bad = sorted({c for c in ref if not _REF_CHARS.fullmatch(c)})
         raise _bad(ref, f"character(s) {''.join(bad)!r} not allowed (uppercase, spaces, '\\' included)")
     body, sep, selector = ref.partition("@")
     if sep and ("@" in selector or not selector):
@@ -74,12 +82,12 @@ def parse_ref(ref: str | AdapterRef) -> AdapterRef:
     customer, adapter = parts
     for what, value in (("customer", customer), ("adapter", adapter)):
         try:
-            check_name(value)
+            _check_name(value)
         except ValueError:
             raise _bad(ref, f"{what} name {value!r} is invalid") from None
     if not sep:
         return AdapterRef(customer, adapter)
-    m = _VERSION_RE.match(selector)
+    m = _VERSION_RE.fullmatch(selector)
     if m:
         return AdapterRef(customer, adapter, version=int(m.group(1)))
     if selector == "latest":
@@ -93,10 +101,10 @@ def parse_ref(ref: str | AdapterRef) -> AdapterRef:
 
 def check_alias(alias: str) -> str:
     """Validate an alias name (e.g. `prod`); aliases can't shadow `latest` or version pins."""
-    ok = isinstance(alias, str) and alias != "latest" and not re.match(r"^v[0-9]+$", alias)
+    ok = isinstance(alias, str) and alias != "latest" and not re.fullmatch(r"v[0-9]+", alias)
     if ok:
         try:
-            check_name(alias)
+            _check_name(alias)
         except ValueError:
             ok = False
     if not ok:
@@ -107,12 +115,12 @@ def check_alias(alias: str) -> str:
 def check_part(what: str, value: str) -> str:
     """Validate a bare customer or adapter name (CLI options, publish arguments)."""
     try:
-        return check_name(value)
+        return _check_name(value)
     except ValueError:
         raise RefError(f"bad {what} name {value!r}: must be {NAME_RULE}") from None
 
 
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9._-]+$")
+_SAFE_FILE = re.compile(r"[A-Za-z0-9._-]+")
 MAX_FILE_DEPTH = 3
 
 
@@ -124,7 +132,7 @@ def check_file_name(name: str) -> str:
     """
     parts = name.split("/") if isinstance(name, str) else []
     ok = 0 < len(parts) <= MAX_FILE_DEPTH and all(
-        _SAFE_FILE.match(p) and not p.startswith(".") for p in parts
+        _SAFE_FILE.fullmatch(p) and not p.startswith(".") for p in parts
     )
     if not ok:
         raise RefError(
