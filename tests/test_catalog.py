@@ -419,3 +419,13 @@ def test_fetch_refuses_a_non_empty_destination(url, src, tmp_path):
     with pytest.raises(CatalogError, match="exists and is not an empty folder"):
         cat.fetch("acme/bot", dest)
     assert (dest / "keep.txt").read_text() == "mine"
+
+
+def test_good_refs_parse():
+    from farm.catalog import AdapterRef, parse_ref
+
+    assert parse_ref("acme/support") == AdapterRef("acme", "support")
+    assert parse_ref("acme/support@latest") == AdapterRef("acme", "support")
+    assert parse_ref("acme-1/sup_port.v2@v12") == AdapterRef("acme-1", "sup_port.v2", version=12)
+    assert parse_ref("acme/support@prod") == AdapterRef("acme", "support", alias="prod")
+    assert str(parse_ref("acme/support@v3")) == "acme/support@v3"
