@@ -53,3 +53,7 @@ class JobNotFound(QueueError):
 
 class TrainingError(FarmError):
     """A training run failed."""
+
+
+class ClusterError(FarmError):
+    """The local Ray head or the farm's scheduler could not be started, reached or stopped."""

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import ray
 
 from farm.errors import DataError, ManifestError, ModelError, QueueError
-from farm.queue import Job, JobState, open_store
+from farm.queue import Job, JobState, job_log_path, open_store
 
 log = logging.getLogger("farm.scheduler")
 
@@ -97,10 +97,6 @@ def load_runner(path: str) -> Callable[..., Any]:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
         raise QueueError(f"runner {path!r} cannot be loaded: {exc}") from None
-
-
-def job_log_path(logs_dir: str | Path, job_id: str) -> Path:
-    return Path(logs_dir) / "jobs" / f"{job_id}.log"
 
 
 def _append(path: Path, line: str) -> None:
@@ -241,7 +237,7 @@ class Scheduler:
 
     def _joblog(self, job_id: str, line: str) -> None:
         try:
-            _append(job_log_path(self.cfg.logs_dir, job_id), f"[scheduler] {line}")
+            _append(job_log_path(job_id, self.cfg.logs_dir), f"[scheduler] {line}")
         except OSError:
             log.exception("cannot write the log of job %s", job_id)
 
@@ -290,7 +286,7 @@ class Scheduler:
         assert job.lease_id is not None
         queued_since = job.created_at if job.attempts == 1 else (job.next_attempt_at or job.updated_at)
         self.metrics.wait.observe(max(0.0, time.time() - queued_since), tags={"customer": job.customer})
-        log_path = job_log_path(self.cfg.logs_dir, job.id)
+        log_path = job_log_path(job.id, self.cfg.logs_dir)
         self._joblog(job.id, f"attempt {job.attempts}/{job.max_attempts} dispatched as Ray task farm-{job.id}")
         task = _run_attempt_task.options(
             name=f"farm-{job.id}",  # the Ray dashboard name: farm-<customer>-<id>, like the Train run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from farm.queue.lifecycle import TERMINAL, JobState
@@ -77,3 +78,12 @@ class Event:
 class Submitted:
     job_id: str
     created: bool  # False: an identical job was already active and its id is returned
+
+
+def job_log_path(job_id: str, logs_dir: str | Path | None = None) -> Path:
+    """Where a job's log lives: <logs_dir>/jobs/<job id>.log (default logs_dir: farm.settings.logs_dir())."""
+    if logs_dir is None:
+        from farm.settings import logs_dir as default
+
+        logs_dir = default()
+    return Path(logs_dir) / "jobs" / f"{job_id}.log"
