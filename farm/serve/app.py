@@ -6,7 +6,7 @@ passes token ids plus the exact adapter version to a model replica; with routing
 carries the version id as Serve's multiplexed model id, so it lands on a replica holding it.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
 
 import asyncio
 import json

@@ -64,6 +64,35 @@ class GenJob:
             self.cancelled = True
 
 
+class PackedWeights:
+    """Keeps bitsandbytes' CPU-repacked 4-bit weights intact across adapter loads.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks each Linear4bit weight on its first inference
+    forward; any `state_dict()` call (PEFT's load_adapter/delete_adapter make them) converts it back,
+    lossily, and the next forward repacks the degraded weight: the base's outputs drift a little with
+    every adapter load. We warm the model up once, remember the packed tensors, and put them back
+    after every attach/detach. A no-op where nothing is packed (GPUs, other CPUs)."""
+
+    def __init__(self, model, warmup_ids: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([warmup_ids]))
+        self.saved = []
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            qs = getattr(w, "quant_state", None)
+            if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+                # the inverse conversion rewrites the QuantState's fields in place: keep a copy of them
+                self.saved.append((w, w.data, qs, dict(vars(qs))))
+
+    def restore(self) -> None:
+        for w, data, qs, fields in self.saved:
+            if w.data is not data or not getattr(w.quant_state, "packing_format_for_cpu", False):
+                qs.__dict__.update(fields)
+                w.data, w.quant_state = data, qs
+
+
 def inspect_adapter(path: Path) -> tuple[str, int | None]:
     """(task, num_labels) of a PEFT LoRA adapter folder; refuses anything but safetensors LoRA."""
     files = [p.name for p in path.iterdir()]
@@ -116,6 +145,8 @@ class Engine:
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         )
         self.eos_ids = self._eos_ids()
+        self._warmup_ids = self.tokenizer("warm up").input_ids or [0]
+        self._packed = {"causal_lm": PackedWeights(self.base, self._warmup_ids)}
         self.peft = None  # PeftModel over self.base once the first causal adapter is attached
         self.classifiers: dict[int, object] = {}  # num_labels -> seq_cls base (PeftModel once used)
         self.slots: dict[str, Slot] = {}
@@ -160,11 +191,13 @@ class Engine:
 
                     base = load_base_model(
                         self.base_model, task="seq_cls", num_labels=num_labels, quant=self.quant, device="cpu"
-                    )
+                    ).eval()
+                    self._packed[num_labels] = PackedWeights(base, self._warmup_ids)
                     model = PeftModel.from_pretrained(base, str(path), adapter_name=slot.name).eval()
                     self.classifiers[num_labels] = model
                 else:
                     model.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+            self._packed["causal_lm" if task == "causal_lm" else num_labels].restore()
             self.slots[slot.name] = slot
             self.stats["loads"] += 1
         return slot
@@ -188,6 +221,7 @@ class Engine:
                 if len(model.peft_config) <= 1:
                     continue  # PEFT keeps >= 1 adapter: drop this one when the next is attached
                 model.delete_adapter(name)
+                self._packed["causal_lm" if slot.task == "causal_lm" else slot.num_labels].restore()
                 del self.slots[name]
                 self._doomed.discard(name)
                 self.stats["evictions"] += 1

@@ -1,0 +1,273 @@
+"""The served API end to end: real local Ray Serve, real HTTP on 127.0.0.1, the real openai client.
+
+One deployment for the whole module (Serve start-up is slow on 2 cores): 1 replica, K=2 adapters,
+small queues so overload is reachable. Adapters are made with stock PEFT and published to a real
+local catalog; outputs are compared with stock PEFT's greedy generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from farm.serve.auth import KeyStore, hash_key
+from tests.test_serve_support import free_port, make_adapter, stock_greedy
+
+pytestmark = pytest.mark.ray
+
+KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "admin": "admin-secret-key"}
+PROMPT = "Hello there, how are"
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_llama, tmp_path_factory):
+    from ray import serve
+
+    from farm.catalog import Catalog
+    from farm.serve.app import deploy
+    from farm.serve.config import ServeConfig
+
+    home = tmp_path_factory.mktemp("serve_home")
+    old_home = os.environ.get("FARM_HOME")
+    os.environ["FARM_HOME"] = str(home)
+    url = (home / "catalog").as_uri()
+    cat = Catalog(url)
+    made = tmp_path_factory.mktemp("made")
+    dirs = {
+        "acme/support": make_adapter(tiny_llama, made / "support", seed=1),
+        "acme/notes": make_adapter(tiny_llama, made / "notes", seed=2),
+        "globex/billing": make_adapter(tiny_llama, made / "billing", seed=3),
+        "acme/fresh": make_adapter(tiny_llama, made / "fresh1", seed=4),
+        "acme/sentiment": make_adapter(tiny_llama, made / "sentiment", seed=5, task="seq_cls"),
+    }
+    for name, d in dirs.items():
+        customer, adapter = name.split("/")
+        meta = {"task": "seq_cls", "label_names": ["neg", "neu", "pos"]} if adapter == "sentiment" else {}
+        cat.publish(customer, adapter, d, meta)
+    keys_file = home / "keys.yaml"
+    keys_file.write_text(
+        "keys:\n"
+        f"  - sha256: {hash_key(KEYS['acme'])}\n    customer: acme\n"
+        f"  - sha256: {hash_key(KEYS['globex'])}\n    customer: globex\n"
+        f"  - sha256: {hash_key(KEYS['admin'])}\n    role: admin\n"
+    )
+    cfg = ServeConfig(
+        base_model=str(tiny_llama), catalog_url=url, replicas=1, max_adapters=2, max_batch_size=8,
+        max_wait_ms=10, max_waiting=8, max_tokens_cap=64, max_body_bytes=32 * 1024, port=free_port(),
+        keys_file=str(keys_file), resolve_ttl_s=1.0,
+    )
+    base = deploy(cfg, KeyStore.load(cfg.keys_file), name="farm-test")
+    for _ in range(120):
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield SimpleNamespace(base=base, url=f"{base}/v1", cat=cat, dirs=dirs, made=made, cfg=cfg, tiny=tiny_llama)
+    serve.delete("farm-test")
+    serve.shutdown()
+    if old_home is None:
+        os.environ.pop("FARM_HOME", None)
+    else:
+        os.environ["FARM_HOME"] = old_home
+
+
+def client(served, who: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.url, api_key=KEYS[who], max_retries=0, timeout=60)
+
+
+def _ids(served, text: str) -> list[int]:
+    from farm.modeling import load_tokenizer
+
+    return load_tokenizer(str(served.tiny))(text).input_ids
+
+
+def test_completions_chat_and_streaming_match_stock_peft(served):
+    from farm.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(served.tiny))
+    for who, name in (("acme", "acme/support"), ("globex", "globex/billing")):
+        c = client(served, who)
+        want = stock_greedy(served.tiny, served.dirs[name], tok(PROMPT).input_ids, 16)
+        r = c.completions.create(model=name, prompt=PROMPT, max_tokens=16, temperature=0)
+        assert r.model == f"{name}@v1"
+        assert r.choices[0].text == want
+        assert r.usage.completion_tokens <= 16
+        pinned = c.completions.create(model=f"{name}@v1", prompt=PROMPT, max_tokens=16, temperature=0)
+        assert pinned.choices[0].text == want
+        chunks = list(c.completions.create(model=name, prompt=PROMPT, max_tokens=16, temperature=0, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == want
+        assert {ch.model for ch in chunks} == {f"{name}@v1"}
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+        messages = [{"role": "user", "content": "Where is my order?"}]
+        chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False).input_ids
+        want_chat = stock_greedy(served.tiny, served.dirs[name], chat_ids, 12)
+        r = c.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0)
+        assert r.model == f"{name}@v1" and r.choices[0].message.content == want_chat
+        stream = c.chat.completions.create(model=name, messages=messages, max_tokens=12, temperature=0, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream) == want_chat
+    # the base model by its name
+    base_name = served.cfg.served_name
+    r = client(served, "acme").completions.create(model=base_name, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.model == base_name and r.choices[0].text == stock_greedy(served.tiny, None, tok(PROMPT).input_ids, 8)
+
+
+def test_same_seed_same_output(served):
+    c = client(served, "acme")
+    kw = dict(model="acme/support", prompt=PROMPT, max_tokens=16, temperature=0.9, top_p=0.95)
+    a = c.completions.create(seed=11, **kw).choices[0].text
+    assert c.completions.create(seed=11, **kw).choices[0].text == a
+    assert any(c.completions.create(seed=s, **kw).choices[0].text != a for s in (12, 13))
+
+
+def test_models_lists_only_the_callers_adapters(served):
+    ids = {m.id for m in client(served, "acme").models.list().data}
+    assert {"acme/support", "acme/notes", "acme/sentiment", served.cfg.served_name} <= ids
+    assert "globex/billing" not in ids
+    ids = {m.id for m in client(served, "globex").models.list().data}
+    assert ids == {"globex/billing", served.cfg.served_name}
+    assert "globex/billing" in {m.id for m in client(served, "admin").models.list().data}
+
+
+def test_cross_tenant_is_404_like_a_missing_adapter(served):
+    c = client(served, "globex")
+    with pytest.raises(openai.NotFoundError) as foreign:
+        c.completions.create(model="acme/support", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.NotFoundError) as missing:
+        c.completions.create(model="globex/nope", prompt=PROMPT, max_tokens=4)
+    assert "not found" in foreign.value.message and "not found" in missing.value.message
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="acme/support@v1", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=served.url, api_key="wrong", max_retries=0).models.list()
+
+
+@pytest.mark.parametrize(
+    "model", ["../etc/passwd", "acme/../globex/billing", "/abs/path", "s3://bucket/x", "acme/%2e%2e", "acme\\x",
+              "acme/support@v0", "ACME/Support", "acme/support/extra"]
+)
+def test_bad_refs_are_400(served, model):
+    with pytest.raises(openai.BadRequestError):
+        client(served, "admin").completions.create(model=model, prompt=PROMPT, max_tokens=4)
+
+
+def test_limits_are_4xx_naming_the_numbers(served):
+    c = client(served, "acme")
+    long_prompt = "word " * 600
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="acme/support", prompt=long_prompt, max_tokens=32)
+    n = len(_ids(served, long_prompt))
+    assert f"{n} tokens" in e.value.message and "max_tokens is 32" in e.value.message and "512" in e.value.message
+    with pytest.raises(openai.BadRequestError, match="cap of 64"):
+        c.completions.create(model="acme/support", prompt=PROMPT, max_tokens=1000)
+    r = httpx.post(f"{served.url}/completions", content=b"x" * 40_000,
+                   headers={"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json"})
+    assert r.status_code == 413
+    r = httpx.post(f"{served.url}/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 400
+    with pytest.raises(openai.BadRequestError, match="classify"):
+        c.completions.create(model="acme/sentiment", prompt=PROMPT, max_tokens=4)
+    assert c.completions.create(model="acme/support", prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
+def test_classify_matches_stock_peft(served):
+    import torch
+    from peft import PeftModel
+
+    from farm.modeling import load_base_model
+
+    r = httpx.post(f"{served.url}/classify", json={"model": "acme/sentiment", "input": "great service"},
+                   headers={"Authorization": f"Bearer {KEYS['acme']}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "acme/sentiment@v1" and set(body["probabilities"]) == {"neg", "neu", "pos"}
+    base = load_base_model(str(served.tiny), task="seq_cls", num_labels=3, device="cpu")
+    model = PeftModel.from_pretrained(base, str(served.dirs["acme/sentiment"])).eval()
+    with torch.inference_mode():
+        probs = torch.softmax(model(input_ids=torch.tensor([_ids(served, "great service")])).logits[0], -1)
+    assert body["probabilities"]["pos"] == pytest.approx(float(probs[2]), abs=1e-4)
+    r = httpx.post(f"{served.url}/classify", json={"model": "acme/sentiment", "input": "x"},
+                   headers={"Authorization": f"Bearer {KEYS['globex']}"})
+    assert r.status_code == 404
+
+
+def test_overload_is_503_with_retry_after_then_recovers(served):
+    async def flood():
+        async with httpx.AsyncClient(timeout=120) as h:
+            body = {"model": "acme/support", "prompt": PROMPT, "max_tokens": 64, "temperature": 0}
+            hdr = {"Authorization": f"Bearer {KEYS['acme']}"}
+            return await asyncio.gather(*[h.post(f"{served.url}/completions", json=body, headers=hdr) for _ in range(60)])
+
+    responses = asyncio.run(flood())
+    codes = [r.status_code for r in responses]
+    assert 500 not in codes and set(codes) <= {200, 503, 429}, codes
+    busy = [r for r in responses if r.status_code in (503, 429)]
+    assert busy and all(int(r.headers["retry-after"]) >= 1 for r in busy)
+    assert codes.count(200) >= served.cfg.max_batch_size
+    r = client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=4, temperature=0)
+    assert r.choices[0].text is not None
+
+
+def test_lru_with_k2_evicts_and_reloads(served):
+    admin = client(served, "admin")
+    hdr = {"Authorization": f"Bearer {KEYS['admin']}"}
+    want = {n: stock_greedy(served.tiny, served.dirs[n], _ids(served, PROMPT), 8)
+            for n in ("acme/support", "acme/notes", "globex/billing")}
+    before = httpx.get(f"{served.base}/admin/cache", headers=hdr).json()
+    for name in ("acme/support", "acme/notes", "globex/billing", "acme/support", "acme/notes"):
+        r = admin.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0)
+        assert r.choices[0].text == want[name], name
+        state = httpx.get(f"{served.base}/admin/cache", headers=hdr).json()
+        assert len(state["resident"]) <= 2 and f"{name}@v1" in state["resident"]
+    after = httpx.get(f"{served.base}/admin/cache", headers=hdr).json()
+    assert after["resident"] == ["acme/notes@v1", "acme/support@v1"]
+    assert after["stats"]["evictions"] - before["stats"].get("evictions", 0) >= 3
+    assert after["stats"]["loads"] - before["stats"]["loads"] >= 4  # support and notes were reloaded
+
+
+def test_publishing_v2_under_traffic_is_served_within_5s(served, capsys):
+    stop = threading.Event()
+    seen: list[tuple[float, float, str]] = []  # (sent, received, model)
+
+    def traffic():
+        c = client(served, "acme")
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = c.completions.create(model="acme/fresh", prompt=PROMPT, max_tokens=4, temperature=0)
+            seen.append((sent, time.monotonic(), r.model))
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        v2_dir = make_adapter(served.tiny, served.made / "fresh2", seed=6)
+        served.cat.publish("acme", "fresh", v2_dir, {})
+        published = time.monotonic()
+        deadline = published + 8
+        while time.monotonic() < deadline and not any(m.endswith("@v2") and s > published for s, _, m in seen):
+            time.sleep(0.05)
+        time.sleep(2)  # keep traffic going after the switch
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    first_v2 = min(rcv for s, rcv, m in seen if m == "acme/fresh@v2")
+    time_to_fresh = first_v2 - published
+    with capsys.disabled():
+        print(f"\ntime-to-fresh: {time_to_fresh:.2f}s ({len(seen)} requests)")
+    assert {m for s, r, m in seen if s < published} == {"acme/fresh@v1"}
+    assert time_to_fresh < 5
+    assert {m for s, r, m in seen if s > first_v2} == {"acme/fresh@v2"}
+    assert client(served, "acme").completions.create(model="acme/fresh@v1", prompt=PROMPT, max_tokens=2).model == "acme/fresh@v1"
