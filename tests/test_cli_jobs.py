@@ -1,0 +1,142 @@
+"""`farm submit/jobs/status/logs/cancel/retry/up/down`. Commands that only touch the queue run
+without Ray; submit/--wait run on the shared Ray cluster; one test drives `farm up`/`farm down` as
+subprocesses with their own Ray head, FARM_HOME and ports, and checks that down stops only that."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from farm.cli import app
+from farm.errors import JobNotFound, QueueError
+from farm.queue import JobState, SQLiteStore
+from tests.queue_runners import make_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+FARM = str(Path(sys.executable).with_name("farm"))
+runner = CliRunner()
+
+
+def write_manifest(tmp_path: Path, name: str = "job.yaml", **over) -> Path:
+    data = {"customer": "acme", "adapter": "chat", "base_model": "tiny/llama",
+            "dataset": {"train": "/data/train.jsonl"}, "training": {"max_steps": 3, "seed": 10}, **over}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_invalid_manifest_enqueues_nothing(farm_home, tmp_path):
+    good = write_manifest(tmp_path, "good.yaml")
+    bad = write_manifest(tmp_path, "bad.yaml", customer="Bad Name!", trainig={"max_steps": 1})
+    result = runner.invoke(app, ["submit", str(good), str(bad)])
+    assert result.exit_code == 1
+    assert "customer: must be 1-63 characters" in result.output
+    assert "unknown key 'trainig'; did you mean 'training'?" in result.output
+    assert "nothing queued: 1 invalid manifest" in result.output
+    assert SQLiteStore(farm_home / "queue.db").list() == []
+    assert not (farm_home / "cluster.json").exists()  # and no farm was started for it
+
+
+def test_queue_commands_without_ray(farm_home):
+    store = SQLiteStore(farm_home / "queue.db")
+    first = store.submit(make_manifest("acme", "x")).job_id
+    second = store.submit(make_manifest("beta", "y", priority=5)).job_id
+    out = runner.invoke(app, ["jobs", "--json"])
+    rows = {r["id"]: r for r in json.loads(out.output)}
+    assert rows[second]["queue_position"] == 1 and rows[first]["queue_position"] == 2
+    assert "manifest" not in rows[first]
+    table = runner.invoke(app, ["jobs", "--customer", "beta"]).output
+    assert second in table and first not in table
+    status = json.loads(runner.invoke(app, ["status", first, "--json"]).output)
+    assert status["state"] == "queued" and status["ray_task_name"] == f"farm-{first}"
+    assert status["manifest"]["customer"] == "acme" and status["events"][0]["to_state"] == "queued"
+    assert "cancelled" in runner.invoke(app, ["cancel", first]).output
+    assert store.get(first).state is JobState.CANCELLED
+    assert "queued" in runner.invoke(app, ["retry", first]).output
+    assert store.get(first).state is JobState.QUEUED
+    assert "has no log yet" in runner.invoke(app, ["logs", first]).output
+    assert isinstance(runner.invoke(app, ["status", "nope"]).exception, JobNotFound)
+    bad_state = runner.invoke(app, ["jobs", "--state", "done"])
+    assert isinstance(bad_state.exception, QueueError) and "allowed: queued, running" in str(bad_state.exception)
+    assert isinstance(runner.invoke(app, ["retry", second]).exception, QueueError)
+
+
+def test_errors_print_one_line_not_a_traceback(farm_home):
+    env = {**os.environ, "FARM_HOME": str(farm_home)}
+    proc = subprocess.run([FARM, "cancel", "acme-0000"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: no job with id 'acme-0000' (list jobs with `farm jobs`)"
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture
+def scheduler_env(ray_cluster, farm_home, monkeypatch):
+    """`farm submit` against the shared cluster with its own scheduler actor running test runners."""
+    import ray
+
+    name = f"cli-sched-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("FARM_SCHEDULER", name)
+    monkeypatch.setenv("FARM_RAY_NAMESPACE", "farm-tests")
+    monkeypatch.setenv("FARM_RUNNER", "tests.queue_runners:record")
+    yield farm_home
+    try:
+        ray.kill(ray.get_actor(name, namespace="farm-tests"), no_restart=True)
+    except ValueError:
+        pass
+
+
+@pytest.mark.ray
+def test_submit_duplicate_then_wait(scheduler_env, tmp_path):
+    path = write_manifest(tmp_path)
+    first = runner.invoke(app, ["submit", str(path), "--json"])
+    assert first.exit_code == 0, first.output
+    (job,) = json.loads(first.stdout)
+    again = runner.invoke(app, ["submit", str(path), "--json", "--wait"])
+    assert again.exit_code == 0, again.output
+    (final,) = json.loads(again.stdout)
+    assert final["id"] == job["id"] and final["state"] == "succeeded"
+    assert final["adapter_ref"] == "acme/chat@v1"
+    forced = runner.invoke(app, ["submit", str(path), "--force"])
+    assert forced.exit_code == 0 and job["id"] not in forced.output
+    log = runner.invoke(app, ["logs", job["id"]]).output
+    assert "attempt 1 started" in log and "step 3/3" in log and "succeeded" in log
+
+
+@pytest.mark.ray
+def test_farm_up_submit_wait_down_from_scratch(tmp_path, farm_home):
+    """A fresh FARM_HOME, no RAY_ADDRESS: `farm submit --wait` starts its own head; `farm down`
+    stops exactly the processes of that head."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(FARM_HOME=str(farm_home), FARM_RUNNER="tests.queue_runners:record")
+    path = write_manifest(tmp_path)
+    try:
+        proc = subprocess.run([FARM, "submit", str(path), "--wait"], capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "no farm running: starting one" in proc.stdout
+        assert "farm started: Ray at 127.0.0.1:" in proc.stdout and "dashboard http://127.0.0.1:" in proc.stdout
+        state = json.loads((farm_home / "cluster.json").read_text())
+        assert state["started_head"] and state["address"].startswith("127.0.0.1:")
+        up = subprocess.run([FARM, "up"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        assert up.returncode == 0 and "farm running" in up.stdout  # idempotent
+    finally:
+        down = subprocess.run([FARM, "down"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "stopped the local Ray head" in down.stdout
+    assert not (farm_home / "cluster.json").exists()
+    from farm.cluster import _pid_alive, _processes_under
+
+    assert not _pid_alive(state["pid"]) and _processes_under(state["temp_dir"]) == []
+    # The shared test cluster of this session is untouched.
+    import ray
+
+    if ray.is_initialized():
+        assert ray.cluster_resources().get("CPU")
