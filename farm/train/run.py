@@ -48,7 +48,7 @@ def ensure_ray(address: str | None = None) -> None:
     else:
         ray.init(
             include_dashboard=False,
-            node_ip_address="127.0.0.1",
+            _node_ip_address="127.0.0.1",
             log_to_driver=False,
             configure_logging=False,
         )
@@ -89,7 +89,6 @@ def run_job(
     cpu_threads: int | None = None,
 ) -> AdapterVersion:
     """Train the manifest's adapter on Ray Train and publish it; returns the published version."""
-    from farm.catalog import Catalog
     from farm.modeling import config_fingerprint, load_tokenizer
     from farm.settings import storage_path as default_storage
     from farm.train import builders
@@ -97,7 +96,10 @@ def run_job(
 
     started = time.time()
     job_id = job_id or new_job_id()
-    catalog = catalog or Catalog()
+    if catalog is None:
+        from farm.catalog import Catalog
+
+        catalog = Catalog()
 
     # Everything that can be wrong with the inputs fails here, before any Ray work starts.
     tokenizer = load_tokenizer(manifest.base_model, manifest.revision)
