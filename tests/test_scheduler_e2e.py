@@ -1,0 +1,48 @@
+"""Through the real training runner: customer_x's shipped manifest (shortened, on the tiny Llama)
+queued, dispatched by the scheduler actor as a Ray task, trained with Ray Train, published once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from farm import scheduler
+from farm.manifest import Manifest, load_manifest
+from farm.queue import JobState, SQLiteStore
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+
+
+def test_customer_x_job_trains_and_publishes_through_the_queue(ray_cluster, farm_home, tiny_llama):
+    import ray
+
+    base = load_manifest(REPO / "jobs" / "customer_x.yaml").model_dump(mode="json")
+    base["base_model"] = str(tiny_llama)
+    base["training"].update(max_steps=4, eval_every=2, checkpoint_every=2, batch_size=4)
+    manifest = Manifest.model_validate(base)
+    store = SQLiteStore(farm_home / "queue.db")
+    job_id = store.submit(manifest).job_id
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    actor = scheduler.start(scheduler.SchedulerConfig(name=name, namespace="farm-tests", poll_s=0.1))
+    try:
+        deadline = time.time() + 240
+        while not store.get(job_id).done and time.time() < deadline:
+            time.sleep(0.5)
+        job = store.get(job_id)
+        log = (farm_home / "logs" / "jobs" / f"{job_id}.log").read_text()
+        assert job.state is JobState.SUCCEEDED, f"{job.state}: {job.last_error}\n{log[-3000:]}"
+    finally:
+        ray.kill(actor, no_restart=True)
+    assert job.adapter_ref == "customer_x/support-bot@v1"
+    assert job.progress["step"] == job.progress["total_steps"] == 4
+    assert job.tokens > 0 and job.accelerator_seconds > 0
+    assert "step 4/4" in log
+    from farm.catalog import Catalog
+
+    version = Catalog().resolve("customer_x/support-bot")
+    assert version.ref == job.adapter_ref
+    assert version.metadata["job_id"] == job_id
