@@ -1,0 +1,258 @@
+"""Serving benchmark: mixed-adapter batching vs one adapter, vs a plain-PEFT adapter-swapping server,
+and adapter cold-load latency from a local and an S3 catalog. One run, loopback only, bounded loops.
+
+    .venv/bin/python bench/serve.py            # prints a table, writes bench/results/serve.json
+
+(a) throughput with requests spread over 32 adapters / throughput with all on 1 adapter (goal >= 0.8)
+(b) the farm server vs a baseline server (same Ray Serve + HTTP path, same workload over 32 adapters)
+    that serves one request at a time with plain PEFT, swapping the active adapter (goal >= 5x)
+(c) adapter cold-load (verified fetch + attach) p50/p99 from a local directory and from SeaweedFS S3
+Also: affinity vs spread routing with 2 replicas on the 32-adapter workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+PROMPT = "Hello there, how are you"
+
+
+def make_adapter(base: Path, dest: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from farm.modeling import load_base_model
+
+    torch.manual_seed(seed)
+    model = load_base_model(str(base), device="cpu")
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(dest)
+    return dest
+
+
+async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens: int, key: str | None = None) -> dict:
+    """n completions (round-robin over models) from `concurrency` clients; returns req/s and tokens/s."""
+    import httpx
+
+    todo = list(range(n))
+    lat, tokens, codes = [], 0, {}
+
+    async def worker(h):
+        nonlocal tokens
+        while todo:
+            i = todo.pop()
+            body = {"model": models[i % len(models)], "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}
+            t = time.perf_counter()
+            r = await h.post(url, json=body)
+            lat.append(time.perf_counter() - t)
+            codes[r.status_code] = codes.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                tokens += r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency)) as h:
+        await asyncio.gather(*[worker(h) for _ in range(concurrency)])
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"requests": n, "concurrency": concurrency, "wall_s": round(wall, 3), "req_per_s": round(n / wall, 3),
+            "tokens_per_s": round(tokens / wall, 1), "p50_s": round(lat[len(lat) // 2], 3),
+            "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3), "status": codes}
+
+
+def baseline_app(base_model: str, adapter_dirs: dict[str, str]):
+    """Plain PEFT behind the same Serve + HTTP path: one request at a time, set_adapter + generate."""
+    from fastapi import FastAPI, Request
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1000)
+    @serve.ingress(api)
+    class Baseline:
+        def __init__(self):
+            import torch
+            from peft import PeftModel
+
+            from farm.modeling import load_base_model, load_tokenizer
+
+            torch.set_num_threads(1)
+            self.tok = load_tokenizer(base_model)
+            model = load_base_model(base_model, device="cpu")
+            names = list(adapter_dirs)
+            self.model = PeftModel.from_pretrained(model, adapter_dirs[names[0]], adapter_name=names[0]).eval()
+            for n in names[1:]:
+                self.model.load_adapter(adapter_dirs[n], adapter_name=n)
+            self.lock = threading.Lock()
+
+        def _run(self, body: dict) -> dict:
+            import torch
+
+            with self.lock, torch.inference_mode():
+                self.model.set_adapter(body["model"])
+                ids = self.tok(body["prompt"], return_tensors="pt")
+                out = self.model.generate(**ids, max_new_tokens=body["max_tokens"], do_sample=False)
+            n = out.shape[1] - ids.input_ids.shape[1]
+            return {"usage": {"completion_tokens": int(n)}}
+
+        @api.post("/v1/completions")
+        async def completions(self, request: Request):
+            return await asyncio.to_thread(self._run, await request.json())
+
+    return Baseline.bind()
+
+
+def cold_loads(catalog_url: str, base_model: str, versions: list, env: dict | None = None) -> dict:
+    """Verified fetch + attach + detach of each version, in this process; p50/p99 in ms."""
+    import shutil
+
+    from farm.catalog import Catalog
+    from farm.serve.engine import Engine
+
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        cat = Catalog(catalog_url)
+        engine = Engine(base_model, max_waiting=4)
+        out, fetch_ms = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for i, v in enumerate(versions):
+                dest = Path(tmp) / str(i)
+                t = time.perf_counter()
+                path = cat.fetch(cat.resolve(v.ref), dest)
+                t_fetch = time.perf_counter()
+                slot = engine.attach(path)
+                out.append((time.perf_counter() - t) * 1000)
+                fetch_ms.append((t_fetch - t) * 1000)
+                engine.detach(slot.name)
+                shutil.rmtree(dest, ignore_errors=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out.sort()
+    return {"n": len(out), "p50_ms": round(statistics.median(out), 1), "p99_ms": round(out[min(len(out) - 1, int(len(out) * 0.99))], 1),
+            "fetch_p50_ms": round(statistics.median(fetch_ms), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--baseline-requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--no-routing", action="store_true", help="skip the 2-replica affinity vs spread runs")
+    args = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from farm.catalog import Catalog
+    from farm.serve.app import deploy
+    from farm.serve.auth import KeyStore
+    from farm.serve.config import ServeConfig
+    from farm.tiny import build_all
+
+    work = Path(tempfile.mkdtemp(prefix="farm-bench-serve-"))
+    os.environ["FARM_HOME"] = str(work / "home")
+    base = str(build_all(work / "models", sorted((REPO / "jobs" / "data").glob("*.jsonl")))["llama"])
+    cat = Catalog((work / "home" / "catalog").as_uri())
+    dirs, versions = {}, []
+    for i in range(args.adapters):
+        d = make_adapter(Path(base), work / "adapters" / f"a{i:02d}", seed=i)
+        versions.append(cat.publish(f"cust{i % 4}", f"a{i:02d}", d, {}))
+        dirs[f"cust{i % 4}/a{i:02d}"] = str(d)
+    names = list(dirs)
+    results: dict = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}, CPU only ({platform.processor() or 'n/a'})",
+                     "command": "python " + " ".join(sys.argv), "args": vars(args)}
+
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = _free_port()  # Serve's proxy keeps the port of the first deploy; every app uses it
+    try:
+        def run_farm(replicas: int, routing: str, label: str, sets: list[tuple[str, list[str], int]]):
+            cfg = ServeConfig(base_model=base, catalog_url=cat.url, replicas=replicas, max_adapters=args.adapters,
+                              routing=routing, max_batch_size=32, max_wait_ms=5, max_waiting=256, max_tokens_cap=64,
+                              port=port, cpus_per_replica=1)
+            url = deploy(cfg, KeyStore({}), name=label) + "/v1/completions"
+            asyncio.run(load(url, names, len(names) * replicas * 2, 8, 2))  # warm-up: every adapter resident
+            for key, models, n in sets:
+                results[key] = asyncio.run(load(url, models, n, args.concurrency, args.max_tokens))
+                print(f"{key}: {results[key]}", flush=True)
+            serve.delete(label)
+
+        run_farm(1, "affinity", "bench-farm", [("farm_1_adapter", names[:1], args.requests),
+                                               ("farm_32_adapters", names, args.requests)])
+        if not args.no_routing:
+            run_farm(2, "affinity", "bench-aff", [("routing_affinity_2rep", names, args.requests)])
+            run_farm(2, "spread", "bench-spread", [("routing_spread_2rep", names, args.requests)])
+
+        serve.run(baseline_app(base, dirs), name="bench-base", route_prefix="/baseline")
+        burl = f"http://127.0.0.1:{port}/baseline/v1/completions"
+        asyncio.run(load(burl, names, 8, 1, 2))
+        results["baseline_32_adapters"] = asyncio.run(load(burl, names, args.baseline_requests, args.concurrency, args.max_tokens))
+        print(f"baseline_32_adapters: {results['baseline_32_adapters']}", flush=True)
+        serve.delete("bench-base")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+    results["cold_load_local"] = cold_loads(cat.url, base, versions)
+    print(f"cold_load_local: {results['cold_load_local']}", flush=True)
+    if not args.no_s3:
+        from farm.catalog.testing import start_seaweedfs
+
+        s3 = start_seaweedfs(work / "seaweedfs")
+        try:
+            os.environ.update(s3.env)
+            s3cat = Catalog(s3.url("bench-serve"))
+            s3_versions = [s3cat.publish(v.customer, v.adapter, Path(dirs[v.name]), {}) for v in versions]
+            results["cold_load_s3"] = cold_loads(s3cat.url, base, s3_versions, s3.env)
+            print(f"cold_load_s3: {results['cold_load_s3']}", flush=True)
+        finally:
+            s3.stop()
+
+    one, many = results["farm_1_adapter"]["req_per_s"], results["farm_32_adapters"]["req_per_s"]
+    results["a_spread_over_single"] = round(many / one, 3)
+    results["b_farm_over_baseline"] = round(many / results["baseline_32_adapters"]["req_per_s"], 2)
+    out = REPO / "bench" / "results" / "serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    rows = [(k, v) for k, v in results.items() if isinstance(v, dict) and "req_per_s" in v]
+    print(f"\n{'run':<24}{'req/s':>8}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}")
+    for k, v in rows:
+        print(f"{k:<24}{v['req_per_s']:>8}{v['tokens_per_s']:>9}{v['p50_s']:>8}{v['p99_s']:>8}")
+    for k in ("cold_load_local", "cold_load_s3"):
+        if k in results:
+            print(f"{k:<24} p50 {results[k]['p50_ms']} ms  p99 {results[k]['p99_ms']} ms  (fetch p50 {results[k]['fetch_p50_ms']} ms)")
+    print(f"(a) 32 adapters / 1 adapter = {results['a_spread_over_single']}  (goal >= 0.8)")
+    print(f"(b) farm / plain-PEFT swapping baseline = {results['b_farm_over_baseline']}x  (goal >= 5x)")
+    print(f"wrote {out}")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
