@@ -14,7 +14,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from farm.catalog import ANY, Catalog
+from farm.catalog import Catalog
 from farm.catalog.testing import write_dummy_adapter
 from farm.errors import AdapterNotFound, CatalogError, IntegrityError, RefError
 
@@ -429,3 +429,14 @@ def test_good_refs_parse():
     assert parse_ref("acme-1/sup_port.v2@v12") == AdapterRef("acme-1", "sup_port.v2", version=12)
     assert parse_ref("acme/support@prod") == AdapterRef("acme", "support", alias="prod")
     assert str(parse_ref("acme/support@v3")) == "acme/support@v3"
+
+
+def test_other_fsspec_urls_work_best_effort(src, farm_home, tmp_path):
+    url = f"memory://farm-test-{tmp_path.name}"
+    cat = Catalog(url)
+    assert [cat.publish("acme", "bot", src, {}).version for _ in range(2)] == [1, 2]
+    cat.set_alias("acme/bot@v1", "prod")
+    assert Catalog(url).resolve("acme/bot@prod").version == 1
+    assert (cat.fetch("acme/bot", tmp_path / "out") / "adapter_model.safetensors").exists()
+    cat.delete("acme/bot@v2")
+    assert cat.resolve("acme/bot").version == 1

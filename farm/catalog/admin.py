@@ -11,7 +11,7 @@ from farm.catalog import layout
 from farm.catalog.pointers import repair_latest, retreat_latest
 from farm.catalog.publish import now_iso, who
 from farm.catalog.refs import AdapterRef, check_alias
-from farm.catalog.resolve import _why_missing, read_pointer, read_version, resolve
+from farm.catalog.resolve import read_pointer, resolve, why_missing
 from farm.catalog.store import Store
 from farm.errors import AdapterNotFound, CatalogError
 
@@ -76,7 +76,7 @@ def delete(store: Store, ref: AdapterRef, *, force: bool = False) -> dict[str, A
     vkey = layout.version_key(c, a, n)
     raw = store.read(f"{vkey}/{layout.FARM_JSON}")
     if raw is None:
-        raise AdapterNotFound(f"no adapter {ref}: {_why_missing(store, c, a, n)}")
+        raise AdapterNotFound(f"no adapter {ref}: {why_missing(store, c, a, n)}")
     pointing = sorted(al for al, m in aliases(store, c, a).items() if m == n)
     if pointing and not force:
         raise CatalogError(
@@ -142,4 +142,4 @@ def _age(store: Store, vkey: str, now: float) -> float:
         return float("inf")  # no readable claim: nothing legitimate is writing here
 
 
-__all__ = ["ANY", "aliases", "delete", "gc", "read_version", "remove_alias", "set_alias"]
+__all__ = ["ANY", "aliases", "delete", "gc", "remove_alias", "set_alias"]

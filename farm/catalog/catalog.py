@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from farm.catalog import admin, layout
+from farm.catalog import admin
 from farm.catalog.metadata import AdapterVersion
 from farm.catalog.refs import AdapterRef, check_part, parse_ref
 from farm.catalog.resolve import read_version, resolve_latest, version_numbers
@@ -158,4 +158,4 @@ def _valid(name: str) -> bool:
         return False
 
 
-__all__ = ["Catalog", "layout"]
+__all__ = ["Catalog"]

@@ -88,12 +88,12 @@ def resolve(store: Store, ref: AdapterRef) -> AdapterVersion:
         n = int(got[0]["version"])
         v = read_version(store, c, a, n)
         if v is None:
-            raise AdapterNotFound(f"{ref} points at v{n}, which is {_why_missing(store, c, a, n)}")
+            raise AdapterNotFound(f"{ref} points at v{n}, which is {why_missing(store, c, a, n)}")
         return v
     if ref.version is not None:
         v = read_version(store, c, a, ref.version)
         if v is None:
-            raise AdapterNotFound(f"no adapter {ref}: {_why_missing(store, c, a, ref.version)}")
+            raise AdapterNotFound(f"no adapter {ref}: {why_missing(store, c, a, ref.version)}")
         return v
     v = resolve_latest(store, c, a)
     if v is None:
@@ -101,7 +101,7 @@ def resolve(store: Store, ref: AdapterRef) -> AdapterVersion:
     return v
 
 
-def _why_missing(store: Store, customer: str, adapter: str, n: int) -> str:
+def why_missing(store: Store, customer: str, adapter: str, n: int) -> str:
     # Only on the error path, so the extra request costs nothing on the hot path.
     raw = store.read(f"{layout.version_key(customer, adapter, n)}/{layout.TOMBSTONE}")
     if raw is not None:
