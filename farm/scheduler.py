@@ -166,6 +166,13 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
 _run_attempt_task = ray.remote(run_attempt)
 
 
+def noop_runner(manifest: Any, *, job_id: str, on_progress: Callable[[dict], None] | None = None) -> None:
+    """A runner that trains nothing and publishes nothing: for smoke-testing the farm's plumbing
+    (FARM_RUNNER=farm.scheduler:noop_runner) and for bench/queue.py's scheduling overhead."""
+    if on_progress:
+        on_progress({"step": 1, "total_steps": 1, "started_at": time.time(), "tokens": 0})
+
+
 @dataclass
 class _Attempt:
     job_id: str
@@ -247,7 +254,14 @@ class Scheduler:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must outlive a bad tick (DB busy, Ray hiccup)
                 log.exception("scheduler tick failed")
-            self._wake.wait(self.cfg.poll_s)
+            if self.inflight and len(self.inflight) >= self._slots:
+                # All slots busy: a submit could not start anything, so wake on the first finish.
+                try:
+                    ray.wait(list(self.inflight), num_returns=1, timeout=self.cfg.poll_s)
+                except Exception:  # noqa: BLE001
+                    time.sleep(self.cfg.poll_s)
+            else:
+                self._wake.wait(self.cfg.poll_s)
             self._wake.clear()
 
     def tick(self) -> None:
