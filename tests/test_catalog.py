@@ -440,3 +440,24 @@ def test_other_fsspec_urls_work_best_effort(src, farm_home, tmp_path):
     assert (cat.fetch("acme/bot", tmp_path / "out") / "adapter_model.safetensors").exists()
     cat.delete("acme/bot@v2")
     assert cat.resolve("acme/bot").version == 1
+
+
+def test_gc_finishes_a_delete_cut_short(url, src, monkeypatch):
+    cat = Catalog(url)
+    cat.publish("acme", "bot", src, {})
+    cat.publish("acme", "bot", src, {})
+    import farm.catalog.admin as admin_mod
+
+    def die(*args):
+        raise KeyboardInterrupt  # the deleting process goes away after writing the tombstone
+
+    monkeypatch.setattr(admin_mod, "retreat_latest", die)
+    with pytest.raises(KeyboardInterrupt):
+        cat.delete("acme/bot@v2")
+    monkeypatch.undo()
+    report = cat.gc(grace_seconds=3600)
+    assert report["finished_deletes"] == ["acme/bot@v2"] and report["repaired_latest"] == ["acme/bot"]
+    assert cat.resolve("acme/bot").version == 1
+    with pytest.raises(AdapterNotFound, match="deleted at"):
+        cat.resolve("acme/bot@v2")
+    assert cat.gc(grace_seconds=0) == {"removed_incomplete": [], "finished_deletes": [], "repaired_latest": []}

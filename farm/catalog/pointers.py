@@ -6,8 +6,6 @@ the newest remaining version. The pointer embeds that version's farm.json, so re
 
 from __future__ import annotations
 
-import json
-
 from farm.catalog import layout
 from farm.catalog.metadata import AdapterVersion
 from farm.catalog.resolve import newest_complete, read_pointer
@@ -55,13 +53,11 @@ def repair_latest(store: Store, customer: str, adapter: str) -> bool:
     for _ in range(MAX_CAS_TRIES):
         got = read_pointer(store, key)
         newest = newest_complete(store, customer, adapter)
-        want = newest.version if newest else 0
-        if got is not None and int(got[0]["version"]) == want and (got[0].get("farm_json") or not newest):
-            if not newest or json.loads(got[0]["farm_json"]).get("version") == want:
-                return False
-        raw = store.read(f"{layout.version_key(customer, adapter, want)}/{layout.FARM_JSON}") if newest else None
         if got is None and newest is None:
             return False
+        raw = store.read(f"{layout.version_key(customer, adapter, newest.version)}/{layout.FARM_JSON}") if newest else None
+        if got is not None and (got[0].get("farm_json") or "").encode() == (raw or b""):
+            return False  # already right (both empty when no version is left)
         if store.swap(key, _payload(newest, raw), got[1] if got else None):
             return True
     raise CatalogError(f"could not move {store.uri(key)} after {MAX_CAS_TRIES} tries (heavy contention)")
