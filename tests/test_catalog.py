@@ -461,3 +461,14 @@ def test_gc_finishes_a_delete_cut_short(url, src, monkeypatch):
     with pytest.raises(AdapterNotFound, match="deleted at"):
         cat.resolve("acme/bot@v2")
     assert cat.gc(grace_seconds=0) == {"removed_incomplete": [], "finished_deletes": [], "repaired_latest": []}
+
+
+def test_resolve_by_immutable_id(url, src):
+    cat = Catalog(url)
+    v = cat.publish("acme", "bot", src, {})
+    assert cat.resolve(v.id) == v and cat.resolve(v.ref + "#" + v.digest) == v
+    with pytest.raises(AdapterNotFound, match="has a different farm.json"):
+        cat.resolve(v.ref + "#" + "0" * 12)
+    for bad in ("acme/bot#" + v.digest[:12], v.ref + "#xyz", "../x@v1#" + v.digest[:12]):
+        with pytest.raises(RefError):
+            cat.resolve(bad)

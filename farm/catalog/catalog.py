@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from farm.catalog.metadata import AdapterVersion
 from farm.catalog.refs import AdapterRef, check_part, parse_ref
 from farm.catalog.resolve import read_version, resolve_latest, version_numbers
 from farm.catalog.store import Store, open_store
-from farm.errors import AdapterNotFound, CatalogError
+from farm.errors import AdapterNotFound, CatalogError, RefError
 
 
 class Catalog:
@@ -47,10 +48,28 @@ class Catalog:
     # -- reading -------------------------------------------------------------------------------
 
     def resolve(self, ref: str | AdapterRef) -> AdapterVersion:
-        """`customer/adapter` (latest), `@vN` (pinned) or `@alias` to a complete version; O(1) requests."""
+        """`customer/adapter` (latest), `@vN` (pinned) or `@alias` to a complete version; O(1) requests.
+
+        Also takes a version id (`customer/adapter@vN#<hex>`, `AdapterVersion.id`): that exact version
+        or AdapterNotFound.
+        """
         from farm.catalog.resolve import resolve
 
+        if isinstance(ref, str) and "#" in ref:
+            return self._by_id(ref)
         return resolve(self.store, self._ref(ref))
+
+    def _by_id(self, vid: str) -> AdapterVersion:
+        from farm.catalog.resolve import resolve
+
+        ref, _, digest = vid.partition("#")
+        r = self._ref(ref)
+        if r.version is None or not re.fullmatch(r"[0-9a-f]{12,64}", digest):
+            raise RefError(f"bad version id {vid!r}: expected customer/adapter@vN#<12+ hex digits>")
+        v = resolve(self.store, r)
+        if not v.digest.startswith(digest):
+            raise AdapterNotFound(f"no adapter version {vid}: {r} has a different farm.json (id {v.id})")
+        return v
 
     def versions(self, customer: str, adapter: str) -> list[AdapterVersion]:
         """Every complete version of one adapter, oldest first (one listing + one read per version)."""
