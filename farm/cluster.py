@@ -40,6 +40,7 @@ class FarmInfo:
     scheduler: str = "farm-scheduler"
     namespace: str = "farm"
     auth_mode: str | None = None  # RAY_AUTH_MODE the head was started with (clients must match)
+    metrics_url: str | None = None  # the head's Prometheus endpoint (farm metrics are there too)
 
 
 def state_file() -> Path:
@@ -160,7 +161,8 @@ def _start_head(timeout_s: float = 90.0) -> FarmInfo:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=os.getcwd(), env={**os.environ, "RAY_AUTH_MODE": auth})
     info = FarmInfo(address=f"127.0.0.1:{ports['port']}", dashboard_url=f"http://127.0.0.1:{ports['dashboard-port']}",
-                    started_head=True, pid=proc.pid, temp_dir=str(temp_dir), auth_mode=auth)
+                    started_head=True, pid=proc.pid, temp_dir=str(temp_dir), auth_mode=auth,
+                    metrics_url=f"http://127.0.0.1:{ports['metrics-export-port']}/metrics")
     _write_state(info)  # recorded before waiting, so `farm down` can clean up a half-started head
     _wait_port(ports["port"], proc, log, timeout_s)
     return info

@@ -52,6 +52,7 @@ def _eta(job: Job) -> float | None:
 
 def _farm_up_message(info, started: bool) -> str:
     where = f"Ray at {info.address}" + (f", dashboard {info.dashboard_url}" if info.dashboard_url else "")
+    where += f", metrics {info.metrics_url}" if info.metrics_url else ""
     return f"farm {'started' if started else 'running'}: {where}, scheduler {info.namespace}/{info.scheduler}"
 
 
