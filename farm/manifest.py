@@ -25,7 +25,7 @@ URL_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://", "file://", "memor
 
 def check_name(value: str) -> str:
     """Validate a customer/adapter name; shared with the catalog's ref parser."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", "..") or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", "..") or ".." in value:
         raise ValueError(f"must be {NAME_RULE}")
     return value
 
