@@ -207,6 +207,11 @@ def up(*, timeout_s: float = 90.0) -> tuple[FarmInfo, bool]:
     address = os.environ.get("RAY_ADDRESS")
     info = running()
     if address and (info is None or info.address != address):
+        if info is not None and info.started_head:
+            raise ClusterError(
+                f"RAY_ADDRESS={address} but this FARM_HOME ({farm_home()}) runs its own Ray head at "
+                f"{info.address}; unset RAY_ADDRESS to use it, or `farm down` first"
+            )
         info = FarmInfo(address=address, dashboard_url=None, started_head=False)
     _use_auth(info.auth_mode if info else None)
     if info is None:

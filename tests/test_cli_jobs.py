@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -111,32 +112,55 @@ def test_submit_duplicate_then_wait(scheduler_env, tmp_path):
 
 
 @pytest.mark.ray
-def test_farm_up_submit_wait_down_from_scratch(tmp_path, farm_home):
-    """A fresh FARM_HOME, no RAY_ADDRESS: `farm submit --wait` starts its own head; `farm down`
-    stops exactly the processes of that head."""
+def test_fresh_farm_survives_down_and_up_mid_job(tmp_path, farm_home):
+    """A fresh FARM_HOME, no RAY_ADDRESS: `farm submit` starts its own Ray head; `farm down` with a job
+    running stops exactly that head's processes; the next `farm submit --wait` of the same manifest
+    starts a farm again, returns the same job, which resumes and publishes once."""
+    from farm.cluster import _pid_alive, _processes_under
+    from tests.queue_runners import read_trace
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(FARM_HOME=str(farm_home), FARM_RUNNER="tests.queue_runners:record")
-    path = write_manifest(tmp_path)
+    path = write_manifest(tmp_path, training={"max_steps": 40, "seed": 100})
+
+    def farm(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([FARM, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+
+    heads = []
     try:
-        proc = subprocess.run([FARM, "submit", str(path), "--wait"], capture_output=True, text=True, env=env,
-                              cwd=REPO, timeout=240)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "no farm running: starting one" in proc.stdout
-        assert "farm started: Ray at 127.0.0.1:" in proc.stdout and "dashboard http://127.0.0.1:" in proc.stdout
-        state = json.loads((farm_home / "cluster.json").read_text())
-        assert state["started_head"] and state["address"].startswith("127.0.0.1:")
-        up = subprocess.run([FARM, "up"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        first = farm("submit", str(path))
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "no farm running: starting one" in first.stdout
+        assert "farm started: Ray at 127.0.0.1:" in first.stdout and "dashboard http://127.0.0.1:" in first.stdout
+        job_id = first.stdout.split("farm started")[1].splitlines()[1].split()[0]
+        heads.append(json.loads((farm_home / "cluster.json").read_text()))
+        store = SQLiteStore(farm_home / "queue.db")
+        deadline = time.time() + 60
+        while store.get(job_id).progress.get("step", 0) < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert store.get(job_id).state is JobState.RUNNING
+        down = farm("down")
+        assert down.returncode == 0 and "stopped the local Ray head" in down.stdout, down.stdout + down.stderr
+        assert store.get(job_id).state is JobState.RUNNING  # the record survives; its lease will lapse
+
+        again = farm("submit", str(path), "--wait")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "no farm running: starting one" in again.stdout
+        assert f"{job_id}  running" in again.stdout and "identical job already active" in again.stdout
+        heads.append(json.loads((farm_home / "cluster.json").read_text()))
+        job = store.get(job_id)
+        assert job.state is JobState.SUCCEEDED and job.adapter_ref == "acme/chat@v1"
+        assert read_trace(farm_home, "start.log") == [job_id, job_id]  # interrupted, then resumed
+        assert read_trace(farm_home, "publish.log") == [job_id]  # published once
+        up = farm("up")
         assert up.returncode == 0 and "farm running" in up.stdout  # idempotent
     finally:
-        down = subprocess.run([FARM, "down"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+        down = farm("down")
     assert down.returncode == 0, down.stderr
-    assert "stopped the local Ray head" in down.stdout
     assert not (farm_home / "cluster.json").exists()
-    from farm.cluster import _pid_alive, _processes_under
-
-    assert not _pid_alive(state["pid"]) and _processes_under(state["temp_dir"]) == []
-    # The shared test cluster of this session is untouched.
+    for head in heads:
+        assert not _pid_alive(head["pid"]) and _processes_under(head["temp_dir"]) == []
     import ray
 
-    if ray.is_initialized():
+    if ray.is_initialized():  # the shared test cluster of this session is untouched
         assert ray.cluster_resources().get("CPU")
