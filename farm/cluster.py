@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -288,5 +289,8 @@ def down(*, grace_s: float = 5.0) -> list[str]:
             if not alive():
                 break
         done.append(f"stopped the local Ray head at {info.address} (pid {info.pid})")
+        if info.temp_dir and not alive():
+            # Private to this FARM_HOME (sockets, session logs); job logs stay under $FARM_HOME/logs.
+            shutil.rmtree(info.temp_dir, ignore_errors=True)
     state_file().unlink(missing_ok=True)
     return done
