@@ -36,6 +36,6 @@ def test_gpu_sh_refuses_without_gpu_unless_smoke(tmp_path):
     # A PATH with only what the script needs besides nvidia-smi, so this holds on GPU machines too.
     (tmp_path / "dirname").symlink_to(shutil.which("dirname"))
     env = {**os.environ, "PY": sys.executable, "PATH": str(tmp_path)}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], env=env, cwd=ROOT, capture_output=True,
+    proc = subprocess.run([shutil.which("bash"), str(ROOT / "bench" / "gpu.sh")], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "--cpu-smoke" in proc.stderr
