@@ -202,6 +202,17 @@ def running() -> FarmInfo | None:
     return info
 
 
+def use_running_farm() -> FarmInfo | None:
+    """Point this process's Ray client at the farm started under FARM_HOME (`farm up`), if any and
+    if RAY_ADDRESS does not already name a cluster. Call before Ray is imported/initialized."""
+    info = running()
+    if info is None or os.environ.get("RAY_ADDRESS"):
+        return None
+    os.environ["RAY_ADDRESS"] = info.address
+    _use_auth(info.auth_mode)
+    return info
+
+
 def up(*, timeout_s: float = 90.0) -> tuple[FarmInfo, bool]:
     """Make sure a farm is running: (info, started_something_now)."""
     started = False

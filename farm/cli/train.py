@@ -15,12 +15,22 @@ def train(
     job_id: Annotated[str | None, typer.Option(help="Reuse a job id to resume its last checkpoint.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the published version as JSON.")] = False,
 ) -> None:
-    """Train one adapter now on the Ray cluster at RAY_ADDRESS (or a local one) and publish it."""
+    """Train one adapter now on the Ray cluster at RAY_ADDRESS, the farm started by `farm up`, or a
+    local Ray it starts for this run; publish it and print its reference."""
+    from farm.cluster import use_running_farm
     from farm.manifest import load_manifest
 
     manifest = load_manifest(file)  # invalid manifests fail before anything heavy is imported
+    use_running_farm()
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from farm.train.run import new_job_id, run_job
 
@@ -30,7 +40,7 @@ def train(
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+        MofNCompleteColumn(),
         TextColumn("{task.fields[stats]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
