@@ -23,6 +23,7 @@ from pathlib import Path
 
 from farm.serve import metrics
 from farm.serve.limits import ApiError, overloaded
+from farm.serve.lora import GroupedLoRA
 from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -148,6 +149,7 @@ class Engine:
         self._warmup_ids = self.tokenizer("warm up").input_ids or [0]
         self._packed = {"causal_lm": PackedWeights(self.base, self._warmup_ids)}
         self.peft = None  # PeftModel over self.base once the first causal adapter is attached
+        self.grouped: GroupedLoRA | None = None  # stacked LoRA weights of self.peft's adapters
         self.classifiers: dict[int, object] = {}  # num_labels -> seq_cls base (PeftModel once used)
         self.slots: dict[str, Slot] = {}
         self.max_batch_size = max_batch_size
@@ -182,8 +184,10 @@ class Engine:
             if task == "causal_lm":
                 if self.peft is None:
                     self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=slot.name).eval()
+                    self.grouped = GroupedLoRA(self.peft)
                 else:
                     self.peft.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                self.grouped.add(slot.name)
             else:
                 model = self.classifiers.get(num_labels)
                 if model is None:
@@ -220,6 +224,8 @@ class Engine:
                 model = self.peft if slot.task == "causal_lm" else self.classifiers[slot.num_labels]
                 if len(model.peft_config) <= 1:
                     continue  # PEFT keeps >= 1 adapter: drop this one when the next is attached
+                if slot.task == "causal_lm":
+                    self.grouped.remove(name)
                 model.delete_adapter(name)
                 self._packed["causal_lm" if slot.task == "causal_lm" else slot.num_labels].restore()
                 del self.slots[name]
@@ -305,15 +311,12 @@ class Engine:
             mask[i, width - len(j.prompt_ids) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with self._model_lock, torch.inference_mode():
-            use_peft = self.peft is not None
-            model = self.peft if use_peft else self.base
             names = [j.slot or BASE for j in batch]
-            if not use_peft and any(j.slot for j in batch):
+            if self.peft is None and any(j.slot for j in batch):
                 raise RuntimeError("adapter slot requested but no adapter is attached")
             cache = DynamicCache()
             rows = list(batch)
-            kw = {"adapter_names": names} if use_peft else {}
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, **kw)
+            out = self._forward(names, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
             while True:
                 logits = out.logits[:, -1, :].float()
                 next_ids, keep = [], []
@@ -330,18 +333,20 @@ class Engine:
                     mask, pos = mask[idx], pos[idx]
                     rows = [rows[i] for i in keep]
                     names = [names[i] for i in keep]
-                    if use_peft:
-                        kw = {"adapter_names": names}
                 mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
                 pos = pos[:, -1:] + 1
-                out = model(
-                    input_ids=torch.tensor(next_ids)[:, None],
-                    attention_mask=mask,
-                    position_ids=pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                    **kw,
-                )
+                out = self._forward(names, input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask,
+                                    position_ids=pos, past_key_values=cache)
+
+    def _forward(self, names: list[str], **inputs):
+        """One forward of the causal model, row i with adapter names[i] (under the model lock)."""
+        if self.peft is None:
+            return self.base(**inputs, use_cache=True)
+        if self.grouped.supports(names):
+            # the transformers model directly: PeftModel's forward would re-register hooks on every call
+            with self.grouped.batch(names):
+                return self.base(**inputs, use_cache=True)
+        return self.peft(**inputs, use_cache=True, adapter_names=names)
 
     def _advance(self, job: GenJob, tok: int) -> bool:
         """Record one token for a row; emit text; return False when the row is finished."""
