@@ -54,10 +54,45 @@ def ensure_ray(address: str | None = None) -> None:
         )
 
 
-def _cluster_gpus() -> int:
+# Custom resources of the farm's node types (cluster.yaml): the head that holds the queue database,
+# and training nodes, each advertising how many jobs it runs at once (`farm_train: 1` per GPU node).
+HEAD_RESOURCE = "farm_head"
+TRAIN_RESOURCE = "farm_train"
+
+
+def training_capacity() -> tuple[int, int]:
+    """(slots, gpus) for training on the connected cluster. When some node advertises `farm_train`,
+    only those nodes count: slots = their `farm_train` total, gpus = their GPUs (serve nodes' GPUs are
+    not training capacity). Otherwise slots = 0 (no training resource) and gpus = all GPUs."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    train = [n for n in nodes if n["Resources"].get(TRAIN_RESOURCE, 0) > 0]
+    if train:
+        return (int(sum(n["Resources"][TRAIN_RESOURCE] for n in train)),
+                int(sum(n["Resources"].get("GPU", 0) for n in train)))
+    return 0, int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+
+
+def run_storage(path: str) -> tuple[str, Any]:
+    """Ray Train's (storage_path, storage_filesystem) for FARM_STORAGE. A local path (or file://) goes
+    as is. A URL with another scheme goes through fsspec, so s3:// reaches S3-compatible stores at the
+    standard AWS_ENDPOINT_URL, which pyarrow's own S3 client ignores."""
+    if "://" not in path:
+        return path, None
+    if path.startswith("file://"):
+        return path[len("file://"):], None
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from farm.train.data import storage_options
+
+    options = storage_options(path)
+    if path.startswith("s3://"):
+        # Resume reads what another node (or attempt) wrote: never answer from a stale listing.
+        options.update(use_listings_cache=False, skip_instance_cache=True)
+    fs, root = fsspec.core.url_to_fs(path, **options)
+    return root.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
 def _rows(ds) -> dict[str, list]:
@@ -65,12 +100,32 @@ def _rows(ds) -> dict[str, list]:
     return {c: ds[c] for c in ("input_ids", "attention_mask", "labels")}
 
 
-def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list) -> None:
+class _Cost:
+    """What this attempt has done, from the worker's per-step figures. The worker's `tokens` and
+    `train_seconds` are cumulative for the job (restored from the checkpoint on resume); the
+    `attempt_*` sums count every step this attempt ran, including steps redone after a restart, so a
+    scheduler can charge each attempt without counting a resumed job twice."""
+
+    def __init__(self, gpus: int) -> None:
+        self.gpus, self.tokens, self.seconds = gpus, 0, 0.0
+
+    def annotate(self, item: dict) -> dict:
+        if "step_tokens" in item:
+            self.tokens += int(item["step_tokens"])
+            self.seconds += float(item.get("step_seconds") or 0.0)
+        if "train_seconds" in item:
+            item["accelerator_seconds"] = float(item["train_seconds"]) * self.gpus
+            item.update(gpus=self.gpus, attempt_tokens=self.tokens, attempt_seconds=self.seconds)
+        return item
+
+
+def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list, cost: _Cost) -> None:
     while not stop.is_set() or not queue.empty():
         try:
             item = queue.get(timeout=0.2)
         except Exception:  # noqa: BLE001 - queue.Empty, or the queue actor gone at shutdown
             continue
+        item = cost.annotate(item)
         history.append(item)
         if on_progress is not None:
             try:
@@ -124,10 +179,11 @@ def run_job(
 
     ensure_ray()
     want_gpus = manifest.resources.gpus
-    have_gpus = _cluster_gpus()
+    train_slots, have_gpus = training_capacity()
     use_gpu = want_gpus > 0 and have_gpus > 0
     if want_gpus > 0 and not use_gpu:
-        msg = f"resources.gpus={want_gpus} but the Ray cluster has no GPUs: job {job_id} runs on CPU"
+        where = "training nodes" if train_slots else "Ray cluster"
+        msg = f"resources.gpus={want_gpus} but the {where} have no GPUs: job {job_id} runs on CPU"
         log.warning(msg)
         if on_progress:
             on_progress({"event": "cpu_fallback", "message": msg})
@@ -143,20 +199,25 @@ def run_job(
         "cpu_threads": cpu_threads,
     }
     resources = {"CPU": 1, **({"GPU": want_gpus} if use_gpu else {})}
+    if train_slots:
+        resources[TRAIN_RESOURCE] = 1  # a training node's slot: never a serve node's GPU or the head
+    store_path, store_fs = run_storage(storage_path or default_storage())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=f"farm-{job_id}",
-            storage_path=storage_path or default_storage(),
+            storage_path=store_path,
+            storage_filesystem=store_fs,
             failure_config=FailureConfig(max_failures=manifest.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     history: list[dict] = []
     stop = threading.Event()
-    drainer = threading.Thread(target=_drain, args=(progress, on_progress, stop, history), daemon=True)
+    cost = _Cost(want_gpus if use_gpu else 0)
+    drainer = threading.Thread(target=_drain, args=(progress, on_progress, stop, history, cost), daemon=True)
     drainer.start()
     try:
         result = trainer.fit()
