@@ -153,6 +153,8 @@ def _start_head(timeout_s: float = 90.0) -> FarmInfo:
     cmd = [str(ray_bin) if ray_bin.exists() else sys.executable, *([] if ray_bin.exists() else ["-m", "ray.scripts.scripts"]),
            "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
            "--include-dashboard", "true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+           # Like cluster.yaml's head: the scheduler and its driver tasks ask for a sliver of it.
+           "--resources", json.dumps({"farm_head": 1}),
            *[f"--{k}={v}" for k, v in ports.items()]]
     log = logs_dir() / "ray-head.log"
     log.parent.mkdir(parents=True, exist_ok=True)

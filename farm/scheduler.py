@@ -33,6 +33,7 @@ import ray
 
 from farm.errors import DataError, ManifestError, ModelError, QueueError
 from farm.queue import Job, JobState, job_log_path, open_store
+from farm.train.run import HEAD_RESOURCE, training_capacity
 
 log = logging.getLogger("farm.scheduler")
 
@@ -129,7 +130,7 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
         if "step" not in p:  # notes such as a CPU fallback
             _append(logfile, str(p.get("message") or p))
             return
-        last.update(p)
+        last.update(p, attempt_id=lease_id)  # marks whose figures these are (see Scheduler._finish)
         _append(logfile, _fmt_progress(p))
         now = time.time()
         # At most ~4 writes/s per job: progress is for humans and ETAs.
@@ -156,14 +157,38 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
         store.close()
     ref = getattr(result, "ref", None) or (result if isinstance(result, str) else None)
     _append(logfile, f"attempt {attempt} succeeded" + (f": published {ref}" if ref else ""))
-    return {
-        "adapter_ref": ref,
-        "accelerator_seconds": float(last.get("accelerator_seconds") or (time.time() - started)),
-        "tokens": int(last.get("tokens") or 0),
-    }
+    return {"adapter_ref": ref, **attempt_cost(last, time.time() - started)}
+
+
+def attempt_cost(progress: dict, elapsed: float) -> dict:
+    """What one attempt costs, from its last progress. The store adds this to the job's totals, so it
+    must be this attempt's share only: the runner's `tokens`/`accelerator_seconds` are cumulative for
+    the job (restored from the checkpoint on resume), while `attempt_tokens`/`attempt_seconds` (from
+    farm.train.run) count exactly the steps this attempt ran. Accelerator-seconds are step time x GPUs
+    on a GPU slot and step time on a CPU slot (the slot is the accelerator there). Runners that do not
+    report `attempt_*` are charged their own figures, else the attempt's wall time."""
+    if "attempt_seconds" in progress:
+        seconds = float(progress["attempt_seconds"]) * max(1, int(progress.get("gpus") or 0))
+        return {"accelerator_seconds": seconds, "tokens": int(progress.get("attempt_tokens") or 0)}
+    return {"accelerator_seconds": float(progress.get("accelerator_seconds") or elapsed),
+            "tokens": int(progress.get("tokens") or 0)}
 
 
 _run_attempt_task = ray.remote(run_attempt)
+
+
+def head_resources() -> dict[str, float]:
+    """A sliver of `farm_head` when the cluster has it (cluster.yaml's head, `farm up`'s local head):
+    the scheduler and its driver tasks open the SQLite queue, which exists only on the head's disk. A
+    0-CPU actor or task without it may be placed on any node."""
+    return {HEAD_RESOURCE: 0.001} if ray.cluster_resources().get(HEAD_RESOURCE) else {}
+
+
+def training_slots(cpu_slots: int) -> int:
+    """Jobs at once: the `farm_train` slots of the training nodes when the cluster has them, else its
+    GPUs, else `cpu_slots` (a CPU-only cluster)."""
+    slots, gpus = training_capacity()
+    return slots or gpus or cpu_slots
 
 
 def noop_runner(manifest: Any, *, job_id: str, on_progress: Callable[[dict], None] | None = None) -> None:
@@ -292,8 +317,7 @@ class Scheduler:
             self._slots = self.cfg.slots
         elif now - self._last_slots >= 10 or not self._slots:
             self._last_slots = now
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            self._slots = gpus if gpus > 0 else self.cfg.cpu_slots
+            self._slots = training_slots(self.cfg.cpu_slots)
         return self._slots
 
     def _launch(self, job: Job) -> None:
@@ -307,6 +331,7 @@ class Scheduler:
             num_cpus=0,  # the Ray Train workers hold the CPU/GPU; this is only their driver
             max_retries=0,  # retries are the queue's, with backoff and a record
             runtime_env={"env_vars": self.cfg.env} if self.cfg.env else None,
+            resources=head_resources(),  # beside the queue database it writes progress to
         )
         ref = task.remote(job.id, job.manifest, job.lease_id, self.cfg.db, self.cfg.runner, str(log_path),
                           job.attempts)
@@ -323,18 +348,19 @@ class Scheduler:
             if not isinstance(exc, ray.exceptions.RayTaskError):
                 error = f"{type(exc).__name__}: the trainer task died ({str(exc).strip().splitlines()[0]})"
             progress = self._progress(att.job_id)
+            if progress.get("attempt_id") not in (None, att.lease_id):
+                progress = {}  # an earlier attempt's figures (this one reported nothing): already charged
+            cost = attempt_cost(progress, elapsed)
             job = self.store.fail_attempt(
                 att.job_id, att.lease_id, error, retryable=not isinstance(cause, NOT_RETRYABLE),
-                backoff_base=self.cfg.backoff_base_s, backoff_max=self.cfg.backoff_max_s,
-                accelerator_seconds=float(progress.get("accelerator_seconds") or elapsed),
-                tokens=int(progress.get("tokens") or 0),
+                backoff_base=self.cfg.backoff_base_s, backoff_max=self.cfg.backoff_max_s, **cost,
             )
             outcome = "failed"
             if job is not None:
                 self._joblog(att.job_id, f"{job.state.value}: {error}"
                              + (f" (next attempt in {job.next_attempt_at - time.time():.1f} s)"
                                 if job.state is JobState.RETRYING and job.next_attempt_at else ""))
-            self._account(att, elapsed, outcome, progress.get("accelerator_seconds") or elapsed, progress.get("tokens"))
+            self._account(att, elapsed, outcome, cost["accelerator_seconds"], cost["tokens"])
             return
         job = self.store.succeed(att.job_id, att.lease_id, adapter_ref=out.get("adapter_ref"),
                                  accelerator_seconds=out["accelerator_seconds"], tokens=out["tokens"])
@@ -402,6 +428,7 @@ def start(config: SchedulerConfig | None = None, *, timeout_s: float = 60.0) -> 
         max_restarts=-1,  # Ray restarts it whenever it dies; the new incarnation re-queues orphans
         max_concurrency=8,  # method calls (wake, ping) run beside the loop thread
         num_cpus=0,
+        resources=head_resources(),  # the SQLite queue is on the head's disk; a restart must land there too
         get_if_exists=True,
         runtime_env={"env_vars": cfg.env},
     ).remote(asdict(cfg))
