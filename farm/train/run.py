@@ -188,7 +188,12 @@ def run_job(
         if on_progress:
             on_progress({"event": "cpu_fallback", "message": msg})
 
-    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On this driver's node, like Ray Train's controller: losing the worker's node must not lose the
+    # progress channel of the restarted worker.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     config: dict[str, Any] = {
         "model": builders.model_config(manifest, data.label_names),
         "lora": builders.lora_config(manifest),
