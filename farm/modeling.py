@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,25 @@ def materialize(source: str, revision: str | None = None) -> str:
                 raise ModelError(f"base_model {source!r}: cannot list the model folder: {exc}") from None
             if not any(f.endswith("config.json") for f in files):
                 raise ModelError(f"base_model {source!r}: no config.json in that folder")
-            for f in files:
-                rel = f[len(root.rstrip("/")) + 1 :]
-                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f, str(dest / rel))
-            done.touch()
+            # Download into a private folder and rename it into place: several jobs on one node may
+            # materialize the same model at once, and none may read files another is still writing.
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+            try:
+                for f in files:
+                    rel = f[len(root.rstrip("/")) + 1 :]
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(f, str(tmp / rel))
+                (tmp / ".complete").touch()
+                if dest.exists() and not done.exists():
+                    shutil.rmtree(dest, ignore_errors=True)  # debris of an interrupted download
+                try:
+                    tmp.rename(dest)
+                except OSError:
+                    if not done.exists():  # not a finished copy by another process: a real error
+                        raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return str(dest)
     if source.startswith("file://"):
         source = source[len("file://") :]
