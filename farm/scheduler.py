@@ -33,7 +33,7 @@ import ray
 
 from farm.errors import DataError, ManifestError, ModelError, QueueError
 from farm.queue import Job, JobState, job_log_path, open_store
-from farm.train.run import HEAD_RESOURCE, training_capacity
+from farm.train.run import HEAD_RESOURCE, forwarded_env, training_capacity
 
 log = logging.getLogger("farm.scheduler")
 
@@ -42,10 +42,6 @@ DEFAULT_NAME = "farm-scheduler"
 DEFAULT_NAMESPACE = "farm"
 # Deterministic input problems: running again cannot fix them, so they fail without retries.
 NOT_RETRYABLE = (DataError, ManifestError, ModelError)
-# Passed to the actor and its tasks so the runner sees the same farm as the CLI that started it.
-FORWARDED_ENV = ("FARM_HOME", "FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB", "AWS_ENDPOINT_URL",
-                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM")
 
 
 @dataclass
@@ -83,7 +79,7 @@ class SchedulerConfig:
         """Fill the defaults that depend on the starting process's environment."""
         from farm.settings import farm_home, logs_dir, queue_db_path
 
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        env = forwarded_env()  # the actor and its trainer tasks see the same farm as the CLI
         env["FARM_HOME"] = str(farm_home())
         env.update(self.env)
         return SchedulerConfig(**{**asdict(self), "db": str(self.db or queue_db_path()),

@@ -36,6 +36,18 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
+# The farm's settings and S3 access, passed to Ray processes (the scheduler's actor and tasks, the Train
+# controller and workers of `farm train` on a cluster) so they see the same farm as the caller.
+FORWARDED_ENV = ("FARM_HOME", "FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                 "TOKENIZERS_PARALLELISM")
+
+
+def forwarded_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Connect to the cluster at `address`/RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
     import ray
@@ -44,7 +56,11 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        # The Train controller and workers run in the cluster's processes, not this one: give them this
+        # process's catalog, storage and S3 endpoint (the run storage filesystem is rebuilt there).
+        env = forwarded_env()
+        ray.init(address=address, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": env} if env else None)
     else:
         ray.init(
             include_dashboard=False,
