@@ -15,8 +15,9 @@ def train(
     job_id: Annotated[str | None, typer.Option(help="Reuse a job id to resume its last checkpoint.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the published version as JSON.")] = False,
 ) -> None:
-    """Train one adapter now on the Ray cluster at RAY_ADDRESS, the farm started by `farm up`, or a
-    local Ray it starts for this run; publish it and print its reference."""
+    """Train one adapter now, in the foreground, publish it and print its reference.
+
+    Runs on the cluster at RAY_ADDRESS, else the farm `farm up` started, else a local Ray of its own."""
     from farm.cluster import use_running_farm
     from farm.manifest import load_manifest
 
