@@ -101,3 +101,39 @@ def test_sampling_helpers():
     assert find_stop("abc\n\ndef", ["\n\n", "x"]) == 3
     assert safe_prefix_len("hello wor", ["world"]) == len("hello ")
     assert safe_prefix_len("ab\ufffd", []) == 2
+
+
+def test_grouped_lora_matches_peft_mixed_batch_and_falls_back_for_dora(engine, adapters, tiny_llama, tmp_path):
+    """The grouped forward (stacked A/B, bmm) gives PEFT's adapter_names logits; slots are reused
+    after a detach; an adapter the grouped path does not implement (DoRA) switches it off."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from farm.modeling import load_base_model
+
+    slots = [engine.attach(a).name for a in adapters]
+    engine.detach(slots.pop(1))  # leaves a free slot index the next attach reuses
+    slots.append(engine.attach(adapters[1]).name)
+    names = slots + ["__base__", slots[0]]
+    ids = torch.tensor([engine.tokenizer("The quick brown fox").input_ids] * len(names))
+    with torch.inference_mode():
+        want = engine.peft(input_ids=ids, adapter_names=names).logits
+        assert engine.grouped.supports(names)
+        with engine.grouped.batch(names):
+            got = engine.base(input_ids=ids).logits
+        uniform = [slots[2]] * 2
+        with engine.grouped.batch(uniform):
+            one = engine.base(input_ids=ids[:2]).logits
+        assert torch.equal(one, engine.peft(input_ids=ids[:2], adapter_names=uniform).logits)
+    assert (got - want).abs().max() < 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False)
+    get_peft_model(load_base_model(str(tiny_llama), device="cpu"), cfg).save_pretrained(tmp_path / "dora")
+    dora = engine.attach(tmp_path / "dora").name
+    assert not engine.grouped.supports([slots[0]])
+    engine.detach(dora)
+    assert engine.grouped.supports([slots[0]])
+    for s in slots:
+        engine.detach(s)

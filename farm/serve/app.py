@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -52,15 +53,30 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+class LocalServer:
+    """An AdapterServer in the ingress's own process, called like its deployment handle
+    (`.options(...)` is a no-op, `.method.remote(...)` returns the coroutine or async generator)."""
+
+    def __init__(self, server: AdapterServer):
+        self._server = server
+
+    def options(self, **_):
+        return self
+
+    def __getattr__(self, name: str):
+        return SimpleNamespace(remote=getattr(self._server, name))
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict, keys: dict, server):
+    def __init__(self, config: dict, keys: dict, server=None):
+        """`server`: the AdapterServer deployment's handle, or None to hold the model in this replica."""
         from farm.modeling import load_config, load_tokenizer
 
         self.cfg = ServeConfig(**config)
         self.keys = KeyStore({h: Principal(**p) for h, p in keys.items()})
-        self.server = server
+        self.server = server if server is not None else LocalServer(AdapterServer(config))
         self.tokenizer = load_tokenizer(self.cfg.base_model)
         mc = load_config(self.cfg.base_model)
         self.context_length = int(getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", 2048))
@@ -236,6 +252,15 @@ def build_app(cfg: ServeConfig, keys: KeyStore | None = None):
         cfg.catalog_url = catalog_url()  # resolved here so every replica uses the same catalog
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     opts = {"num_cpus": cfg.cpus_per_replica, "runtime_env": {"env_vars": env}}
+    if cfg.fused:
+        # one hop less per request: the proxy calls replicas that parse, resolve and generate
+        ingress = Ingress.options(
+            name="AdapterServer",
+            num_replicas=cfg.replicas,
+            ray_actor_options=opts,
+            max_ongoing_requests=4 * (cfg.max_batch_size + cfg.max_waiting),
+        )
+        return ingress.bind(cfg.to_dict(), keys.entries(), None)
     server = serve.deployment(AdapterServer).options(
         name="AdapterServer",
         num_replicas=cfg.replicas,

@@ -62,6 +62,9 @@ class ServeConfig:
     """API keys file (sha256 hashes); FARM_SERVE_KEYS adds more. No keys = loopback only."""
     host: str = "127.0.0.1"
     port: int = 8000
+    fused: bool | None = None
+    """Run the HTTP ingress inside each model replica (one Ray hop less per request). None = fused
+    unless routing=affinity with several replicas, which needs a separate ingress to route by adapter."""
     cpus_per_replica: float = 1.0
     """Ray CPUs reserved per model replica (also its torch thread count, at least 1)."""
     extra: dict = field(default_factory=dict)
@@ -80,6 +83,8 @@ class ServeConfig:
             problems.append(f"quantization must be nf4|fp4|int8|none, got {self.quantization!r}")
         if problems:
             raise FarmError("serve config: " + "; ".join(problems))
+        if self.fused is None:
+            self.fused = self.replicas == 1 or self.routing == "spread"
         if self.served_name is None:
             self.served_name = Path(self.base_model.rstrip("/")).name or self.base_model
 
