@@ -2,6 +2,11 @@
 and adapter cold-load latency from a local and an S3 catalog. One run, loopback only, bounded loops.
 
     .venv/bin/python bench/serve.py            # prints a table, writes bench/results/serve.json
+    .venv/bin/python bench/serve.py --out /tmp/serve.json --no-s3 --no-routing   # shorter
+
+Reusable pieces (e.g. for bench/gpu_bench.py): `prepare()` builds a tiny base, adapters and a local
+catalog; `farm_server()` deploys the farm app on a running Ray; `throughput(n_adapters, url=...)`
+measures completions spread round-robin over the first n adapters.
 
 (a) throughput with requests spread over 32 adapters / throughput with all on 1 adapter (goal >= 0.8)
 (b) the farm server vs a baseline server (same Ray Serve + HTTP path, same workload over 32 adapters)
@@ -13,6 +18,7 @@ Also: affinity vs spread routing with 2 replicas on the 32-adapter workload.
 # No `from __future__ import annotations`: the baseline's FastAPI route needs real type hints.
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -75,6 +81,55 @@ async def load(url: str, models: list[str], n: int, concurrency: int, max_tokens
     return {"requests": n, "concurrency": concurrency, "wall_s": round(wall, 3), "req_per_s": round(ok / wall, 3),
             "tokens_per_s": round(tokens / wall, 1), "p50_s": round(lat[len(lat) // 2], 3),
             "p99_s": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 3), "status": codes}
+
+
+def throughput(n_adapters: int, *, url: str, names: list[str], requests: int = 256, concurrency: int = 32,
+               max_tokens: int = 16, warm: bool = True) -> dict:
+    """req/s, tokens/s, p50/p99 of `requests` greedy completions spread round-robin over names[:n_adapters],
+    from `concurrency` clients against a deployed server's /v1/completions `url`. With `warm`, each of
+    those adapters is requested twice first, so cold loads are not measured."""
+    models = names[:n_adapters]
+    if len(models) < n_adapters:
+        raise ValueError(f"{n_adapters} adapters asked for, {len(models)} given")
+    if warm:
+        asyncio.run(load(url, models, 2 * len(models), min(8, concurrency), 2))
+    return asyncio.run(load(url, models, requests, concurrency, max_tokens))
+
+
+@contextlib.contextmanager
+def farm_server(base: str, catalog_url: str, port: int, *, label: str = "bench-farm", replicas: int = 1,
+                routing: str = "affinity", max_adapters: int = 32, **config):
+    """Deploy the farm app (loopback, no keys) on the running Ray; yields its /v1/completions URL."""
+    from ray import serve
+
+    from farm.serve.app import deploy
+    from farm.serve.auth import KeyStore
+    from farm.serve.config import ServeConfig
+
+    opts = dict(max_batch_size=32, max_wait_ms=5, max_waiting=256, max_tokens_cap=64, cpus_per_replica=1)
+    cfg = ServeConfig(base_model=base, catalog_url=catalog_url, replicas=replicas, max_adapters=max_adapters,
+                      routing=routing, port=port, **{**opts, **config})
+    url = deploy(cfg, KeyStore({}), name=label) + "/v1/completions"
+    try:
+        yield url
+    finally:
+        serve.delete(label)
+
+
+def prepare(work: Path, n_adapters: int):
+    """A tiny NF4-able Llama, n LoRA adapters (4 customers) published to a local catalog under `work`.
+    Returns (base path, Catalog, {name: adapter dir}, versions)."""
+    from farm.catalog import Catalog
+    from farm.tiny import build_all
+
+    base = str(build_all(work / "models", sorted((REPO / "jobs" / "data").glob("*.jsonl")))["llama"])
+    cat = Catalog((work / "home" / "catalog").as_uri())
+    dirs, versions = {}, []
+    for i in range(n_adapters):
+        d = make_adapter(Path(base), work / "adapters" / f"a{i:02d}", seed=i)
+        versions.append(cat.publish(f"cust{i % 4}", f"a{i:02d}", d, {}))
+        dirs[f"cust{i % 4}/a{i:02d}"] = str(d)
+    return base, cat, dirs, versions
 
 
 def baseline_app(base_model: str, adapter_dirs: dict[str, str]):
@@ -163,49 +218,40 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--no-routing", action="store_true", help="skip the 2-replica affinity vs spread runs")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json", help="where the JSON goes")
     args = ap.parse_args()
 
     import ray
     from ray import serve
 
     from farm.catalog import Catalog
-    from farm.serve.app import deploy
-    from farm.serve.auth import KeyStore
-    from farm.serve.config import ServeConfig
-    from farm.tiny import build_all
 
     work = Path(tempfile.mkdtemp(prefix="farm-bench-serve-"))
     os.environ["FARM_HOME"] = str(work / "home")
-    base = str(build_all(work / "models", sorted((REPO / "jobs" / "data").glob("*.jsonl")))["llama"])
-    cat = Catalog((work / "home" / "catalog").as_uri())
-    dirs, versions = {}, []
-    for i in range(args.adapters):
-        d = make_adapter(Path(base), work / "adapters" / f"a{i:02d}", seed=i)
-        versions.append(cat.publish(f"cust{i % 4}", f"a{i:02d}", d, {}))
-        dirs[f"cust{i % 4}/a{i:02d}"] = str(d)
+    base, cat, dirs, versions = prepare(work, args.adapters)
     names = list(dirs)
     results: dict = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}, CPU only ({platform.processor() or 'n/a'})",
-                     "command": "python " + " ".join(sys.argv), "args": vars(args)}
+                     "command": "python " + " ".join(sys.argv),
+                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = _free_port()  # Serve's proxy keeps the port of the first deploy; every app uses it
     try:
-        def run_farm(replicas: int, routing: str, label: str, sets: list[tuple[str, list[str], int]]):
-            cfg = ServeConfig(base_model=base, catalog_url=cat.url, replicas=replicas, max_adapters=args.adapters,
-                              routing=routing, max_batch_size=32, max_wait_ms=5, max_waiting=256, max_tokens_cap=64,
-                              port=port, cpus_per_replica=1)
-            url = deploy(cfg, KeyStore({}), name=label) + "/v1/completions"
-            asyncio.run(load(url, names, len(names) * replicas * 2, 8, 2))  # warm-up: every adapter resident
-            for key, models, n in sets:
-                results[key] = asyncio.run(load(url, models, n, args.concurrency, args.max_tokens))
-                print(f"{key}: {results[key]}", flush=True)
-            serve.delete(label)
+        def run(key: str, n: int, url: str) -> None:
+            results[key] = throughput(n, url=url, names=names, requests=args.requests, concurrency=args.concurrency,
+                                      max_tokens=args.max_tokens)
+            print(f"{key}: {results[key]}", flush=True)
 
-        run_farm(1, "affinity", "bench-farm", [("farm_1_adapter", names[:1], args.requests),
-                                               ("farm_32_adapters", names, args.requests)])
+        with farm_server(base, cat.url, port, max_adapters=args.adapters) as url:
+            asyncio.run(load(url, names, 2 * len(names), 8, 2))  # every adapter resident before either run
+            run("farm_1_adapter", 1, url)
+            run("farm_32_adapters", len(names), url)
         if not args.no_routing:
-            run_farm(2, "affinity", "bench-aff", [("routing_affinity_2rep", names, args.requests)])
-            run_farm(2, "spread", "bench-spread", [("routing_spread_2rep", names, args.requests)])
+            for routing in ("affinity", "spread"):
+                with farm_server(base, cat.url, port, label=f"bench-{routing}", replicas=2, routing=routing,
+                                 max_adapters=args.adapters) as url:
+                    asyncio.run(load(url, names, 4 * len(names), 8, 2))  # every adapter on every replica
+                    run(f"routing_{routing}_2rep", len(names), url)
 
         serve.run(baseline_app(base, dirs), name="bench-base", route_prefix="/baseline")
         burl = f"http://127.0.0.1:{port}/baseline/v1/completions"
@@ -235,7 +281,7 @@ def main() -> None:
     one, many = results["farm_1_adapter"]["req_per_s"], results["farm_32_adapters"]["req_per_s"]
     results["a_spread_over_single"] = round(many / one, 3)
     results["b_farm_over_baseline"] = round(many / results["baseline_32_adapters"]["req_per_s"], 2)
-    out = REPO / "bench" / "results" / "serve.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     rows = [(k, v) for k, v in results.items() if isinstance(v, dict) and "req_per_s" in v]
