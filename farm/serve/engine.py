@@ -3,7 +3,8 @@ batching layer that runs concurrent requests for different adapters in one forwa
 
 Requests are queued; a worker thread takes up to `max_batch_size` of them (waiting at most
 `max_wait_ms` after the first), left-pads the prompts and runs a KV-cached decode loop in which every
-forward passes PEFT's per-row `adapter_names`. Rows leave the batch as they finish. Each row has its
+forward applies each row's adapter with grouped LoRA (lora.py; PEFT's per-row `adapter_names` for
+adapters it does not implement). Rows leave the batch as they finish. Each row has its
 own sampler (temperature, top-p, seed) and stop strings, and streams text back to its asyncio queue.
 
 Adapters are attached and detached only under the model lock, between batches; a detach requested
