@@ -22,8 +22,9 @@ def serve_cmd(
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows per forward pass.")] = 32,
     quantization: Annotated[str, typer.Option(help="nf4 | fp4 | int8 | none.")] = "nf4",
     catalog: Annotated[str | None, typer.Option(help="Catalog URL (default FARM_CATALOG or $FARM_HOME/catalog).")] = None,
+    gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica; > 0 loads the base on CUDA.")] = 0.0,
 ) -> None:
-    """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, or a local one; Ctrl-C stops."""
+    """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, the farm `farm up` started, or a local one; Ctrl-C stops."""
     from farm.serve.auth import KeyStore
     from farm.serve.config import ServeConfig, check_bind
 
@@ -38,10 +39,14 @@ def serve_cmd(
         keys_file=str(keys) if keys else None,
         host=host,
         port=port,
+        gpus_per_replica=gpus_per_replica,
     )
     store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
     check_bind(cfg.host, len(store))
 
+    from farm.cluster import use_running_farm
+
+    use_running_farm()  # the farm `farm up` started under FARM_HOME, unless RAY_ADDRESS names one
     import ray
 
     from farm.serve.app import deploy

@@ -252,6 +252,10 @@ def build_app(cfg: ServeConfig, keys: KeyStore | None = None):
         cfg.catalog_url = catalog_url()  # resolved here so every replica uses the same catalog
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     opts = {"num_cpus": cfg.cpus_per_replica, "runtime_env": {"env_vars": env}}
+    if cfg.gpus_per_replica:
+        opts["num_gpus"] = cfg.gpus_per_replica
+    if cfg.replica_resources:
+        opts["resources"] = dict(cfg.replica_resources)
     if cfg.fused:
         # one hop less per request: the proxy calls replicas that parse, resolve and generate
         ingress = Ingress.options(

@@ -67,12 +67,18 @@ class ServeConfig:
     unless routing=affinity with several replicas, which needs a separate ingress to route by adapter."""
     cpus_per_replica: float = 1.0
     """Ray CPUs reserved per model replica (also its torch thread count, at least 1)."""
+    gpus_per_replica: float = 0.0
+    """Ray GPUs per model replica; > 0 loads the base on that GPU (CUDA), 0 keeps it on CPU."""
+    replica_resources: dict = field(default_factory=dict)
+    """Extra Ray resources per replica, e.g. {"farm_serve": 1} to place replicas on serving nodes."""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = []
         if self.replicas < 1:
             problems.append(f"replicas must be >= 1, got {self.replicas}")
+        if self.gpus_per_replica < 0:
+            problems.append(f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         if self.max_adapters < 1:
             problems.append(f"max_adapters must be >= 1, got {self.max_adapters}")
         if self.routing not in ("affinity", "spread"):

@@ -79,7 +79,7 @@ class PackedWeights:
         import torch
 
         with torch.inference_mode():
-            model(input_ids=torch.tensor([warmup_ids]))
+            model(input_ids=torch.tensor([warmup_ids], device=model.device))
         self.saved = []
         for module in model.modules():
             w = getattr(module, "weight", None)
@@ -131,6 +131,7 @@ class Engine:
         max_wait_ms: float = 5.0,
         max_waiting: int = 64,
         threads: int | None = None,
+        device: str = "cpu",
     ):
         import torch
 
@@ -141,7 +142,10 @@ class Engine:
         self.base_model = base_model
         self.quant = Quantization(mode=quantization)
         self.tokenizer = load_tokenizer(base_model)
-        self.base = load_base_model(base_model, quant=self.quant, device="cpu").eval()
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("gpus_per_replica > 0 but this replica sees no CUDA device")
+        self.device = device
+        self.base = load_base_model(base_model, quant=self.quant, device=device).eval()
         cfg = self.base.config
         self.context_length = int(
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
@@ -195,7 +199,7 @@ class Engine:
                     from farm.modeling import load_base_model
 
                     base = load_base_model(
-                        self.base_model, task="seq_cls", num_labels=num_labels, quant=self.quant, device="cpu"
+                        self.base_model, task="seq_cls", num_labels=num_labels, quant=self.quant, device=self.device
                     ).eval()
                     self._packed[num_labels] = PackedWeights(base, self._warmup_ids)
                     model = PeftModel.from_pretrained(base, str(path), adapter_name=slot.name).eval()
@@ -311,6 +315,7 @@ class Engine:
             ids[i, width - len(j.prompt_ids) :] = torch.tensor(j.prompt_ids)
             mask[i, width - len(j.prompt_ids) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(self.device), mask.to(self.device), pos.to(self.device)
         with self._model_lock, torch.inference_mode():
             names = [j.slot or BASE for j in batch]
             if self.peft is None and any(j.slot for j in batch):
@@ -319,7 +324,9 @@ class Engine:
             rows = list(batch)
             out = self._forward(names, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
             while True:
-                logits = out.logits[:, -1, :].float()
+                # sampling runs on CPU: cheap for one row of logits, and seeded draws do not
+                # depend on the device
+                logits = out.logits[:, -1, :].float().cpu()
                 next_ids, keep = [], []
                 for i, job in enumerate(rows):
                     tok = job.sampler.sample(logits[i])
@@ -329,14 +336,14 @@ class Engine:
                 if not keep:
                     return
                 if len(keep) < len(rows):
-                    idx = torch.tensor(keep)
+                    idx = torch.tensor(keep, device=self.device)
                     cache.batch_select_indices(idx)
                     mask, pos = mask[idx], pos[idx]
                     rows = [rows[i] for i in keep]
                     names = [names[i] for i in keep]
-                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype)], dim=1)
+                mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=mask.device)], dim=1)
                 pos = pos[:, -1:] + 1
-                out = self._forward(names, input_ids=torch.tensor(next_ids)[:, None], attention_mask=mask,
+                out = self._forward(names, input_ids=torch.tensor(next_ids, device=self.device)[:, None], attention_mask=mask,
                                     position_ids=pos, past_key_values=cache)
 
     def _forward(self, names: list[str], **inputs):
@@ -397,7 +404,8 @@ class Engine:
         try:
             with self._model_lock, torch.inference_mode():
                 model = self.classifiers[slot.num_labels]
-                logits = model(input_ids=torch.tensor([input_ids]), adapter_names=[slot_name]).logits[0].float()
+                ids = torch.tensor([input_ids], device=self.device)
+                logits = model(input_ids=ids, adapter_names=[slot_name]).logits[0].float().cpu()
             probs = torch.softmax(logits, -1).tolist()
         finally:
             with self._cv:

@@ -194,7 +194,8 @@ class GroupedLoRA:
                 return result + out.to(result.dtype)
             g = stack.gathered
             if g is None or g[0] != ctx.version:
-                g = stack.gathered = (ctx.version, stack.At[ctx.rows], stack.Bt[ctx.rows], stack.scale[ctx.rows])
+                rows = ctx.rows.to(stack.At.device)
+                g = stack.gathered = (ctx.version, stack.At[rows], stack.Bt[rows], stack.scale[rows])
             _, At, Bt, scale = g
             n = x.shape[0]
             h = x.reshape(n, -1, x.shape[-1]).to(stack.dtype)

@@ -55,6 +55,7 @@ class AdapterServer:
             max_wait_ms=cfg.max_wait_ms,
             max_waiting=cfg.max_waiting,
             threads=max(1, int(cfg.cpus_per_replica)),
+            device="cuda" if cfg.gpus_per_replica else "cpu",
         )
         self._catalog = None
         self._versions: dict[str, object] = {}  # vid -> AdapterVersion, for the loader
