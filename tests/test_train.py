@@ -165,3 +165,19 @@ def test_farm_train_cli_reports_bad_manifest_without_traceback(tmp_path):
     assert "base_model: required field is missing" in proc.stderr
     with pytest.raises(ManifestError):
         load_manifest(bad)
+
+
+def test_early_stopping_keeps_the_best_adapter(ray_cluster, farm_home, tiny_llama):
+    """A learning rate far too high makes eval loss stop improving; with patience 1 the run stops at
+    the first worse evaluation and publishes the weights of the best one."""
+    manifest = parse_manifest(
+        _causal_manifest(tiny_llama, max_steps=40, eval_every=4, early_stopping_patience=1, learning_rate=0.5)
+    )
+    version = run_job(manifest, job_id="job-early")
+    meta = version.metadata
+    evals = [h for h in meta["metrics_history"] if "eval_loss" in h and "loss" in h]
+    assert meta["stopped_early"] is True
+    assert meta["steps"] < 40 and meta["steps"] == evals[-1]["step"]
+    best = min(h["eval_loss"] for h in evals)
+    assert evals[-1]["eval_loss"] >= best
+    assert meta["metrics"]["eval_loss"] == pytest.approx(best, rel=1e-4), "the best weights were restored"
