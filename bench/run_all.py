@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# bench/ holds scripts named like stdlib modules (queue.py): keep it off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -126,7 +124,7 @@ def _serve_bars(r: dict) -> tuple[str, dict[str, float]]:
 BENCHES = [
     Bench("train_overhead", [], ["--steps", "20"], 1200, _train_headline, _train_bars),
     Bench("catalog", [], ["--quick"], 900, _catalog_headline, _catalog_bars, log_scale=True),
-    Bench("queue", [], ["--latency-jobs", "5", "--burst-jobs", "20", "--fair-jobs", "300", "--customers", "100"],
+    Bench("job_queue", [], ["--latency-jobs", "5", "--burst-jobs", "20", "--fair-jobs", "300", "--customers", "100"],
           600, _queue_headline, _queue_bars),
     Bench("serve", [], ["--requests", "64", "--baseline-requests", "16", "--no-routing", "--no-s3"],
           1200, _serve_headline, _serve_bars),

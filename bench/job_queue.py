@@ -1,6 +1,6 @@
 """Queue and scheduler benchmark.
 
-  .venv/bin/python bench/queue.py [--latency-jobs 20] [--burst-jobs 100] [--fair-jobs 1000] [--customers 100]
+  .venv/bin/python bench/job_queue.py [--latency-jobs 20] [--burst-jobs 100] [--fair-jobs 1000] [--customers 100]
 
 1. submit -> running: one trivial job at a time on an idle scheduler (real local Ray, the production
    poll period, woken on submit as `farm submit` does): time to `running` in the queue, and to the
@@ -10,7 +10,7 @@
    them): time to compute the whole fair order, and to dispatch all of them one by one through the
    store (claim + succeed); checks that every customer is served within the first round.
 
-Prints a table and writes bench/results/queue.json.
+Prints a table and writes bench/results/job_queue.json.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is named queue.py: keep its folder off sys.path so `import queue` (stdlib; Ray uses it)
-# is not this file, here or in Ray workers, which inherit the driver's path.
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent))  # run from a fresh clone without installing
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -146,7 +143,7 @@ def main() -> None:
     ap.add_argument("--burst-jobs", type=int, default=100)
     ap.add_argument("--fair-jobs", type=int, default=1000)
     ap.add_argument("--customers", type=int, default=100)
-    ap.add_argument("--out", default=str(HERE / "results" / "queue.json"))
+    ap.add_argument("--out", default=str(HERE / "results" / "job_queue.json"))
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     with tempfile.TemporaryDirectory(prefix="farm-bench-queue-") as tmp:
@@ -155,7 +152,7 @@ def main() -> None:
         fair = bench_fairness(home, args.fair_jobs, args.customers)
         live = bench_ray(home, args.latency_jobs, args.burst_jobs)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-              "command": "python bench/queue.py " + " ".join(sys.argv[1:]), "ray": live, "fairness": fair}
+              "command": "python bench/job_queue.py " + " ".join(sys.argv[1:]), "ray": live, "fairness": fair}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
