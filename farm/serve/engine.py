@@ -386,7 +386,8 @@ class Engine:
             return True
         n = len(job.out_ids)
         elapsed = max(now - job.submitted, 1e-9)
-        metrics.get("tokens").inc(n, tags={"adapter": job.tag})
+        if n:  # Ray counters refuse 0 (a completion that stops at its first token)
+            metrics.get("tokens").inc(n, tags={"adapter": job.tag})
         metrics.get("tokens_per_s").observe(n / elapsed, tags={"adapter": job.tag})
         job.emit({"done": {"text": text, "finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(job.prompt_ids)}})
         return False
