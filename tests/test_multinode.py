@@ -27,6 +27,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.waiting import wait_for
 import yaml
 
 from farm.catalog.testing import free_ports
@@ -211,13 +213,7 @@ def two_nodes(s3_server, farm_home, tiny_llama):
 
 
 def _wait(pred, timeout: float, what: str, every: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return wait_for(pred, timeout, what, every)
 
 
 def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, tmp_path, monkeypatch):

@@ -12,18 +12,9 @@ import pytest
 from farm import scheduler
 from farm.queue import JobState, SQLiteStore
 from tests.queue_runners import make_manifest, read_trace
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
-
-
-def wait_for(pred, timeout: float = 30.0, every: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {pred}")
 
 
 @pytest.fixture

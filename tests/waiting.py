@@ -1,0 +1,18 @@
+"""Polling helper shared by the integration tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str | None = None, every: float = 0.05) -> Any:
+    """Poll pred until it returns something truthy; fail the test after timeout seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what or pred}")
