@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+from farm.catalog.adapter_rules import check_config, check_tensors, refusal
 from farm.catalog.layout import FARM_JSON
 from farm.catalog.refs import check_file_name
 from farm.errors import CatalogError, RefError
@@ -55,6 +56,16 @@ def scan_folder(src: Path) -> dict[str, Path]:
 
 def safetensors_summary(path: Path) -> dict[str, Any]:
     """Tensor count, parameter count and dtypes from a safetensors header; CatalogError if not one."""
+    summary, _ = _read_header(path)
+    return summary
+
+
+def safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape from a safetensors header (no tensor data read); CatalogError if not one."""
+    return _read_header(Path(path))[1]
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], dict[str, list[int]]]:
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
@@ -70,7 +81,8 @@ def safetensors_summary(path: Path) -> dict[str, Any]:
             params += count
     except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as exc:
         raise CatalogError(f"{path}: not a valid safetensors file ({exc})") from None
-    return {"tensors": len(tensors), "params": params, "dtypes": sorted({v["dtype"] for v in tensors.values()})}
+    shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+    return {"tensors": len(tensors), "params": params, "dtypes": sorted({v["dtype"] for v in tensors.values()})}, shapes
 
 
 def describe_adapter(src: Path, files: dict[str, Path]) -> dict[str, Any]:
@@ -83,13 +95,18 @@ def describe_adapter(src: Path, files: dict[str, Path]) -> dict[str, Any]:
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CatalogError(f"{src / CONFIG}: invalid JSON ({exc})") from None
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise CatalogError(f"{src / CONFIG}: peft_type is {config.get('peft_type')!r}; only LORA adapters are accepted")
+    # the allow-list (adapter_rules.py) that the serving replica applies again, with shapes, at attach
+    problems = check_config(config)
+    if problems:
+        raise CatalogError(refusal(str(src / CONFIG), problems))
     weights = sorted(n for n in files if n.endswith(".safetensors"))
     if not weights:
         raise CatalogError(f"{src}: no .safetensors weights (expected adapter_model.safetensors)")
-    summaries = {n: safetensors_summary(files[n]) for n in weights}
+    headers = {n: _read_header(files[n]) for n in weights}
+    summaries = {n: h[0] for n, h in headers.items()}
+    problems = check_tensors(config, {k: v for _, shapes in headers.values() for k, v in shapes.items()})
+    if problems:
+        raise CatalogError(refusal(str(src), problems))
     keys = ("base_model_name_or_path", "r", "lora_alpha", "target_modules", "task_type", "modules_to_save")
     info = {k: config.get(k) for k in keys if config.get(k) is not None}
     if isinstance(info.get("target_modules"), (set, tuple)):

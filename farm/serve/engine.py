@@ -5,7 +5,11 @@ Requests are queued; a worker thread takes up to `max_batch_size` of them (waiti
 `max_wait_ms` after the first), left-pads the prompts and runs a KV-cached decode loop in which every
 forward applies each row's adapter with grouped LoRA (lora.py; PEFT's per-row `adapter_names` for
 adapters it does not implement). Rows leave the batch as they finish. Each row has its
-own sampler (temperature, top-p, seed) and stop strings, and streams text back to its asyncio queue.
+own sampler (temperature, top-p, seed) and stop strings, and streams text back to its asyncio queue;
+a row whose sampling or text handling fails gets its own error and leaves, the others go on.
+
+Every adapter folder passes the allow-list of farm/catalog/adapter_rules.py (keys, options and, here
+where the base is known, shapes) before PEFT loads it, so an adapter cannot write the shared base.
 
 Adapters are attached and detached only under the model lock, between batches; a detach requested
 while queued or running requests still use the slot waits until they are done.
@@ -95,28 +99,63 @@ class PackedWeights:
                 w.data, w.quant_state = data, qs
 
 
-def inspect_adapter(path: Path) -> tuple[str, int | None]:
-    """(task, num_labels) of a PEFT LoRA adapter folder; refuses anything but safetensors LoRA."""
+def describe_base(model) -> dict[str, dict]:
+    """module path -> {"in", "out" (linear/embedding modules), "params": {name: shape}}: what the
+    allow-list (farm/catalog/adapter_rules.py) checks an adapter's keys and shapes against. Taken
+    from the bare base before PEFT wraps any of its modules."""
+    import torch
+
+    out = {}
+    for name, mod in model.named_modules():
+        info: dict = {"params": {p: list(t.shape) for p, t in mod.named_parameters(recurse=False)}}
+        if isinstance(mod, torch.nn.Embedding):
+            info["in"], info["out"] = mod.num_embeddings, mod.embedding_dim
+        elif isinstance(getattr(mod, "in_features", None), int):
+            info["in"], info["out"] = mod.in_features, mod.out_features
+        elif type(mod).__name__ == "Conv1D":  # GPT-2's transposed linear: weight (in, out)
+            info["in"], info["out"] = mod.weight.shape[0], mod.weight.shape[1]
+        out[name] = info
+    return out
+
+
+def inspect_adapter(path: Path, base: dict[str, dict] | None = None, hidden: int | None = None) -> tuple[str, int | None]:
+    """(task, num_labels) of a PEFT LoRA adapter folder. Refuses pickles, anything but LoRA, and
+    whatever the shared allow-list refuses (with `base`, also modules and shapes that do not fit)."""
+    from farm.catalog.adapter_rules import check_adapter, effective_modules_to_save, refusal
+    from farm.catalog.peft_folder import safetensors_shapes
+    from farm.errors import CatalogError
+
     files = [p.name for p in path.iterdir()]
     bad = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if bad:
         raise ApiError(422, f"adapter folder holds pickle files {bad}: only safetensors are loaded", "adapter_error")
     if "adapter_model.safetensors" not in files or "adapter_config.json" not in files:
         raise ApiError(422, "adapter folder lacks adapter_config.json or adapter_model.safetensors", "adapter_error")
-    cfg = json.loads((path / "adapter_config.json").read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ApiError(422, f"adapter is {cfg.get('peft_type')}, only LoRA is served", "adapter_error")
-    if cfg.get("task_type") != "SEQ_CLS":
-        return "causal_lm", None
-    from safetensors import safe_open
-
-    heads = set(cfg.get("modules_to_save") or ["score", "classifier"])
-    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
+    try:
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        shapes = safetensors_shapes(path / "adapter_model.safetensors")
+    except (ValueError, CatalogError) as exc:
+        raise ApiError(422, f"adapter folder is unreadable: {exc}", "adapter_error") from None
+    if not isinstance(cfg, dict):
+        raise ApiError(422, "adapter_config.json is not a JSON object", "adapter_error")
+    if cfg.get("task_type") not in (None, "CAUSAL_LM", "SEQ_CLS"):
+        raise ApiError(422, f"adapter task_type {cfg.get('task_type')!r} is not served (CAUSAL_LM, SEQ_CLS)", "adapter_error")
+    task, num_labels = "causal_lm", None
+    if cfg.get("task_type") == "SEQ_CLS":
+        heads = set(effective_modules_to_save(cfg))
+        for key, shape in shapes.items():
             parts = key.split(".")
-            if key.endswith(".weight") and any(h in parts for h in heads):
-                return "seq_cls", int(f.get_slice(key).get_shape()[0])
-    raise ApiError(422, "seq_cls adapter has no saved classification head (modules_to_save)", "adapter_error")
+            if key.endswith(".weight") and len(shape) == 2 and any(h in parts for h in heads):
+                task, num_labels = "seq_cls", int(shape[0])
+                break
+        else:
+            raise ApiError(422, "seq_cls adapter has no saved classification head (modules_to_save)", "adapter_error")
+        if base is not None:  # the classifier base has a fresh head of this size where the LM has lm_head
+            base = {**base, **{h: {"params": {"weight": [num_labels, hidden]}} for h in ("score", "classifier")}}
+    problems = check_adapter(cfg, shapes, base)
+    if problems:
+        raise ApiError(422, refusal("adapter", problems), "adapter_error")
+    return task, num_labels
 
 
 class Engine:
@@ -151,6 +190,8 @@ class Engine:
             getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         )
         self.eos_ids = self._eos_ids()
+        self.base_modules = describe_base(self.base)  # before PEFT wraps anything: the allow-list's reference
+        self.hidden_size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
         self._warmup_ids = self.tokenizer("warm up").input_ids or [0]
         self._packed = {"causal_lm": PackedWeights(self.base, self._warmup_ids)}
         self.peft = None  # PeftModel over self.base once the first causal adapter is attached
@@ -181,7 +222,7 @@ class Engine:
         """Attach the adapter folder under a fresh slot name (blocking; call from a thread)."""
         from peft import PeftModel
 
-        task, num_labels = inspect_adapter(Path(path))
+        task, num_labels = inspect_adapter(Path(path), self.base_modules, self.hidden_size)
         slot = Slot(name=f"s{next(self._names)}", task=task, num_labels=num_labels)
         if task == "seq_cls":
             slot.labels = labels if labels and len(labels) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
@@ -237,13 +278,12 @@ class Engine:
                 self._doomed.discard(name)
                 self.stats["evictions"] += 1
 
-    def resident(self) -> list[str]:
-        with self._cv:
-            return [n for n in self.slots if n not in self._doomed]
-
     # ---- generation -----------------------------------------------------------------------
     async def generate(self, job: GenJob):
         """Queue a job and yield its events: {'delta': text} (stream only), then one {'done': ...}."""
+        problems = job.sampler.problems()
+        if problems:  # the API checks these too; a row must never reach the decode step with them
+            raise ApiError(400, "invalid request: " + "; ".join(problems))
         job.loop = asyncio.get_running_loop()
         job.events = asyncio.Queue()
         job.submitted = time.perf_counter()
@@ -329,8 +369,13 @@ class Engine:
                 logits = out.logits[:, -1, :].float().cpu()
                 next_ids, keep = [], []
                 for i, job in enumerate(rows):
-                    tok = job.sampler.sample(logits[i])
-                    if self._advance(job, tok):
+                    try:
+                        tok = job.sampler.sample(logits[i])
+                        going = self._advance(job, tok)
+                    except Exception as exc:  # noqa: BLE001 - one row's failure must not fail its batch
+                        job.emit({"error": ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")})
+                        going = False
+                    if going:
                         keep.append(i)
                         next_ids.append(tok)
                 if not keep:

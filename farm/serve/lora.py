@@ -8,7 +8,15 @@ forward computes the base output once and the LoRA delta of every row with two `
 gathered A/B. PEFT's loaded adapters stay the source of truth: `add`/`remove` copy them in and out
 of the stacks when the engine attaches or detaches one.
 
-Only the serving engine installs this; outside `batch(...)` the layers run PEFT's own forward.
+Whole-module copies (`modules_to_save`, e.g. a trained lm_head or classification head) are
+dispatched per row too: PEFT's ModulesToSaveWrapper applies its *active* adapter's copy to every row
+of a forward, so each wrapper's forward is replaced by one that runs row i through names[i]'s own
+copy, or through the base module when that adapter has none ('__base__' included). Which copy a row
+gets depends only on its own name, never on which adapter PEFT considers active, so attaching,
+detaching or evicting other adapters cannot change it.
+
+Only the serving engine installs this; outside `batch(...)` (and without `adapter_names`) the layers
+run PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ class _Batch:
     uniform: str | None = None  # every row uses this one adapter: PEFT's own modules, no gather
     base_only = False  # no row uses an adapter
     version = 0  # bumped whenever the rows change, so stacks know when to re-gather
+    names: list[str] | None = None  # adapter name per row (module-copy dispatch)
 
 
 class GroupedLoRA:
@@ -93,6 +102,7 @@ class GroupedLoRA:
         self.free: list[int] = []
         self.unsupported: set[str] = set()
         self.stacks: dict[object, _Stack] = {}
+        self.copies: set[int] = set()  # id() of the ModulesToSaveWrappers already dispatched per row
         self.ctx = _Batch()
         self._last_names: list[str] | None = None
 
@@ -123,7 +133,18 @@ class GroupedLoRA:
                     stack = self.stacks[layer] = _Stack(layer, capacity)
                     self._patch(layer, stack)
                 stack.put(i, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+        self._patch_copies()
         self._last_names = None
+
+    def _patch_copies(self) -> None:
+        """Per-row dispatch on every module-copy wrapper (PEFT creates one with the first adapter
+        that saves that module; later adapters add their copy to the same wrapper)."""
+        from peft.utils.other import ModulesToSaveWrapper
+
+        for m in self.model.modules():
+            if isinstance(m, ModulesToSaveWrapper) and id(m) not in self.copies:
+                self.copies.add(id(m))
+                _patch_copy(m, self.ctx)
 
     def remove(self, name: str) -> None:
         i = self.index.pop(name, None)
@@ -168,6 +189,7 @@ class GroupedLoRA:
             ctx.base_only = distinct <= {"__base__"}
             ctx.uniform = next(iter(distinct)) if len(distinct) == 1 and not ctx.base_only else None
             ctx.rows = torch.tensor([self.index.get(n, 0) for n in names], dtype=torch.long)
+            ctx.names = list(names)
         ctx.active = True
         try:
             yield
@@ -203,3 +225,37 @@ class GroupedLoRA:
             return result + delta.view(result.shape).to(result.dtype)
 
         layer.forward = forward
+
+
+def _patch_copy(wrapper, ctx: _Batch) -> None:
+    """Replace a ModulesToSaveWrapper's forward: row i runs through its own adapter's copy of the
+    module if it has one, else through the base module; never through the active adapter's."""
+    import torch
+
+    orig = wrapper.forward
+
+    def pick(name: str):
+        copies = wrapper.modules_to_save
+        return copies[name] if name in copies else wrapper.original_module
+
+    def forward(x, *args, **kwargs):
+        names = kwargs.pop("adapter_names", None)  # PEFT's mixed-batch path passes them
+        if names is None and ctx.active:
+            names = ctx.names
+        if names is None:
+            return orig(x, *args, **kwargs)
+        if len(names) != x.shape[0]:
+            raise RuntimeError(f"{len(names)} adapter names for a batch of {x.shape[0]} rows")
+        distinct = list(dict.fromkeys(names))
+        if len(distinct) == 1:
+            return pick(distinct[0])(x, *args, **kwargs)
+        out = None
+        for name in distinct:
+            idx = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            y = pick(name)(x[idx], *args, **kwargs)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[idx] = y
+        return out
+
+    wrapper.forward = forward

@@ -11,19 +11,30 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from farm.serve.sampling import SEED_MAX, SEED_MIN, TEMPERATURE_MAX, TEMPERATURE_MIN
+
+MAX_STOPS, MAX_STOP_CHARS = 4, 64
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: float = Field(default=1.0, ge=0.0, le=TEMPERATURE_MAX, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     logprobs: None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v):
+        if 0 < v < TEMPERATURE_MIN:
+            raise ValueError(f"must be 0 (greedy) or at least {TEMPERATURE_MIN}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -31,8 +42,8 @@ class _Request(BaseModel):
         if v is None:
             return []
         stops = [v] if isinstance(v, str) else v
-        if len(stops) > 4 or any(not s or len(s) > 64 for s in stops):
-            raise ValueError("stop: at most 4 non-empty strings of at most 64 characters")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return stops
 
     @property

@@ -3,7 +3,27 @@ and finding stop strings in a row's text."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+# Bounds of every sampling field (the API refuses values outside them with a 400 naming the field).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed accepts
+TEMPERATURE_MIN = 0.01  # below it (and above 0) logits / temperature overflow float32: 0 means greedy
+TEMPERATURE_MAX = 2.0
+
+
+def sampling_problems(temperature: float, top_p: float, seed: int | None) -> list[str]:
+    """What is wrong with these sampling settings (empty = fine), each naming the field."""
+    problems = []
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or not (
+        temperature == 0 or TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX
+    ):
+        problems.append(f"temperature: {temperature!r} is not 0 (greedy) or in [{TEMPERATURE_MIN}, {TEMPERATURE_MAX}]")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        problems.append(f"top_p: {top_p!r} is not in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX):
+        problems.append(f"seed: {seed!r} is not an integer in [-2**63, 2**63 - 1]")
+    return problems
 
 
 @dataclass
@@ -12,6 +32,9 @@ class Sampler:
     top_p: float = 1.0
     seed: int | None = None
     _gen: object = field(default=None, repr=False)
+
+    def problems(self) -> list[str]:
+        return sampling_problems(self.temperature, self.top_p, self.seed)
 
     @property
     def greedy(self) -> bool:
