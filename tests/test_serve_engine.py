@@ -56,7 +56,7 @@ def test_mixed_adapter_batch_equals_stock_peft_greedy(engine, adapters, tiny_lla
     assert len(texts) == 2 * len(PROMPTS)
     for s in slots:
         engine.detach(s.name)
-    assert not engine.slots
+    assert set(engine.slots) <= engine._doomed  # PEFT keeps one adapter until the next attach
 
 
 def test_seed_gives_same_sample_and_stop_strings_cut(engine, adapters):

@@ -13,8 +13,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_adapter(base: Path, dest: Path, seed: int, *, task: str = "causal_lm", num_labels: int = 3) -> Path:
-    """A LoRA adapter with random (non-zero) B, so it really changes the base's output."""
+def make_adapter(base: Path, dest: Path, seed: int, *, task: str = "causal_lm", num_labels: int = 3,
+                 modules_to_save: list[str] | None = None) -> Path:
+    """A LoRA adapter with random (non-zero) B, so it really changes the base's output; with
+    `modules_to_save` (e.g. ["lm_head"]) also a perturbed whole copy of those modules."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -28,12 +30,15 @@ def make_adapter(base: Path, dest: Path, seed: int, *, task: str = "causal_lm", 
     else:
         model = load_base_model(str(base), device="cpu")
         targets = ["q_proj", "v_proj", "o_proj", "up_proj"] if seed % 2 else ["q_proj", "k_proj", "down_proj"]
-        cfg = LoraConfig(r=4 + seed % 5, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+        cfg = LoraConfig(r=4 + seed % 5, lora_alpha=32, target_modules=targets, init_lora_weights=False,
+                         modules_to_save=modules_to_save)
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.mul_(40.0)  # random init is too gentle to change a greedy argmax reliably
+            elif ".modules_to_save." in name:
+                p.add_(torch.randn_like(p) * p.std() * 3)  # a copy that really differs from the base module
     peft_model.save_pretrained(dest)
     return dest
 
