@@ -47,10 +47,20 @@ class LoraSpec(_Section):
     """Dropout on the adapter's input during training."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]; [c_attn] on GPT-2), or 'all-linear'."""
-    bias: Literal["none", "all", "lora_only"] = "none"
-    """Which biases to train: none, all, or lora_only."""
+    bias: Literal["none"] = "none"
+    """Biases are not trained: 'all'/'lora_only' would write biases of the shared base, which the server refuses."""
     modules_to_save: list[str] | None = None
     """Extra modules trained in full and saved with the adapter (seq_cls adds the head itself)."""
+
+    @field_validator("bias", mode="before")
+    @classmethod
+    def _no_bias_training(cls, v: Any) -> Any:
+        if v in ("all", "lora_only"):
+            raise ValueError(
+                f"{v!r} trains biases of the base model, which every tenant shares; the server refuses such "
+                "adapters (docs/serving.md). Use 'none'"
+            )
+        return v
 
     @field_validator("target_modules", mode="before")
     @classmethod

@@ -151,6 +151,11 @@ def test_good_manifest_defaults():
             id="section-not-mapping",
         ),
         pytest.param(with_(base_model=" "), "base_model: must be a model directory, an s3:// URL or a hub id", id="base-empty"),
+        pytest.param(
+            with_(lora={"bias": "lora_only"}),
+            "lora.bias: 'lora_only' trains biases of the base model, which every tenant shares; the server refuses",
+            id="lora-bias-refused-like-the-server",
+        ),
     ],
 )
 def test_bad_manifest_message(data, expected):
