@@ -19,6 +19,7 @@ import pytest
 
 from farm.serve.auth import KeyStore, hash_key
 from tests.test_serve_support import free_port, make_adapter, stock_greedy
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -46,6 +47,7 @@ def served(ray_cluster, tiny_llama, tmp_path_factory):
         "globex/billing": make_adapter(tiny_llama, made / "billing", seed=3),
         "acme/fresh": make_adapter(tiny_llama, made / "fresh1", seed=4),
         "acme/sentiment": make_adapter(tiny_llama, made / "sentiment", seed=5, task="seq_cls"),
+        "globex/head": make_adapter(tiny_llama, made / "head", seed=7, modules_to_save=["lm_head"]),
     }
     for name, d in dirs.items():
         customer, adapter = name.split("/")
@@ -64,13 +66,14 @@ def served(ray_cluster, tiny_llama, tmp_path_factory):
         keys_file=str(keys_file), resolve_ttl_s=1.0,
     )
     base = deploy(cfg, KeyStore.load(cfg.keys_file), name="farm-test")
-    for _ in range(120):
+
+    def healthy():
         try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
-                break
+            return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+            return False
+
+    wait_for(healthy, timeout=120, what="the deployment's /healthz", every=0.5)
     yield SimpleNamespace(base=base, url=f"{base}/v1", cat=cat, dirs=dirs, made=made, cfg=cfg, tiny=tiny_llama)
     serve.delete("farm-test")
     serve.shutdown()
@@ -135,7 +138,7 @@ def test_models_lists_only_the_callers_adapters(served):
     assert {"acme/support", "acme/notes", "acme/sentiment", served.cfg.served_name} <= ids
     assert "globex/billing" not in ids
     ids = {m.id for m in client(served, "globex").models.list().data}
-    assert ids == {"globex/billing", served.cfg.served_name}
+    assert ids == {"globex/billing", "globex/head", served.cfg.served_name}
     assert "globex/billing" in {m.id for m in client(served, "admin").models.list().data}
 
 
@@ -236,7 +239,9 @@ def test_lru_with_k2_evicts_and_reloads(served):
     assert after["stats"]["loads"] - before["stats"]["loads"] >= 4  # support and notes were reloaded
 
 
-def test_publishing_v2_under_traffic_is_served_within_5s(served, capsys):
+def test_publishing_v2_under_traffic_switches_to_v2(served, capsys):
+    """Requests running while v2 is published: v1 before, then v2 once the resolve TTL lapses, and
+    never v1 again. Waits on the event (a v2 answer to a request sent after publish), not on a clock."""
     stop = threading.Event()
     seen: list[tuple[float, float, str]] = []  # (sent, received, model)
 
@@ -251,26 +256,24 @@ def test_publishing_v2_under_traffic_is_served_within_5s(served, capsys):
     for t in threads:
         t.start()
     try:
-        time.sleep(2)
+        wait_for(lambda: len(seen) >= 4, timeout=60, what="traffic on v1")
         v2_dir = make_adapter(served.tiny, served.made / "fresh2", seed=6)
         publishing = time.monotonic()
         served.cat.publish("acme", "fresh", v2_dir, {})
         published = time.monotonic()
-        deadline = published + 8
-        while time.monotonic() < deadline and not any(m.endswith("@v2") and s > published for s, _, m in seen):
-            time.sleep(0.05)
-        time.sleep(2)  # keep traffic going after the switch
+        wait_for(lambda: any(m.endswith("@v2") and s > published for s, _, m in seen), timeout=60,
+                 what="a request sent after publish answered by v2")
+        first_v2 = min(rcv for s, rcv, m in seen if m == "acme/fresh@v2")
+        # keep traffic going after the switch: a few more answers, all of them sent after it
+        wait_for(lambda: sum(s > first_v2 for s, _, _ in seen) >= 6, timeout=60, what="traffic after the switch")
     finally:
         stop.set()
         for t in threads:
             t.join(60)
-    first_v2 = min(rcv for s, rcv, m in seen if m == "acme/fresh@v2")
-    time_to_fresh = first_v2 - published
     with capsys.disabled():
-        print(f"\ntime-to-fresh: {time_to_fresh:.2f}s ({len(seen)} requests)")
+        print(f"\ntime-to-fresh: {first_v2 - published:.2f}s ({len(seen)} requests; resolve TTL {served.cfg.resolve_ttl_s}s)")
     # a request sent while publish() runs may already see v2: only answers from before it started must be v1
     assert {m for s, r, m in seen if r < publishing} == {"acme/fresh@v1"}
-    assert time_to_fresh < 5
     assert {m for s, r, m in seen if s > first_v2} == {"acme/fresh@v2"}
     assert client(served, "acme").completions.create(model="acme/fresh@v1", prompt=PROMPT, max_tokens=2).model == "acme/fresh@v1"
 
@@ -294,3 +297,84 @@ def test_separate_ingress_routes_to_the_model_deployment(served):
         assert streamed == want
     finally:
         serve.delete("farm-test-2tier")
+
+
+def test_lru_churn_with_module_copies_every_answer_is_stock_peft(served):
+    """K=2 resident adapters, four in use (one with its own lm_head copy) plus the bare base, sent
+    concurrently by both tenants in a seeded random order: each answer is stock PEFT's solo answer."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = {"acme/support": "acme", "acme/notes": "acme", "globex/billing": "globex", "globex/head": "globex",
+              served.cfg.served_name: "acme"}
+    prompts = [PROMPT, "The quick brown fox"]
+    want = {(m, p): stock_greedy(served.tiny, served.dirs.get(m), _ids(served, p), 8) for m in models for p in prompts}
+    assert want["globex/head", PROMPT] != want[served.cfg.served_name, PROMPT]
+    rng = random.Random(7)
+    calls = [(rng.choice(list(models)), rng.choice(prompts)) for _ in range(30)]
+    before = httpx.get(f"{served.base}/admin/cache", headers={"Authorization": f"Bearer {KEYS['admin']}"}).json()
+
+    def ask(call):
+        model, prompt = call
+        r = client(served, models[model]).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(ask, calls))
+    assert got == [want[c] for c in calls]
+    after = httpx.get(f"{served.base}/admin/cache", headers={"Authorization": f"Bearer {KEYS['admin']}"}).json()
+    assert after["stats"]["evictions"] > before["stats"]["evictions"]  # the churn really happened
+
+
+def test_poisoned_folder_refused_at_import_and_attach_base_unchanged(served, tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import farm.catalog.peft_folder as peft_folder
+    from farm.errors import CatalogError
+
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(served.dirs["acme/support"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.down_proj.weight"
+    tensors[key] = torch.zeros(128, 352)
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(CatalogError, match=key.replace(".", r"\.")):
+        served.cat.import_adapter(bad, "acme/poison")
+    # a version stored before the rule existed (or written around the catalog): the replica refuses it too
+    monkeypatch.setattr(peft_folder, "check_tensors", lambda *a, **k: [])
+    served.cat.import_adapter(bad, "acme/poison")
+    c = client(served, "acme")
+    base_name = served.cfg.served_name
+    ask = dict(prompt=PROMPT, max_tokens=12, temperature=0)
+    base_before = c.completions.create(model=base_name, **ask).choices[0].text
+    support_before = c.completions.create(model="acme/support", **ask).choices[0].text
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        c.completions.create(model="acme/poison", **ask)
+    assert key in refused.value.message and "shared base" in refused.value.message
+    assert c.completions.create(model=base_name, **ask).choices[0].text == base_before
+    assert base_before == stock_greedy(served.tiny, None, _ids(served, PROMPT), 12)
+    assert c.completions.create(model="acme/support", **ask).choices[0].text == support_before
+
+
+@pytest.mark.parametrize("field,value", [("seed", 2**70), ("seed", -(2**64)), ("temperature", 1e-45),
+                                         ("temperature", 2.5), ("top_p", 0), ("top_p", 1.5),
+                                         ("stop", ["a", "b", "c", "d", "e"]), ("stop", ["x" * 65])])
+def test_bad_sampling_fields_are_400_naming_the_field(served, field, value):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=4, **{field: value})
+    assert f"invalid request: {field}" in e.value.message
+
+
+def test_proxy_check_reports_the_real_listener(served):
+    from farm.errors import FarmError
+    from farm.serve.proxy import check_existing, running_proxy
+
+    proxy = running_proxy()
+    assert proxy == ("127.0.0.1", served.cfg.port)
+    assert check_existing(proxy, "127.0.0.1", 1, 0) == proxy  # a keyless re-deploy reports where it really is
+    with pytest.raises(FarmError, match="already listens on 0.0.0.0"):
+        check_existing(("0.0.0.0", 8000), "127.0.0.1", 8000, 0)
+    assert check_existing(("0.0.0.0", 8000), "0.0.0.0", 8000, 2) == ("0.0.0.0", 8000)

@@ -63,8 +63,10 @@ def serve_cmd(
     except KeyboardInterrupt:
         from ray import serve
 
+        from farm.serve.proxy import still_running
+
         serve.delete("farm")
-        console.print("stopped")
+        console.print(still_running("farm"))
 
 
 def register(app: typer.Typer) -> None:

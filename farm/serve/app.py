@@ -282,8 +282,13 @@ def build_app(cfg: ServeConfig, keys: KeyStore | None = None):
 def deploy(
     cfg: ServeConfig, keys: KeyStore | None = None, *, name: str = "farm", route_prefix: str = "/", blocking: bool = False
 ) -> str:
-    """Start Serve's HTTP proxy on cfg.host:cfg.port (if not running) and deploy; returns the base URL."""
+    """Start Serve's HTTP proxy on cfg.host:cfg.port (if not running) and deploy; returns the base URL
+    where the proxy really listens. Without keys, refuses a cluster whose proxy is already off loopback."""
+    from farm.serve.proxy import check_existing, running_proxy
+
+    keys = keys if keys is not None else KeyStore.load(cfg.keys_file)
     app = build_app(cfg, keys)
+    host, port = check_existing(running_proxy(), cfg.host, cfg.port, len(keys))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
-    return f"http://{cfg.host}:{cfg.port}{route_prefix.rstrip('/')}"
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
