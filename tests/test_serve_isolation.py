@@ -193,3 +193,32 @@ def test_a_failing_row_fails_alone(engine, folders, want):
             asyncio.run(_run(engine, None, PROMPTS[0], sampler=bad))
         assert exc.value.status == 400
     engine.detach(slot)
+
+
+def test_classification_heads_stay_with_their_adapters(engine, tiny_llama, tmp_path):
+    """Each seq_cls adapter's own `score` copy, whatever PEFT holds active after attach/detach."""
+    import torch
+    from peft import PeftModel
+
+    from farm.modeling import load_base_model
+
+    dirs = [make_adapter(tiny_llama, tmp_path / f"cls{i}", seed=10 + i, task="seq_cls") for i in range(3)]
+    ids = engine.tokenizer("great service").input_ids
+
+    def stock(d):
+        base = load_base_model(str(tiny_llama), task="seq_cls", num_labels=3, device="cpu")
+        with torch.inference_mode():
+            logits = PeftModel.from_pretrained(base, str(d)).eval()(input_ids=torch.tensor([ids])).logits[0]
+        return torch.softmax(logits.float(), -1).tolist()
+
+    want = [stock(d) for d in dirs]
+    assert want[0] != pytest.approx(want[1], abs=1e-3)
+    a, b = engine.attach(dirs[0]).name, engine.attach(dirs[1]).name
+    for slot, w in ((a, want[0]), (b, want[1]), (a, want[0])):
+        assert list(engine.classify(slot, ids)["probabilities"].values()) == pytest.approx(w, abs=1e-4)
+    engine.detach(a)  # PEFT moves its active adapter; b and the newcomer keep their own heads
+    c = engine.attach(dirs[2]).name
+    for slot, w in ((b, want[1]), (c, want[2])):
+        assert list(engine.classify(slot, ids)["probabilities"].values()) == pytest.approx(w, abs=1e-4)
+    engine.detach(b)
+    engine.detach(c)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from farm.serve import metrics
 from farm.serve.limits import ApiError, overloaded
-from farm.serve.lora import GroupedLoRA
+from farm.serve.lora import GroupedLoRA, patch_module_copies
 from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -247,6 +247,7 @@ class Engine:
                     self.classifiers[num_labels] = model
                 else:
                     model.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                patch_module_copies(model)  # each row's own head, whichever adapter PEFT holds active
             self._packed["causal_lm" if task == "causal_lm" else num_labels].restore()
             self.slots[slot.name] = slot
             self.stats["loads"] += 1

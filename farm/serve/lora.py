@@ -102,7 +102,6 @@ class GroupedLoRA:
         self.free: list[int] = []
         self.unsupported: set[str] = set()
         self.stacks: dict[object, _Stack] = {}
-        self.copies: set[int] = set()  # id() of the ModulesToSaveWrappers already dispatched per row
         self.ctx = _Batch()
         self._last_names: list[str] | None = None
 
@@ -137,14 +136,7 @@ class GroupedLoRA:
         self._last_names = None
 
     def _patch_copies(self) -> None:
-        """Per-row dispatch on every module-copy wrapper (PEFT creates one with the first adapter
-        that saves that module; later adapters add their copy to the same wrapper)."""
-        from peft.utils.other import ModulesToSaveWrapper
-
-        for m in self.model.modules():
-            if isinstance(m, ModulesToSaveWrapper) and id(m) not in self.copies:
-                self.copies.add(id(m))
-                _patch_copy(m, self.ctx)
+        patch_module_copies(self.model, self.ctx)
 
     def remove(self, name: str) -> None:
         i = self.index.pop(name, None)
@@ -227,7 +219,19 @@ class GroupedLoRA:
         layer.forward = forward
 
 
-def _patch_copy(wrapper, ctx: _Batch) -> None:
+def patch_module_copies(model, ctx: _Batch | None = None) -> None:
+    """Per-row dispatch on every module-copy wrapper of a PeftModel not yet patched (PEFT creates a
+    wrapper with the first adapter that saves that module; later adapters add their copy to it).
+    Call after every load_adapter. Rows come from `adapter_names` or, inside `GroupedLoRA.batch`, ctx."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for m in model.modules():
+        if isinstance(m, ModulesToSaveWrapper) and not getattr(m, "_farm_per_row", False):
+            _patch_copy(m, ctx)
+            m._farm_per_row = True
+
+
+def _patch_copy(wrapper, ctx: _Batch | None) -> None:
     """Replace a ModulesToSaveWrapper's forward: row i runs through its own adapter's copy of the
     module if it has one, else through the base module; never through the active adapter's."""
     import torch
@@ -240,7 +244,7 @@ def _patch_copy(wrapper, ctx: _Batch) -> None:
 
     def forward(x, *args, **kwargs):
         names = kwargs.pop("adapter_names", None)  # PEFT's mixed-batch path passes them
-        if names is None and ctx.active:
+        if names is None and ctx is not None and ctx.active:
             names = ctx.names
         if names is None:
             return orig(x, *args, **kwargs)
