@@ -92,7 +92,7 @@ def test_tenant_bleed_over_random_interleavings(engine, folders, want):
     names = list(folders)
     resident: dict[str, str] = {}  # adapter -> slot, LRU order
     rounds, deadline = 0, time.monotonic() + 40  # bounded in count and (on a crowded machine) in time
-    while rounds < 12 and time.monotonic() < deadline:
+    while rounds < 25 and time.monotonic() < deadline:
         rounds += 1
         wanted = rng.sample(names, 2)
         for n in wanted:
