@@ -7,7 +7,9 @@ mixed-adapter batches, an OpenAI-compatible API with per-customer keys.
     limits.py    ApiError and the request limits (context length, max_tokens, body size)
     metrics.py   ray.util.metrics instruments
     sampling.py  per-row greedy / temperature / top-p sampling and stop strings
-    engine.py    base model + adapter slots + the mixed-adapter batching decode loop
+    lora.py      grouped LoRA and per-row dispatch of whole-module copies (modules_to_save)
+    engine.py    base model + adapter slots (allow-listed) + the mixed-adapter batching decode loop
+    proxy.py     where Serve's HTTP proxy really listens; the keyless off-loopback refusal
     resolver.py  ref -> version with tenancy checks and a short TTL (freshness)
     server.py    the model deployment (replicas, multiplexed adapter LRU)
     app.py       the FastAPI ingress deployment and build_app/deploy
