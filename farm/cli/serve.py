@@ -25,6 +25,8 @@ def serve_cmd(
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica; > 0 loads the base on CUDA.")] = 0.0,
 ) -> None:
     """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, the farm `farm up` started, or a local one; Ctrl-C stops."""
+    from farm.finetune.config import serve_extra
+    from farm.finetune.policy import default_policy
     from farm.serve.auth import KeyStore
     from farm.serve.config import ServeConfig, check_bind
 
@@ -41,6 +43,8 @@ def serve_cmd(
         port=port,
         gpus_per_replica=gpus_per_replica,
     )
+    # The OpenAI fine-tuning API on the same service; training defaults from the demo manifest.
+    cfg.extra.update(serve_extra(cfg.served_name, default_policy(base_model)))
     store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
     check_bind(cfg.host, len(store))
 

@@ -53,6 +53,39 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+class Extensions:
+    """ASGI middleware: requests under an extension's path prefixes go to the app that extension
+    built when this replica started (`ServeConfig.extra["extensions"]`: "module:factory" strings,
+    factory(cfg, keys) -> (prefixes, asgi_app)). Serve pickles `api`, so the apps live on the class,
+    once per replica process. This is how routes above serve (the fine-tuning API) are mounted
+    without serve importing them."""
+
+    mounted: list[tuple[tuple[str, ...], Any]] = []
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            for prefixes, ext in Extensions.mounted:
+                if scope["path"].startswith(prefixes):
+                    return await ext(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    @classmethod
+    def load(cls, cfg: ServeConfig, keys: KeyStore) -> None:
+        import importlib
+
+        mounted = []
+        for spec in cfg.extra.get("extensions", ()):
+            module, _, name = spec.partition(":")
+            mounted.append(getattr(importlib.import_module(module), name)(cfg, keys))
+        cls.mounted = mounted
+
+
+api.add_middleware(Extensions)
+
+
 class LocalServer:
     """An AdapterServer in the ingress's own process, called like its deployment handle
     (`.options(...)` is a no-op, `.method.remote(...)` returns the coroutine or async generator)."""
@@ -81,6 +114,7 @@ class Ingress:
         mc = load_config(self.cfg.base_model)
         self.context_length = int(getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", 2048))
         self.resolver = Resolver(self.cfg.catalog_url, self.cfg.served_name, self.cfg.resolve_ttl_s)
+        Extensions.load(self.cfg, self.keys)
 
     # ---- plumbing -------------------------------------------------------------------------
     async def _body(self, request: Request, model: type):

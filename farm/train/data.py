@@ -236,6 +236,9 @@ def _check_messages(p: _Problems, where: str, col: str, msgs: Any) -> None:
         if not isinstance(m.get("content"), str):
             p.add(where, col, f"message {i}: content must be a string (got {_type_name(m.get('content'))})")
             return
+        if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
+            p.add(where, col, f"message {i}: weight must be 0 or 1, on assistant messages only (got {m['weight']!r})")
+            return
     if not any(m["role"] == "assistant" for m in msgs):
         p.add(where, col, "has no assistant message; loss is computed on assistant turns only")
 
@@ -342,7 +345,7 @@ def _tokenize(
                     f"rejected these messages ({type(exc).__name__}: {exc})"
                 ) from None
             ids = list(out["input_ids"])[:max_seq_len]
-            mask = list(out["assistant_masks"])[:max_seq_len]
+            mask = _weighted_mask(list(out["assistant_masks"]), r[spec.messages_column])[:max_seq_len]
             input_ids.append(ids)
             label_col.append([t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
     else:  # classification
@@ -366,6 +369,22 @@ def _tokenize(
         "labels": [label_col[i] for i in keep],
     }
     return columns, len(rows) - len(keep)
+
+
+def _weighted_mask(mask: list[int], messages: list[dict]) -> list[int]:
+    """Drop the assistant turns marked `weight: 0` (OpenAI's chat format) from the loss mask. The
+    template's generation blocks appear in message order, one run of 1s per assistant turn."""
+    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
+    if all(w == 1 for w in weights):
+        return mask
+    out, turn, prev = list(mask), -1, 0
+    for i, m in enumerate(mask):
+        if m and not prev:
+            turn += 1
+        if m and turn < len(weights) and weights[turn] == 0:
+            out[i] = 0
+        prev = m
+    return out
 
 
 def _with_eos(ids: list[int], eos: int | None) -> list[int]:

@@ -1,0 +1,406 @@
+"""A fine-tuning job <-> the farm's queue: create (policy, files, quotas, idempotency -> a manifest
+submitted like `farm submit` does), and the OpenAI job object, events and checkpoints rendered from
+the queue record, its event log and progress, and the published version's metrics.
+
+Job ids are `ftjob-<queue job id>`; the queue id already names the customer (`acme-1a2b3c4d`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from typing import Any
+
+from farm.errors import JobNotFound, ManifestError, QueueError
+from farm.finetune import files as files_api
+from farm.finetune.config import FinetuneConfig
+from farm.finetune.errors import ApiError, bad_request, not_found, quota
+from farm.finetune.hyper import hyperparameters_of, resolve
+from farm.finetune.policy import TrainingPolicy
+from farm.finetune.store import FinetuneStore
+from farm.serve.auth import Principal
+
+PREFIX = "ftjob-"
+SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+OPERATOR_ONLY = ("priority", "base_model", "dataset", "resources", "training", "lora", "customer", "adapter")
+STATUS = {"queued": "queued", "retrying": "queued", "running": "running", "succeeded": "succeeded",
+          "failed": "failed", "cancelled": "cancelled"}
+
+
+def preflight(manifest) -> None:
+    """Submit-time checks shared with `farm submit` (farm/preflight.py, another issue). The one call
+    site for API jobs: the lead wires `farm.preflight` in here once it is merged."""
+    return None
+
+
+class Jobs:
+    def __init__(self, cfg: FinetuneConfig, store: FinetuneStore, queue, catalog):
+        self.cfg, self.store, self.queue, self.catalog = cfg, store, queue, catalog
+        self._tokenizers: dict[str, Any] = {}
+
+    # ---- ids and ownership ----------------------------------------------------------------------
+    def _load(self, principal: Principal, job_id: str) -> dict:
+        """The caller's job record; another customer's is 404 like a missing one."""
+        qid = job_id[len(PREFIX):] if job_id.startswith(PREFIX) else ""
+        customer = qid.rsplit("-", 1)[0] if "-" in qid else ""
+        record = None
+        if customer and principal.may_use(customer):
+            try:
+                record = self.store.job(customer, qid)
+            except ApiError:
+                record = None
+        if record is None:
+            raise not_found("fine-tuning job", job_id)
+        return record
+
+    def _queue_job(self, record: dict):
+        if record.get("final"):
+            return None
+        try:
+            return self.queue.get(record["queue_id"])
+        except JobNotFound:
+            return None
+
+    # ---- create ---------------------------------------------------------------------------------
+    def create(self, principal: Principal, body: dict, *, idempotency_key: str | None, retry_count: int) -> dict:
+        customer = files_api.owner_of(principal)
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
+        with self.store.lock:
+            again = self._repeat(customer, key, digest, retry_count)
+            if again is not None:
+                return self.render(again)
+            record = self._create(customer, body, digest)
+            if key:
+                self.store.remember(customer, key, {"queue_id": record["queue_id"], "request_sha256": digest})
+        self._wake()
+        return self.render(record)
+
+    def _repeat(self, customer: str, key: str | None, digest: str, retry_count: int) -> dict | None:
+        """The job an earlier delivery of this request created: same Idempotency-Key, or a client
+        retry (x-stainless-retry-count > 0) of the same body within the retry window."""
+        if key:
+            seen = self.store.idempotent(customer, key)
+            if seen is not None:
+                if seen.get("request_sha256") != digest:
+                    raise bad_request("this Idempotency-Key was used with a different request body",
+                                      code="idempotency_key_reused")
+                return self.store.job(customer, seen["queue_id"])
+            return None
+        if retry_count > 0:
+            cutoff = time.time() - self.cfg.retry_window_s
+            same = [r for r in self.store.jobs(customer)
+                    if r.get("request_sha256") == digest and r.get("created_at", 0) >= cutoff]
+            if same:
+                return max(same, key=lambda r: r["created_at"])
+        return None
+
+    def _policy(self, model: Any) -> TrainingPolicy:
+        if not isinstance(model, str) or not model:
+            raise bad_request("model is required: the served name of an offered base", "model")
+        policy = self.cfg.bases.get(model)
+        if policy is None:
+            offered = ", ".join(sorted(self.cfg.bases)) or "none"
+            raise bad_request(f"model {model!r} is not a base offered for fine-tuning (offered: {offered})",
+                              "model", code="model_not_found")
+        return policy
+
+    def _file(self, principal: Principal, file_id: Any, param: str) -> dict:
+        if not isinstance(file_id, str) or not file_id:
+            raise bad_request(f"{param} must be a file id from POST /v1/files", param)
+        meta = files_api.find(self.store, Principal(customer=principal.customer), file_id, param)
+        if meta.get("purpose") != "fine-tune":
+            raise bad_request(f"{param} {file_id!r} has purpose {meta.get('purpose')!r}; upload it with "
+                              "purpose=fine-tune", param)
+        return meta
+
+    def _create(self, customer: str, body: dict, digest: str) -> dict:
+        principal = Principal(customer=customer)
+        for name in OPERATOR_ONLY:
+            if name in body:
+                raise bad_request(f"{name} is set by the operator's training policy, not by the request", name)
+        policy = self._policy(body.get("model"))
+        hp_in, where = hyperparameters_of(body)
+        hp = resolve(hp_in, where, policy)
+        suffix = body.get("suffix")
+        if suffix is not None and (not isinstance(suffix, str) or not SUFFIX_RE.fullmatch(suffix.lower())):
+            raise bad_request("suffix must be 1-40 characters: letters, digits, '-' or '_', starting with a "
+                              f"letter or digit (got {suffix!r})", "suffix")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+            raise bad_request(f"seed must be an integer 0..2147483647 (got {seed!r})", "seed")
+        metadata = body.get("metadata")
+        if metadata is not None and not (
+            isinstance(metadata, dict) and len(metadata) <= 16
+            and all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
+                    for k, v in metadata.items())
+        ):
+            raise bad_request("metadata must be at most 16 string pairs (keys <= 64, values <= 512 chars)", "metadata")
+        train = self._file(principal, body.get("training_file"), "training_file")
+        valid = None
+        if body.get("validation_file") is not None:
+            valid = self._file(principal, body["validation_file"], "validation_file")
+        active = [j for j in self.queue.list(customer=customer) if not j.done]
+        if len(active) >= policy.max_concurrent_jobs:
+            raise quota(f"concurrent jobs quota: {customer} has {len(active)} jobs queued or running, the limit "
+                        f"is {policy.max_concurrent_jobs}; wait for one to finish or cancel one")
+
+        tag = secrets.token_hex(4)
+        qid = f"{customer}-{tag}"
+        suffix_part = (suffix or "job").lower().replace("_", "-")
+        adapter = f"ft-{suffix_part}-{tag}"
+        record = {
+            "queue_id": qid, "customer": customer, "model": body["model"], "adapter": adapter,
+            "created_at": time.time(), "request_sha256": digest, "hyperparameters": hp,
+            "training_file": train["id"], "validation_file": valid["id"] if valid else None,
+            "suffix": suffix, "seed": seed if seed is not None else 0, "metadata": metadata,
+            "checkpoint_every": policy.checkpoint_every,
+        }
+        # validating_files: the files were checked at upload; a bad one fails the job here, by name.
+        for param, meta in (("training_file", train), ("validation_file", valid)):
+            if meta is not None and meta.get("status") != "processed":
+                return self._failed(record, "invalid_" + param, param,
+                                    f"{param} {meta['id']} ({meta['filename']}) is not usable: {meta.get('status_details')}")
+        if valid is not None and valid.get("format") != train.get("format"):
+            return self._failed(record, "invalid_validation_file", "validation_file",
+                                f"validation_file {valid['id']} is {valid.get('format')} but training_file "
+                                f"{train['id']} is {train.get('format')}: both must have one format")
+        tokens = self._count_tokens(policy, customer, train["id"])
+        if hp["n_epochs"] * tokens > policy.max_training_tokens:
+            raise bad_request(
+                f"{where}.n_epochs={hp['n_epochs']} x {tokens} tokens in training_file {train['id']} = "
+                f"{hp['n_epochs'] * tokens} tokens, over the policy's max_training_tokens of "
+                f"{policy.max_training_tokens}", f"{where}.n_epochs", code="too_many_tokens")
+
+        manifest = self._manifest(record, policy, train, valid)
+        preflight(manifest)
+        submitted = self.queue.submit(manifest, max_attempts=policy.max_attempts, force=True)
+        record["queue_id"] = submitted.job_id
+        self.store.put_job(customer, record)
+        return record
+
+    def _failed(self, record: dict, code: str, param: str, message: str) -> dict:
+        record["final"] = {"status": "failed", "error": {"code": code, "message": message, "param": param},
+                           "finished_at": time.time()}
+        self.store.put_job(record["customer"], record)
+        return record
+
+    def _manifest(self, record: dict, policy: TrainingPolicy, train: dict, valid: dict | None):
+        from farm.manifest import Manifest, parse_manifest
+
+        c = record["customer"]
+        hp = record["hyperparameters"]
+        doc = {
+            "customer": c, "adapter": record["adapter"], "base_model": policy.base_model,
+            "revision": policy.revision, "quantization": policy.quantization, "task": "causal_lm",
+            "priority": policy.priority, "lora": policy.lora.model_dump(mode="json"),
+            "dataset": {
+                "train": self.store.file_url(c, train["id"]),
+                "eval": self.store.file_url(c, valid["id"]) if valid else None,
+                "eval_fraction": policy.eval_fraction, "format": train["format"],
+            },
+            "training": {
+                "epochs": float(hp["n_epochs"]), "batch_size": hp["batch_size"],
+                "learning_rate": policy.learning_rate * hp["learning_rate_multiplier"],
+                "max_seq_len": policy.max_seq_len, "seed": record["seed"],
+                "eval_every": policy.eval_every, "checkpoint_every": policy.checkpoint_every,
+            },
+            "resources": {"gpus": policy.gpus, "max_failures": policy.max_failures},
+        }
+        try:
+            manifest: Manifest = parse_manifest(doc, source=f"fine-tuning job for {c}")
+        except ManifestError as exc:  # a policy/request combination the manifest refuses
+            raise bad_request("; ".join(exc.problems)) from None
+        return manifest
+
+    def _count_tokens(self, policy: TrainingPolicy, customer: str, file_id: str) -> int:
+        """Tokens the job trains on per epoch (each example capped at max_seq_len), with the base's tokenizer."""
+        from farm.modeling import load_tokenizer
+
+        tok = self._tokenizers.get(policy.base_model)
+        if tok is None:
+            tok = self._tokenizers[policy.base_model] = load_tokenizer(policy.base_model, policy.revision)
+        texts = []
+        for line in self.store.file_bytes(customer, file_id).decode("utf-8-sig").splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                if "messages" in obj:
+                    texts.append("\n".join(m["content"] for m in obj["messages"]))
+                else:
+                    texts.append(obj["prompt"] + obj["completion"])
+        ids = tok(texts, truncation=True, max_length=policy.max_seq_len)["input_ids"] if texts else []
+        return sum(min(len(x) + 8, policy.max_seq_len) for x in ids)  # + template/eos tokens
+
+    def _wake(self) -> None:
+        try:
+            import ray
+
+            if not ray.is_initialized():  # outside Ray (tests, tools): the scheduler polls the queue
+                return
+            from farm import scheduler
+
+            name, ns = self.cfg.scheduler_name, self.cfg.scheduler_namespace
+            if name is None:
+                from farm.cluster import read_state
+
+                info = read_state()
+                if info is None:
+                    return
+                name, ns = info.scheduler, info.namespace
+            scheduler.wake(name, ns or scheduler.DEFAULT_NAMESPACE)
+        except Exception:  # noqa: BLE001 - waking is a nudge; the scheduler polls anyway
+            pass
+
+    # ---- read -----------------------------------------------------------------------------------
+    def get(self, principal: Principal, job_id: str) -> dict:
+        return self.render(self._load(principal, job_id))
+
+    def records(self, principal: Principal) -> list[dict]:
+        customers = self.store.customers() if principal.admin else [files_api.owner_of(principal)]
+        recs = [r for c in customers for r in self.store.jobs(c)]
+        return sorted(recs, key=lambda r: (r["created_at"], r["queue_id"]), reverse=True)  # newest first
+
+    def cancel(self, principal: Principal, job_id: str) -> dict:
+        record = self._load(principal, job_id)
+        job = self._queue_job(record)
+        if job is None or job.done:
+            status = record.get("final", {}).get("status") or (STATUS[job.state.value] if job else "failed")
+            raise bad_request(f"job {job_id} is already {status}; there is nothing to cancel", code="job_not_cancellable")
+        try:
+            self.queue.request_cancel(job.id, "cancelled through the fine-tuning API")
+        except QueueError as exc:
+            raise bad_request(str(exc), code="job_not_cancellable") from None
+        self._wake()
+        return self.render(record)
+
+    def _version(self, job):
+        if job is None or job.state.value != "succeeded" or not job.adapter_ref:
+            return None
+        try:
+            return self.catalog.resolve(job.adapter_ref)
+        except Exception:  # noqa: BLE001 - a catalog hiccup must not hide the job
+            return None
+
+    def render(self, record: dict) -> dict:
+        job = self._queue_job(record)
+        final = record.get("final") or {}
+        status = final.get("status") or (STATUS[job.state.value] if job else "failed")
+        error = final.get("error")
+        if status == "failed" and error is None:
+            msg = (job.last_error if job else None) or "the job's queue record is gone"
+            error = {"code": "training_failed", "message": msg, "param": None}
+        fin = final.get("finished_at") or (job.finished_at if job and job.done else None)
+        hp = record["hyperparameters"]
+        result_files = []
+        trained_tokens = None
+        if status == "succeeded":
+            trained_tokens = int(job.tokens)
+            rf = self._result_file(record, job)
+            result_files = [rf] if rf else []
+        estimated = None
+        if job is not None and status == "running":
+            p = job.progress
+            step, total = p.get("step") or 0, p.get("total_steps") or 0
+            if step > 0 and total and job.started_at:
+                estimated = int(time.time() + (time.time() - job.started_at) / step * max(0, total - step))
+        return {
+            "id": PREFIX + record["queue_id"], "object": "fine_tuning.job", "created_at": int(record["created_at"]),
+            "finished_at": int(fin) if fin else None, "model": record["model"],
+            "fine_tuned_model": job.adapter_ref if status == "succeeded" else None,
+            "organization_id": record["customer"], "status": status, "error": error,
+            "hyperparameters": hp, "result_files": result_files, "trained_tokens": trained_tokens,
+            "training_file": record["training_file"], "validation_file": record["validation_file"],
+            "seed": record["seed"], "estimated_finish": estimated, "integrations": [],
+            "metadata": record.get("metadata"), "user_provided_suffix": record.get("suffix"),
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        }
+
+    def _history(self, job) -> list[dict]:
+        v = self._version(job)
+        if v is not None:
+            return list((v.metadata or {}).get("metrics_history") or [])
+        p = dict(job.progress) if job is not None else {}
+        return [p] if p.get("step") else []
+
+    def _result_file(self, record: dict, job) -> str | None:
+        """The metrics CSV of a succeeded job, written once (a deterministic id) on first view."""
+        fid = "file-" + hashlib.sha256(record["queue_id"].encode()).hexdigest()[:24]
+        if self.store.file(record["customer"], fid) is not None:
+            return fid
+        history = self._history(job)
+        if not history:
+            return None
+        lines = ["step,train_loss,valid_loss,tokens"]
+        for h in history:
+            cells = [h.get("step"), h.get("loss"), h.get("eval_loss"), h.get("tokens")]
+            lines.append(",".join("" if c is None else f"{c:g}" if isinstance(c, float) else str(c) for c in cells))
+        files_api.put_result(self.store, record["customer"], fid, f"{PREFIX}{record['queue_id']}-metrics.csv",
+                             ("\n".join(lines) + "\n").encode())
+        return fid
+
+    def events(self, principal: Principal, job_id: str) -> list[dict]:
+        """Newest first: the queue's state changes (messages) and per-step metrics."""
+        record = self._load(principal, job_id)
+        job = self._queue_job(record)
+        out: list[dict] = []
+        ident = PREFIX + record["queue_id"]
+        out.append(_event(ident, 0, record["created_at"], "info", f"created fine-tuning job on {record['model']}"))
+        if record.get("final"):
+            err = record["final"]["error"]
+            out.append(_event(ident, 1, record["final"]["finished_at"], "error", err["message"]))
+        if job is not None:
+            for i, e in enumerate(self.queue.events(job.id), start=1):
+                level = "error" if e.to_state == "failed" else "warn" if e.to_state == "retrying" else "info"
+                out.append(_event(ident, i, e.at, level, f"{e.to_state}: {e.reason}"))
+            base = job.started_at or record["created_at"]
+            for h in self._history(job):
+                if h.get("step") is None:
+                    continue
+                data = {"step": h["step"], "train_loss": h.get("loss"), "valid_loss": h.get("eval_loss"),
+                        "total_steps": h.get("total_steps")}
+                msg = f"step {h['step']}/{h.get('total_steps')}" + (
+                    f": train loss {h['loss']:.4f}" if isinstance(h.get("loss"), (int, float)) else "") + (
+                    f", eval loss {h['eval_loss']:.4f}" if isinstance(h.get("eval_loss"), (int, float)) else "")
+                seq = 10_000 + int(h["step"]) * 2 + (1 if h.get("final") else 0)
+                out.append(_event(ident, seq, base + float(h.get("train_seconds") or 0), "info", msg, "metrics", data))
+        return sorted(out, key=lambda e: (e["created_at"], e["_seq"]), reverse=True)
+
+    def checkpoints(self, principal: Principal, job_id: str) -> list[dict]:
+        """The saved steps (every checkpoint_every, and the final one) with their metrics, newest first.
+        Only the final checkpoint is published and callable (as fine_tuned_model)."""
+        record = self._load(principal, job_id)
+        job = self._queue_job(record)
+        if job is None or self._version(job) is None:
+            return []
+        every = record.get("checkpoint_every")
+        history = self._history(job)
+        by_step: dict[int, dict] = {}
+        for h in history:
+            if h.get("step") is None:
+                continue
+            by_step.setdefault(int(h["step"]), {}).update({k: v for k, v in h.items() if v is not None})
+        last = max(by_step) if by_step else 0
+        out = []
+        for step, h in sorted(by_step.items(), reverse=True):
+            if step != last and not (every and step % every == 0):
+                continue
+            name = job.adapter_ref if step == last else f"{job.adapter_ref}:ckpt-step-{step}"
+            out.append({
+                "id": f"ftckpt-{record['queue_id']}-{step}", "object": "fine_tuning.job.checkpoint",
+                "created_at": int((job.finished_at if step == last else job.started_at) or record["created_at"]),
+                "fine_tuned_model_checkpoint": name, "fine_tuning_job_id": PREFIX + record["queue_id"],
+                "step_number": step,
+                "metrics": {"step": float(step), "train_loss": h.get("loss"), "valid_loss": h.get("eval_loss"),
+                            "full_valid_loss": h.get("eval_loss") if step == last else None},
+            })
+        return out
+
+
+def _event(job_id: str, seq: int, at: float, level: str, message: str, type_: str = "message", data=None) -> dict:
+    return {"id": f"ftevent-{job_id[len(PREFIX):]}-{seq}", "object": "fine_tuning.job.event",
+            "created_at": int(at), "level": level, "message": message, "type": type_, "data": data, "_seq": seq}

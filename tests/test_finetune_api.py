@@ -1,0 +1,249 @@
+"""The fine-tuning API's routes without Ray: the official openai client over Starlette's TestClient
+(an httpx client) against the real app, a real SQLite queue, a real local catalog and files store.
+Jobs are queued, not trained here (the one training run is in test_finetune_e2e.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from farm.finetune.config import FinetuneConfig
+from farm.finetune.policy import TrainingPolicy
+from farm.finetune.routes import build
+from farm.queue import JobState, open_store
+from farm.serve.auth import KeyStore, Principal, hash_key
+
+KEYS = {"acme": "acme-key", "globex": "globex-key", "admin": "admin-key"}
+CHAT = [
+    {"messages": [{"role": "user", "content": "How do I reset my sensor?"},
+                  {"role": "assistant", "content": "Hold the button for ten seconds."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                  {"role": "assistant", "content": "Hello.", "weight": 0}, {"role": "user", "content": "Bye"},
+                  {"role": "assistant", "content": "Goodbye."}]},
+]
+
+
+def jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+@pytest.fixture
+def api(farm_home, tiny_llama):
+    policy = TrainingPolicy(base_model=str(tiny_llama), max_epochs=4, max_batch_size=8, max_concurrent_jobs=3,
+                            max_training_tokens=5_000, max_file_bytes=4096, max_stored_bytes=6000, priority=7)
+    cfg = FinetuneConfig(bases={"tiny-llama": policy}, files_url=(farm_home / "finetune").as_uri(),
+                         queue_db=str(farm_home / "queue.db"), scheduler_name="no-such-scheduler")
+    keys = KeyStore({hash_key(KEYS["acme"]): Principal("acme"), hash_key(KEYS["globex"]): Principal("globex"),
+                     hash_key(KEYS["admin"]): Principal(None, admin=True)})
+    app = build(cfg, keys, (farm_home / "catalog").as_uri())
+    http = TestClient(app, raise_server_exceptions=False)
+
+    def client(who: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS[who], http_client=http, max_retries=0)
+
+    return type("Api", (), {"client": staticmethod(client), "http": http, "queue": open_store(farm_home / "queue.db"),
+                            "home": farm_home})
+
+
+def upload(c: openai.OpenAI, data: bytes, name: str = "train.jsonl"):
+    return c.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune")
+
+
+def test_upload_list_content_delete_and_tenancy(api):
+    acme, globex, admin = api.client("acme"), api.client("globex"), api.client("admin")
+    f = upload(acme, jsonl(CHAT))
+    assert f.status == "processed" and f.status_details is None and f.bytes == len(jsonl(CHAT))
+    assert f.filename == "train.jsonl" and f.purpose == "fine-tune"
+    assert acme.files.retrieve(f.id).id == f.id
+    assert acme.files.content(f.id).read() == jsonl(CHAT)
+    with pytest.raises(openai.NotFoundError):
+        globex.files.retrieve(f.id)
+    with pytest.raises(openai.NotFoundError):
+        globex.files.content(f.id)
+    with pytest.raises(openai.NotFoundError):
+        globex.files.delete(f.id)
+    assert admin.files.retrieve(f.id).id == f.id
+    g = upload(globex, jsonl(CHAT[:1]))
+    assert [x.id for x in acme.files.list()] == [f.id]
+    assert {x.id for x in admin.files.list()} == {f.id, g.id}
+    assert acme.files.delete(f.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        acme.files.retrieve(f.id)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{not json\n',
+     "line 2: not JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"text": "x"}\n',
+     "line 2: no 'messages'"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "line 1: message 1: unknown role 'wizard'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant message"),
+    (b"\n\n", "empty"),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}\n',
+     "line 1: message 2: 'weight' must be 0 or 1"),
+])
+def test_bad_files_get_status_error_naming_the_line(api, data, expected):
+    f = upload(api.client("acme"), data)
+    assert f.status == "error"
+    assert expected in f.status_details
+
+
+def test_prompt_completion_file_is_processed(api):
+    f = upload(api.client("acme"), jsonl([{"prompt": "Q: hi\nA:", "completion": " hello"}]))
+    assert f.status == "processed"
+
+
+def test_size_cap_and_stored_bytes_quota(api):
+    acme = api.client("acme")
+    with pytest.raises(openai.APIStatusError) as exc:
+        upload(acme, b" " * 5000)
+    assert exc.value.status_code == 413 and "4096-byte" in exc.value.message
+    big = jsonl(CHAT * 10)[:4000].rsplit(b"\n", 1)[0] + b"\n"
+    upload(acme, big)
+    with pytest.raises(openai.RateLimitError) as exc:
+        upload(acme, big)
+    assert "stored bytes quota" in exc.value.message and "6000" in exc.value.message
+    upload(api.client("globex"), big)  # the quota is per customer
+
+
+def test_errors_are_openai_shaped_never_detail(api):
+    r = api.http.get("/v1/files")
+    assert r.status_code == 401 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = api.http.get("/v1/fine_tuning/jobs?limit=abc", headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+    r = api.http.get("/v1/fine_tuning/nope", headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 404 and "detail" not in r.json() and r.json()["error"]["type"] == "not_found_error"
+    r = api.http.post("/v1/fine_tuning/jobs", content=b"{bad", headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+
+
+def test_create_maps_onto_the_queue_with_the_policy(api):
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, suffix="Support_Bot", seed=3,
+                                       hyperparameters={"n_epochs": 2, "batch_size": "auto"}, metadata={"team": "a"})
+    assert job.status == "queued" and job.model == "tiny-llama" and job.training_file == f.id
+    assert job.hyperparameters.n_epochs == 2 and job.hyperparameters.batch_size == 4
+    assert job.seed == 3 and job.metadata == {"team": "a"} and job.fine_tuned_model is None
+    queued = api.queue.get(job.id.removeprefix("ftjob-"))  # what `farm jobs` lists
+    assert queued.state is JobState.QUEUED and queued.customer == "acme" and queued.priority == 7
+    m = queued.manifest
+    assert m["adapter"].startswith("ft-support-bot-") and m["training"]["epochs"] == 2.0
+    assert m["dataset"]["train"].startswith((api.home / "finetune" / "acme").as_uri())
+    assert m["dataset"]["format"] == "chat" and m["training"]["seed"] == 3
+    assert acme.fine_tuning.jobs.retrieve(job.id).id == job.id
+    # method.supervised.hyperparameters is the same thing
+    job2 = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id,
+                                        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}})
+    assert job2.hyperparameters.n_epochs == 1
+
+
+@pytest.mark.parametrize("kwargs, param, words", [
+    ({"model": "gpt-4o"}, "model", "not a base offered"),
+    ({"hyperparameters": {"n_epochs": 5}}, "hyperparameters.n_epochs", "max_epochs"),
+    ({"hyperparameters": {"batch_size": 64}}, "hyperparameters.batch_size", "max_batch_size"),
+    ({"hyperparameters": {"learning_rate_multiplier": 50}}, "hyperparameters.learning_rate_multiplier", "10"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
+     "method.supervised.hyperparameters.n_epochs", "1..4"),
+    ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+    ({"suffix": "bad/name"}, "suffix", "suffix"),
+    ({"extra_body": {"priority": 100}}, "priority", "operator"),
+    ({"extra_body": {"base_model": "s3://x/y"}}, "base_model", "operator"),
+])
+def test_create_outside_policy_is_400_naming_the_field(api, kwargs, param, words):
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    args = {"model": "tiny-llama", "training_file": f.id, **kwargs}
+    with pytest.raises(openai.BadRequestError) as exc:
+        acme.fine_tuning.jobs.create(**args)
+    assert exc.value.body["param"] == param and words in exc.value.message
+    assert api.queue.list() == []
+
+
+def test_training_tokens_over_policy_is_400(api):
+    acme = api.client("acme")
+    f = upload(acme, jsonl([{"prompt": "x " * 150, "completion": " y " * 150}] * 4))
+    with pytest.raises(openai.BadRequestError) as exc:
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, hyperparameters={"n_epochs": 4})
+    assert "max_training_tokens" in exc.value.message and exc.value.body["param"] == "hyperparameters.n_epochs"
+
+
+def test_job_on_a_bad_file_fails_in_validation_naming_the_file(api):
+    acme = api.client("acme")
+    bad = upload(acme, b'{"messages": [{"role": "user", "content": "hi"}]}\n', name="broken.jsonl")
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=bad.id)
+    assert job.status == "failed" and job.error.param == "training_file"
+    assert bad.id in job.error.message and "broken.jsonl" in job.error.message and "line 1" in job.error.message
+    assert api.queue.list() == []  # nothing queued
+    assert acme.fine_tuning.jobs.retrieve(job.id).status == "failed"
+    events = acme.fine_tuning.jobs.list_events(job.id).data
+    assert any(e.level == "error" and bad.id in e.message for e in events)
+
+
+def test_other_customers_jobs_and_files_are_404(api):
+    acme, globex, admin = api.client("acme"), api.client("globex"), api.client("admin")
+    f = upload(acme, jsonl(CHAT))
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+    for call in (lambda: globex.fine_tuning.jobs.retrieve(job.id), lambda: globex.fine_tuning.jobs.cancel(job.id),
+                 lambda: globex.fine_tuning.jobs.list_events(job.id),
+                 lambda: globex.fine_tuning.jobs.checkpoints.list(job.id),
+                 lambda: globex.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert globex.fine_tuning.jobs.list().data == []
+    assert [j.id for j in admin.fine_tuning.jobs.list().data] == [job.id]
+    assert admin.fine_tuning.jobs.retrieve(job.id).id == job.id
+
+
+def test_retried_creates_start_one_job(api):
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    h = {"Authorization": f"Bearer {KEYS['acme']}"}
+    body = {"model": "tiny-llama", "training_file": f.id}
+    a = api.http.post("/v1/fine_tuning/jobs", json=body, headers={**h, "Idempotency-Key": "k1"}).json()
+    b = api.http.post("/v1/fine_tuning/jobs", json=body, headers={**h, "Idempotency-Key": "k1"}).json()
+    assert a["id"] == b["id"]
+    r = api.http.post("/v1/fine_tuning/jobs", json={**body, "seed": 1}, headers={**h, "Idempotency-Key": "k1"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "idempotency_key_reused"
+    # the openai client's own retry: same body, x-stainless-retry-count > 0, no key
+    c = api.http.post("/v1/fine_tuning/jobs", json={**body, "seed": 2}, headers={**h, "x-stainless-retry-count": "0"}).json()
+    d = api.http.post("/v1/fine_tuning/jobs", json={**body, "seed": 2}, headers={**h, "x-stainless-retry-count": "1"}).json()
+    assert c["id"] == d["id"] != a["id"]
+    assert len(api.queue.list()) == 2
+
+
+def test_concurrent_jobs_quota_is_429_and_pagination_walks_every_job_once(api):
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    made = [acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, seed=i).id for i in range(3)]
+    with pytest.raises(openai.RateLimitError) as exc:
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, seed=9)
+    assert "concurrent jobs quota" in exc.value.message and "3" in exc.value.message
+    acme.fine_tuning.jobs.cancel(made[0])
+    assert acme.fine_tuning.jobs.retrieve(made[0]).status == "cancelled"
+    made.append(acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, seed=10).id)
+    page = acme.fine_tuning.jobs.list(limit=1)
+    assert len(page.data) == 1 and page.has_more
+    walked = [j.id for j in acme.fine_tuning.jobs.list(limit=1)]  # the client pages with after=
+    assert sorted(walked) == sorted(made) and len(walked) == len(set(walked))
+    assert walked[0] == made[-1]  # newest first
+    with pytest.raises(openai.BadRequestError):
+        acme.fine_tuning.jobs.cancel(made[0])  # already cancelled
+
+
+def test_model_names_with_slash_work_raw_and_percent_encoded(api, tiny_llama, tmp_path):
+    from farm.catalog import Catalog
+    from tests.test_serve_support import make_adapter
+
+    Catalog((api.home / "catalog").as_uri()).publish("acme", "ft-x-1", make_adapter(tiny_llama, tmp_path / "a", seed=1), {})
+    h = {"Authorization": f"Bearer {KEYS['acme']}"}
+    for path in ("/v1/models/acme/ft-x-1@v1", "/v1/models/acme%2Fft-x-1@v1", "/v1/models/tiny-llama"):
+        r = api.http.get(path, headers=h)
+        assert r.status_code == 200, (path, r.text)
+    assert api.client("acme").models.retrieve("acme/ft-x-1@v1").id == "acme/ft-x-1@v1"
+    r = api.http.get("/v1/models/acme%2Fft-x-1", headers={"Authorization": f"Bearer {KEYS['globex']}"})
+    assert r.status_code == 404 and "error" in r.json()
