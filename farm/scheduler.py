@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import ray
 
+from farm.autoscale import TrainNodeRequests
 from farm.errors import DataError, ManifestError, ModelError, QueueError
 from farm.queue import Job, JobState, job_log_path, open_store
 from farm.train.run import HEAD_RESOURCE, forwarded_env, training_capacity
@@ -235,6 +236,7 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._slots = 0
+        self._grow = TrainNodeRequests.detect()  # farm.autoscale: training nodes for queued work
         self._last_slots = self._last_beat = self._last_reconcile = 0.0
         self.started_at = time.time()
         for job in self.store.recover_orphans(self.owner, takeover=self._is_predecessor):
@@ -307,13 +309,14 @@ class Scheduler:
             if job is None:
                 break
             self._launch(job)
+        self._grow.update(self.store, len(self.inflight), slots)
 
     def _slot_count(self, now: float) -> int:
         if self.cfg.slots is not None:
             self._slots = self.cfg.slots
         elif now - self._last_slots >= 10 or not self._slots:
             self._last_slots = now
-            self._slots = training_slots(self.cfg.cpu_slots)
+            self._slots = self._grow.slots(lambda: training_slots(self.cfg.cpu_slots))
         return self._slots
 
     def _launch(self, job: Job) -> None:

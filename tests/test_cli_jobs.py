@@ -27,8 +27,10 @@ runner = CliRunner()
 
 
 def write_manifest(tmp_path: Path, name: str = "job.yaml", **over) -> Path:
+    train = tmp_path / "train.jsonl"  # submit checks that the data exists (farm.preflight)
+    train.write_text('{"text": "hello"}\n')
     data = {"customer": "acme", "adapter": "chat", "base_model": "tiny/llama",
-            "dataset": {"train": "/data/train.jsonl"}, "training": {"max_steps": 3, "seed": 10}, **over}
+            "dataset": {"train": str(train)}, "training": {"max_steps": 3, "seed": 10}, **over}
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data))
     return path

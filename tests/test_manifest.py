@@ -279,6 +279,7 @@ def test_shipped_jobs_exist():
 def test_validate_cli(tmp_path):
     from farm.cli import app
 
+    (tmp_path / "t.jsonl").write_text('{"text": "hi"}\n')  # validate checks the data exists (farm.preflight)
     good = write(tmp_path, "customer: acme\nadapter: bot\nbase_model: org/m\ndataset: {train: t.jsonl}\n", "good.yaml")
     bad = write(tmp_path, "customer: Acme\nadapter: bot\nbase_model: org/m\nqantization: nf4\n", "bad.yaml")
     runner = CliRunner()

@@ -80,15 +80,15 @@ def submit(
     force: Annotated[bool, typer.Option("--force", help="A new job even if an identical one is active.")] = False,
     max_attempts: Annotated[int, typer.Option(min=1, max=100, help="Attempts before the job is failed.")] = 3,
 ) -> None:
-    """Validate manifests and queue them; starts a farm first if none is running."""
+    """Validate manifests and what they point at, and queue them; starts a farm first if none is running."""
     from farm import cluster
     from farm.errors import ManifestError
-    from farm.manifest import load_manifest
+    from farm.preflight import load_checked
 
     manifests, bad = [], 0
-    for f in files:  # all files are checked before anything is queued
+    for f in files:  # all files (schema and referenced data/model) are checked before anything is queued
         try:
-            manifests.append(load_manifest(f))
+            manifests.append(load_checked(f)[0])
         except ManifestError as exc:
             bad += 1
             err_console.print(f"[red]✗[/] {exc}", markup=True, highlight=False)

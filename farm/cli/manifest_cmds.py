@@ -13,19 +13,23 @@ from farm.errors import ManifestError
 
 def validate(
     files: Annotated[list[Path], typer.Argument(help="Job manifest YAML files.")],
+    offline: Annotated[bool, typer.Option("--offline", help="Skip the s3:// (remote) existence checks.")] = False,
 ) -> None:
-    """Check job manifests; print every problem of every file, or a one-line summary per valid file."""
-    from farm.manifest import load_manifest
+    """Check job manifests and what they point at (dataset files, base model folder, s3:// objects);
+    print every problem of every file, or a one-line summary per valid file."""
+    from farm.preflight import load_checked
 
     failed = 0
     for f in files:
         try:
-            m = load_manifest(f)
+            m, report = load_checked(f, offline=offline)
         except ManifestError as exc:
             failed += 1
             err_console.print(f"[red]✗[/] {exc}", markup=True, highlight=False)
         else:
             console.print(f"[green]✓[/] {f}: {m.summary()}")
+            for ref in report.skipped:
+                console.print(f"  [yellow]not checked (--offline):[/] {ref}", highlight=False)
     if failed:
         raise typer.Exit(1)
 

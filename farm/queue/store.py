@@ -101,6 +101,7 @@ class JobStore(Protocol):
     def retry(self, job_id: str) -> Job: ...
     def counts(self) -> dict[str, int]: ...
     def queue_positions(self) -> dict[str, int]: ...
+    def note(self, job_id: str, reason: str) -> None: ...
 
 
 class SQLiteStore:
@@ -264,6 +265,12 @@ class SQLiteStore:
                 (job_id,),
             ).fetchall()
         return [Event(**dict(r)) for r in rows]
+
+    def note(self, job_id: str, reason: str) -> None:
+        """Record an event that changes no state (e.g. 'waiting for a training node')."""
+        with self._tx() as c:
+            job = self._row(c, job_id)
+            self._event(c, job_id, job.state.value, job.state.value, reason)
 
     def counts(self) -> dict[str, int]:
         with self._lock:
