@@ -294,3 +294,23 @@ def test_separate_ingress_routes_to_the_model_deployment(served):
         assert streamed == want
     finally:
         serve.delete("farm-test-2tier")
+
+
+def test_adapter_pressure_every_answer_is_its_own_adapter(served):
+    """Farm engine: 3 adapters + the base in flight on a replica that holds K=2, greedy, concurrent:
+    each answer equals that adapter's (or the base's) solo stock-PEFT output on the NF4 base."""
+    import concurrent.futures
+
+    ids = _ids(served, PROMPT)
+    names = ["acme/support", "acme/notes", "globex/billing", served.cfg.served_name]
+    want = {n: stock_greedy(served.tiny, served.dirs.get(n), ids, 8) for n in names}
+    assert len(set(want.values())) == len(names)  # a mix-up could not go unseen
+    c = openai.OpenAI(base_url=served.url, api_key=KEYS["admin"], max_retries=5, timeout=120)
+
+    def ask(i: int):
+        name = names[i % len(names)]
+        return name, c.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(24)))
+    assert [(n, got) for n, got in answers if got != want[n]] == []
