@@ -26,6 +26,10 @@ import socket
 import sys
 
 
+def _capacity(cfg: dict) -> int:
+    return cfg["max_cpu_loras"] + cfg["max_loras"] + 2
+
+
 def _settings(cfg: dict):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
@@ -35,13 +39,14 @@ def _settings(cfg: dict):
         dtype=cfg.get("dtype", "bfloat16"),
         enforce_eager=cfg.get("enforce_eager", True),
         enable_lora=True,
-        max_loras=cfg["max_loras"] + 1,  # + the base's identity adapter (see identity_adapter)
-        # Room for every adapter the replica holds (its LRU of K), the ones it dropped that still
-        # finish requests (at most max_loras), and the identity adapter: vLLM must never evict from
-        # its CPU cache on its own. It would evict while activating a batch's adapters and could
-        # drop one already activated for that batch (checked on 0.32: KeyError in the LoRA mapping,
-        # EngineDeadError). The replica adds and removes adapters itself.
-        max_cpu_loras=cfg["max_cpu_loras"] + cfg["max_loras"] + 2,
+        # Every adapter vLLM holds has its own LoRA slot: room for the replica's LRU of K, the ones it
+        # dropped that still finish requests (at most the gate's slots), and the identity adapter.
+        # vLLM then never evicts on its own, neither from its CPU cache nor from its slots: checked
+        # on 0.32 CPU, eviction while it activates a batch's adapters can drop one it activated for
+        # that same batch (KeyError in the LoRA mapping, then EngineDeadError). The replica adds and
+        # removes adapters itself; the gate (slots + 1) bounds how many share the batches.
+        max_loras=_capacity(cfg),
+        max_cpu_loras=_capacity(cfg),
         max_lora_rank=cfg["max_lora_rank"],
         max_num_seqs=cfg["max_num_seqs"],
         seed=0,
