@@ -7,7 +7,8 @@ mixed-adapter batches, an OpenAI-compatible API with per-customer keys.
     limits.py    ApiError and the request limits (context length, max_tokens, body size)
     metrics.py   ray.util.metrics instruments
     sampling.py  per-row greedy / temperature / top-p sampling and stop strings
-    engine.py    base model + adapter slots + the mixed-adapter batching decode loop
+    engine.py    base model + adapter slots + the mixed-adapter batching decode loop (the `farm` engine)
+    engines/     the engine interface a replica holds, `farm` and `vllm` implementations
     resolver.py  ref -> version with tenancy checks and a short TTL (freshness)
     server.py    the model deployment (replicas, multiplexed adapter LRU)
     app.py       the FastAPI ingress deployment and build_app/deploy
