@@ -31,6 +31,15 @@ from farm.serve.engines.vllm_support import unsupported, vllm_rank
 from farm.serve.limits import ApiError
 
 FARM_PACKAGE = Path(__file__).resolve().parents[2]  # .../farm
+# Put on the worker's PYTHONPATH: every process of the vLLM environment started under it (the worker,
+# vLLM's engine core and its workers) gets SIGKILL when its parent dies. Ray kills a replica's
+# direct children only; vLLM's engine core outlived a killed worker without this.
+SITECUSTOMIZE = """import ctypes, signal
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+except Exception:
+    pass
+"""
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -67,6 +76,7 @@ class VllmEngine:
         # nothing else (the main environment's site-packages would shadow vLLM's pinned libraries).
         (self.dir / "path").mkdir()
         (self.dir / "path" / "farm").symlink_to(FARM_PACKAGE, target_is_directory=True)
+        (self.dir / "path" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         env["PYTHONPATH"] = str(self.dir / "path")
         ready = self.dir / "port"
         self.log_path = self.dir / "vllm.log"
@@ -75,6 +85,7 @@ class VllmEngine:
                 [python, "-m", "farm.serve.engines.vllm_worker", "--config", json.dumps(worker_cfg),
                  "--ready-file", str(ready)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=str(self.dir),
+                start_new_session=True,  # its own process group: close() ends vLLM's engine core with it
             )
         deadline = time.monotonic() + start_timeout_s
         while not ready.exists():
@@ -253,13 +264,26 @@ class VllmEngine:
                 continue
 
     def close(self) -> None:
+        """End the worker and vLLM's processes under it (one process group), then drop the adapters' folders."""
+        import signal
+
         proc = getattr(self, "proc", None)
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            for sig, wait_s in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if proc is not None:
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)  # whatever of vLLM's is left in the group
+            except (ProcessLookupError, PermissionError):
+                pass
         shutil.rmtree(getattr(self, "dir", ""), ignore_errors=True)
 
     def __del__(self):

@@ -208,10 +208,17 @@ def build_api(engine, cfg: dict, base_lora):
     return api
 
 
-async def _watch_parent(parent: int) -> None:
+async def _watch_parent(parent: int, engine) -> None:
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
-    os._exit(0)  # the replica is gone: so is its engine (vLLM's engine core follows its parent)
+    # The replica is gone: so is its engine. vLLM's engine-core process does not follow a parent
+    # that just exits (checked: one outlived its killed parent), so shut it down first.
+    try:
+        engine.shutdown()
+    finally:
+        # the replica started this worker as a process-group leader: end vLLM's processes with it
+        os.killpg(os.getpgid(0), 9)
+        os._exit(0)
 
 
 async def main(cfg: dict, ready_file: str) -> None:
@@ -232,7 +239,7 @@ async def main(cfg: dict, ready_file: str) -> None:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False))
-    watcher = asyncio.ensure_future(_watch_parent(parent))
+    watcher = asyncio.ensure_future(_watch_parent(parent, engine))
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     while not server.started and not serving.done():
         await asyncio.sleep(0.05)
