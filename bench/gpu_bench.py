@@ -42,9 +42,8 @@ BENCH_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads
                    vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                    vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False)
-SERVE_SKIPPED = ("not measured: bench/serve.py has no reusable function for the 1-vs-32-adapter run (it lives "
-                 "inside its main()), and farm/serve/engine.py loads the base on CPU (device='cpu'), so a "
-                 "GPU machine would measure its CPU. Run bench/serve.py for the CPU figures.")
+SERVE_SKIPPED = ("measured separately: bench/gpu.sh runs bench/serve.py --gpu --engines-only after this script "
+                 "(farm vs vLLM engine, 1 and 32 adapters, 32 clients) into bench/results/gpu_serve.json.")
 
 
 def build_base(dest: Path, layers: int, smoke: bool) -> int:

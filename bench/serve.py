@@ -12,7 +12,9 @@ measures completions spread round-robin over the first n adapters.
 (b) the farm server vs a baseline server (same Ray Serve + HTTP path, same workload over 32 adapters)
     that serves one request at a time with plain PEFT, swapping the active adapter (goal >= 5x)
 (c) adapter cold-load (verified fetch + attach) p50/p99 from a local directory and from SeaweedFS S3
-Also: affinity vs spread routing with 2 replicas on the 32-adapter workload.
+Also: affinity vs spread routing with 2 replicas on the 32-adapter workload, and the same 1- and
+32-adapter workloads on the vLLM engine (`--engine vllm`, bf16 base: vLLM's NF4 is CUDA-only) when a
+vLLM environment exists (`make vllm-env`); `--engines-only` runs just farm vs vLLM.
 """
 
 # No `from __future__ import annotations`: the baseline's FastAPI route needs real type hints.
@@ -114,17 +116,57 @@ def farm_server(base: str, catalog_url: str, port: int, *, label: str = "bench-f
         serve.delete(label)
 
 
-def prepare(work: Path, n_adapters: int):
-    """A tiny NF4-able Llama, n LoRA adapters (4 customers) published to a local catalog under `work`.
-    Returns (base path, Catalog, {name: adapter dir}, versions)."""
+def gpu_base(tiny: Path, dest: Path) -> str:
+    """bench/gpu_bench.py's ~0.8B Llama shape (random bf16 weights) with the tiny tokenizer's vocabulary."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_bench import BENCH_MODEL
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=16, **{**BENCH_MODEL, "vocab_size": len(tok)},
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(dest, safe_serialization=True)
+    tok.save_pretrained(dest)
+    return str(dest)
+
+
+def copies(first: Path, work: Path, n: int) -> list[Path]:
+    """n adapters of first's shape with different random weights (no base load per adapter)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(first / "adapter_model.safetensors"))
+    out = [first]
+    for i in range(1, n):
+        d = work / "adapters" / f"a{i:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(first / "adapter_config.json", d)
+        g = torch.Generator().manual_seed(i)
+        save_file({k: torch.randn(v.shape, generator=g).to(v.dtype) * v.float().std().to(v.dtype) for k, v in weights.items()},
+                  str(d / "adapter_model.safetensors"))
+        out.append(d)
+    return out
+
+
+def prepare(work: Path, n_adapters: int, gpu: bool = False):
+    """A tiny NF4-able Llama (with gpu: a ~0.8B one), n LoRA adapters (4 customers) published to a local
+    catalog under `work`. Returns (base path, Catalog, {name: adapter dir}, versions)."""
     from farm.catalog import Catalog
     from farm.tiny import build_all
 
     base = str(build_all(work / "models", sorted((REPO / "jobs" / "data").glob("*.jsonl")))["llama"])
+    if gpu:
+        base = gpu_base(Path(base), work / "models" / "bench-llama-0.8b")
     cat = Catalog((work / "home" / "catalog").as_uri())
     dirs, versions = {}, []
+    made = copies(make_adapter(Path(base), work / "adapters" / "a00", seed=0), work, n_adapters) if gpu else None
     for i in range(n_adapters):
-        d = make_adapter(Path(base), work / "adapters" / f"a{i:02d}", seed=i)
+        d = made[i] if gpu else make_adapter(Path(base), work / "adapters" / f"a{i:02d}", seed=i)
         versions.append(cat.publish(f"cust{i % 4}", f"a{i:02d}", d, {}))
         dirs[f"cust{i % 4}/a{i:02d}"] = str(d)
     return base, cat, dirs, versions
@@ -216,6 +258,9 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=32)
     ap.add_argument("--no-s3", action="store_true")
     ap.add_argument("--no-routing", action="store_true", help="skip the 2-replica affinity vs spread runs")
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM engine runs")
+    ap.add_argument("--engines-only", action="store_true", help="only farm vs vLLM engine (1 and N adapters)")
+    ap.add_argument("--gpu", action="store_true", help="replicas on one GPU (bench/gpu.sh): farm NF4 vs vLLM NF4")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json", help="where the JSON goes")
     args = ap.parse_args()
 
@@ -226,7 +271,9 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="farm-bench-serve-"))
     os.environ["FARM_HOME"] = str(work / "home")
-    base, cat, dirs, versions = prepare(work, args.adapters)
+    if args.gpu:
+        args.engines_only = True
+    base, cat, dirs, versions = prepare(work, args.adapters, gpu=args.gpu)
     names = list(dirs)
     results: dict = {"machine": f"{os.cpu_count()} CPUs, {platform.machine()}, CPU only ({platform.processor() or 'n/a'})",
                      "command": "python " + " ".join(sys.argv),
@@ -240,10 +287,27 @@ def main() -> None:
                                       max_tokens=args.max_tokens)
             print(f"{key}: {results[key]}", flush=True)
 
-        with farm_server(base, cat.url, port, max_adapters=args.adapters) as url:
+        gpu = {"gpus_per_replica": 1} if args.gpu else {}
+        with farm_server(base, cat.url, port, max_adapters=args.adapters, engine="farm", **gpu) as url:
             asyncio.run(load(url, names, 2 * len(names), 8, 2))  # every adapter resident before either run
             run("farm_1_adapter", 1, url)
             run("farm_32_adapters", len(names), url)
+        from farm.serve.engines.base import vllm_python
+
+        if not args.no_vllm and vllm_python():
+            # same workload on the vLLM engine; on CPU its base is bf16 (NF4 through bitsandbytes is CUDA-only)
+            quant = "nf4" if args.gpu else "none"
+            with farm_server(base, cat.url, port, label="bench-vllm", max_adapters=args.adapters, engine="vllm",
+                             quantization=quant, max_lora_rank=8, **gpu) as url:
+                asyncio.run(load(url, names, 2 * len(names), 8, 2))
+                run("vllm_1_adapter", 1, url)
+                run("vllm_32_adapters", len(names), url)
+            results["vllm_over_farm_32"] = round(results["vllm_32_adapters"]["tokens_per_s"]
+                                                 / max(results["farm_32_adapters"]["tokens_per_s"], 1e-9), 3)
+            results["vllm_32_over_1"] = round(results["vllm_32_adapters"]["req_per_s"]
+                                              / max(results["vllm_1_adapter"]["req_per_s"], 1e-9), 3)
+        if args.engines_only:
+            args.no_routing, args.no_s3 = True, True
         if not args.no_routing:
             for routing in ("affinity", "spread"):
                 with farm_server(base, cat.url, port, label=f"bench-{routing}", replicas=2, routing=routing,
@@ -251,18 +315,20 @@ def main() -> None:
                     asyncio.run(load(url, names, 4 * len(names), 8, 2))  # every adapter on every replica
                     run(f"routing_{routing}_2rep", len(names), url)
 
-        serve.run(baseline_app(base, dirs), name="bench-base", route_prefix="/baseline")
-        burl = f"http://127.0.0.1:{port}/baseline/v1/completions"
-        asyncio.run(load(burl, names, 8, 1, 2))
-        results["baseline_32_adapters"] = asyncio.run(load(burl, names, args.baseline_requests, args.concurrency, args.max_tokens))
-        print(f"baseline_32_adapters: {results['baseline_32_adapters']}", flush=True)
-        serve.delete("bench-base")
+        if not args.engines_only:
+            serve.run(baseline_app(base, dirs), name="bench-base", route_prefix="/baseline")
+            burl = f"http://127.0.0.1:{port}/baseline/v1/completions"
+            asyncio.run(load(burl, names, 8, 1, 2))
+            results["baseline_32_adapters"] = asyncio.run(load(burl, names, args.baseline_requests, args.concurrency, args.max_tokens))
+            print(f"baseline_32_adapters: {results['baseline_32_adapters']}", flush=True)
+            serve.delete("bench-base")
         serve.shutdown()
     finally:
         ray.shutdown()
 
-    results["cold_load_local"] = cold_loads(cat.url, base, versions)
-    print(f"cold_load_local: {results['cold_load_local']}", flush=True)
+    if not args.engines_only:
+        results["cold_load_local"] = cold_loads(cat.url, base, versions)
+        print(f"cold_load_local: {results['cold_load_local']}", flush=True)
     if not args.no_s3:
         from farm.catalog.testing import start_seaweedfs
 
@@ -278,7 +344,8 @@ def main() -> None:
 
     one, many = results["farm_1_adapter"]["req_per_s"], results["farm_32_adapters"]["req_per_s"]
     results["a_spread_over_single"] = round(many / one, 3)
-    results["b_farm_over_baseline"] = round(many / results["baseline_32_adapters"]["req_per_s"], 2)
+    if "baseline_32_adapters" in results:
+        results["b_farm_over_baseline"] = round(many / results["baseline_32_adapters"]["req_per_s"], 2)
     out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
@@ -290,7 +357,11 @@ def main() -> None:
         if k in results:
             print(f"{k:<24} p50 {results[k]['p50_ms']} ms  p99 {results[k]['p99_ms']} ms  (fetch p50 {results[k]['fetch_p50_ms']} ms)")
     print(f"(a) 32 adapters / 1 adapter = {results['a_spread_over_single']}  (goal >= 0.8)")
-    print(f"(b) farm / plain-PEFT swapping baseline = {results['b_farm_over_baseline']}x  (goal >= 5x)")
+    if "b_farm_over_baseline" in results:
+        print(f"(b) farm / plain-PEFT swapping baseline = {results['b_farm_over_baseline']}x  (goal >= 5x)")
+    if "vllm_over_farm_32" in results:
+        print(f"vLLM engine / farm engine tokens/s, {len(names)} adapters = {results['vllm_over_farm_32']}x  "
+              f"(goal on a GPU >= 5x); vLLM {len(names)}/1 adapters = {results['vllm_32_over_1']} (goal >= 0.8)")
     print(f"wrote {out}")
 
 

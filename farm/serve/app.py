@@ -31,7 +31,7 @@ log = logging.getLogger("farm.serve")
 api = FastAPI(title="farm", docs_url=None, redoc_url=None, openapi_url=None)
 
 # Environment a replica needs to reach the catalog and the base model (copied from `farm serve`).
-FORWARDED_ENV = ("FARM_HOME", "FARM_CATALOG", "HF_HUB_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+FORWARDED_ENV = ("FARM_HOME", "FARM_VLLM_PYTHON", "FARM_CATALOG", "HF_HUB_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                  "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 

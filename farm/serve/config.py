@@ -37,7 +37,13 @@ class ServeConfig:
     catalog_url: str | None = None
     """Adapter catalog URL; None = FARM_CATALOG or $FARM_HOME/catalog."""
     quantization: str = "nf4"
-    """nf4 | fp4 | int8 | none."""
+    """nf4 | fp4 | int8 | none (the vllm engine: nf4 = vLLM's bitsandbytes, CUDA only, or none = bf16)."""
+    engine: str = "auto"
+    """farm | vllm | auto (vllm on GPU replicas when a vLLM environment is installed, farm otherwise)."""
+    lora_slots: int | None = None
+    """vllm engine: adapters in one batch (vLLM's max_loras; the admission gate's slots). None = max_adapters."""
+    max_lora_rank: int = 16
+    """vllm engine: the largest adapter rank served (rounded up to a rank vLLM accepts); higher -> 422."""
     served_name: str | None = None
     """The name clients use for the base model; default: the base model folder's name."""
     replicas: int = 1
@@ -85,6 +91,12 @@ class ServeConfig:
             problems.append(f"routing must be 'affinity' or 'spread', got {self.routing!r}")
         if self.max_batch_size < 1:
             problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.engine not in ("auto", "farm", "vllm"):
+            problems.append(f"engine must be auto|farm|vllm, got {self.engine!r}")
+        if self.lora_slots is not None and self.lora_slots < 1:
+            problems.append(f"lora_slots must be >= 1, got {self.lora_slots}")
+        if not 1 <= self.max_lora_rank <= 512:
+            problems.append(f"max_lora_rank must be in 1..512, got {self.max_lora_rank}")
         if self.quantization not in ("nf4", "fp4", "int8", "none"):
             problems.append(f"quantization must be nf4|fp4|int8|none, got {self.quantization!r}")
         if problems:

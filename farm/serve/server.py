@@ -1,4 +1,7 @@
-"""The model deployment: N replicas, each one Engine (the base once) and an LRU of at most K adapters.
+"""The model deployment: N replicas, each one engine (the base once) and an LRU of at most K adapters.
+
+The engine is a ServingEngine (farm/serve/engines/): the `farm` engine or vLLM, by cfg.engine; this
+module does not know which.
 
 The LRU is Ray Serve's model multiplexing keyed by the immutable version id, so Serve's router knows
 which replica holds which adapter and, with routing=affinity, sends requests there. Loading an
@@ -20,7 +23,8 @@ from ray import serve
 from farm.errors import CatalogError
 from farm.serve import metrics
 from farm.serve.config import ServeConfig
-from farm.serve.engine import Engine, GenJob, Slot
+from farm.serve.engine import GenJob, Slot
+from farm.serve.engines.base import create
 from farm.serve.limits import ApiError
 from farm.serve.resolver import catalog_error
 from farm.serve.sampling import Sampler
@@ -48,15 +52,7 @@ class AdapterServer:
     def __init__(self, config: dict):
         cfg = ServeConfig(**config)
         self.cfg = cfg
-        self.engine = Engine(
-            cfg.base_model,
-            quantization=cfg.quantization,
-            max_batch_size=cfg.max_batch_size,
-            max_wait_ms=cfg.max_wait_ms,
-            max_waiting=cfg.max_waiting,
-            threads=max(1, int(cfg.cpus_per_replica)),
-            device="cuda" if cfg.gpus_per_replica else "cpu",
-        )
+        self.engine = create(cfg)
         self._catalog = None
         self._versions: dict[str, object] = {}  # vid -> AdapterVersion, for the loader
         self._resident: dict[str, Resident] = {}
@@ -85,11 +81,11 @@ class AdapterServer:
         try:
             path = await asyncio.to_thread(self.catalog.fetch, version, dest)
             labels = _labels(version.metadata or {})
-            slot = await asyncio.to_thread(self.engine.attach, Path(path), labels)
+            slot = await asyncio.to_thread(self.engine.attach, Path(path), labels, name=vid)
         except CatalogError as exc:
             raise catalog_error(exc, version.ref) from None
         finally:
-            shutil.rmtree(dest, ignore_errors=True)  # weights are in memory now
+            shutil.rmtree(dest, ignore_errors=True)  # weights are in memory (or the engine's own copy) now
         took = time.perf_counter() - t0
         self.load_seconds.append(took)
         metrics.get("load").observe(took, tags={"adapter": name})
@@ -147,12 +143,16 @@ class AdapterServer:
         """This replica's resident adapters and counters (admin endpoint, tests)."""
         return {
             "resident": sorted(self._versions[vid].ref for vid in self._resident),
+            "engine": getattr(self.engine, "kind", "farm"),
             "stats": dict(self.engine.stats),
             "load_seconds": list(self.load_seconds),
         }
 
     def __del__(self):
         shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
 
 
 def _labels(metadata: dict) -> list[str] | None:

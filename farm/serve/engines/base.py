@@ -1,0 +1,110 @@
+"""The interface a serving replica holds, and the choice between the `farm` and `vllm` engines.
+
+The replica (farm/serve/server.py) only calls what `ServingEngine` names; it never knows which
+engine it has. No heavy imports here: choosing an engine must not load torch or vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from farm.errors import FarmError
+from farm.serve.engine import GenJob, Slot
+
+ENGINES = ("auto", "farm", "vllm")
+REPO = Path(__file__).resolve().parents[3]
+
+
+@runtime_checkable
+class ServingEngine(Protocol):
+    """One replica's model. Blocking methods are called from a worker thread, async ones on the replica's loop."""
+
+    stats: Mapping[str, int]  # loads / evictions / rows ... for /admin/cache and tests
+
+    def attach(self, path: Path, labels: list[str] | None = None, *, name: str | None = None) -> Slot:
+        """Make the adapter folder servable under a fresh slot (`name`: its immutable version id).
+        Raises ApiError (4xx) for an adapter this engine cannot serve."""
+
+    def detach(self, name: str) -> None:
+        """Drop a slot once no queued or running request uses it."""
+
+    def generate(self, job: GenJob) -> AsyncIterator[dict]:
+        """Run one request: yields {'delta': text} (streaming only), then one {'done': {...}} or {'error': ApiError}."""
+
+    def classify(self, slot_name: str, input_ids: list[int]) -> dict:
+        """Label and probabilities from a seq_cls adapter."""
+
+    def resident(self) -> list[str]:
+        """Slot names attached and not being dropped."""
+
+
+def vllm_python() -> str | None:
+    """The Python of an environment with vLLM: FARM_VLLM_PYTHON, the checkout's .venv-vllm
+    (`make vllm-env`), or this interpreter if it can import vllm. None if there is none."""
+    env = os.environ.get("FARM_VLLM_PYTHON")
+    if env:
+        return env if Path(env).exists() else None
+    local = REPO / ".venv-vllm" / "bin" / "python"
+    if local.exists():
+        return str(local)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    return None
+
+
+def choose(engine: str, gpus_per_replica: float, quantization: str) -> str:
+    """'farm' or 'vllm' for a replica. auto: vllm on GPU replicas when vLLM is installed, farm otherwise."""
+    if engine not in ENGINES:
+        raise FarmError(f"serve config: engine must be one of {'|'.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        engine = "vllm" if gpus_per_replica and vllm_python() else "farm"
+    if engine == "vllm":
+        problems = []
+        if quantization not in ("nf4", "none"):
+            problems.append(f"the vllm engine takes quantization nf4 or none, got {quantization!r}")
+        elif quantization == "nf4" and not gpus_per_replica:
+            problems.append("vLLM's NF4 (bitsandbytes) path is CUDA-only: on CPU replicas use "
+                            "--quantization none with --engine vllm, or --engine farm for NF4")
+        if vllm_python() is None:
+            problems.append("no vLLM environment: run `make vllm-env` (CPU) or set FARM_VLLM_PYTHON "
+                            "to the python of an environment with vLLM installed")
+        if problems:
+            raise FarmError("serve config: " + "; ".join(problems))
+    return engine
+
+
+def create(cfg) -> ServingEngine:
+    """The engine for a ServeConfig (called inside the replica)."""
+    device = "cuda" if cfg.gpus_per_replica else "cpu"
+    kind = choose(cfg.engine, cfg.gpus_per_replica, cfg.quantization)
+    if kind == "vllm":
+        from farm.serve.engines.vllm import VllmEngine
+
+        return VllmEngine(
+            cfg.base_model,
+            python=vllm_python(),
+            quantization=cfg.quantization,
+            device=device,
+            lora_slots=cfg.lora_slots or cfg.max_adapters,
+            max_adapters=cfg.max_adapters,
+            max_lora_rank=cfg.max_lora_rank,
+            max_batch_size=cfg.max_batch_size,
+            max_waiting=cfg.max_waiting,
+            threads=max(1, int(cfg.cpus_per_replica)),
+        )
+    from farm.serve.engines.farm import FarmEngine
+
+    return FarmEngine(
+        cfg.base_model,
+        quantization=cfg.quantization,
+        max_batch_size=cfg.max_batch_size,
+        max_wait_ms=cfg.max_wait_ms,
+        max_waiting=cfg.max_waiting,
+        threads=max(1, int(cfg.cpus_per_replica)),
+        device=device,
+    )
