@@ -46,7 +46,7 @@ def api(farm_home, tiny_llama):
         return openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS[who], http_client=http, max_retries=0)
 
     return type("Api", (), {"client": staticmethod(client), "http": http, "queue": open_store(farm_home / "queue.db"),
-                            "home": farm_home})
+                            "home": farm_home, "policy": policy})
 
 
 def upload(c: openai.OpenAI, data: bytes, name: str = "train.jsonl"):
@@ -247,3 +247,20 @@ def test_model_names_with_slash_work_raw_and_percent_encoded(api, tiny_llama, tm
     assert api.client("acme").models.retrieve("acme/ft-x-1@v1").id == "acme/ft-x-1@v1"
     r = api.http.get("/v1/models/acme%2Fft-x-1", headers={"Authorization": f"Bearer {KEYS['globex']}"})
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_submit_time_checks_guard_api_jobs(api, tmp_path):
+    """The checks `farm submit` runs (farm.preflight) also run at create: a policy whose base folder
+    is gone fails the job by name and queues nothing."""
+    import shutil
+
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    gone = tmp_path / "gone-model"
+    shutil.copytree(api.policy.base_model, gone)
+    api.policy.base_model = str(gone)
+    shutil.rmtree(gone)
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+    assert job.status == "failed" and job.error.param == "model"
+    assert "base_model" in job.error.message and str(gone) in job.error.message
+    assert api.queue.list() == []

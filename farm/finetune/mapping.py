@@ -30,10 +30,19 @@ STATUS = {"queued": "queued", "retrying": "queued", "running": "running", "succe
           "failed": "failed", "cancelled": "cancelled"}
 
 
-def preflight(manifest) -> None:
-    """Submit-time checks shared with `farm submit` (farm/preflight.py, another issue). The one call
-    site for API jobs: the lead wires `farm.preflight` in here once it is merged."""
-    return None
+PREFLIGHT_PARAM = {"dataset.train": "training_file", "dataset.eval": "validation_file"}
+
+
+def preflight(manifest) -> tuple[str, str] | None:
+    """The submit-time checks `farm submit` runs (farm.preflight: data files, model folder, s3://
+    objects), at create time: None, or (param, message) naming every problem found."""
+    from farm.preflight import check
+
+    problems = check(manifest).problems
+    if not problems:
+        return None
+    first = problems[0].split(":", 1)[0]
+    return PREFLIGHT_PARAM.get(first, "model"), "; ".join(problems)
 
 
 class Jobs:
@@ -170,15 +179,17 @@ class Jobs:
             return self._failed(record, "invalid_validation_file", "validation_file",
                                 f"validation_file {valid['id']} is {valid.get('format')} but training_file "
                                 f"{train['id']} is {train.get('format')}: both must have one format")
+        manifest = self._manifest(record, policy, train, valid)
+        refused = preflight(manifest)  # before anything reads the base (the tokenizer below)
+        if refused is not None:
+            param, message = refused
+            return self._failed(record, "invalid_" + param, param, message)
         tokens = self._count_tokens(policy, customer, train["id"])
         if hp["n_epochs"] * tokens > policy.max_training_tokens:
             raise bad_request(
                 f"{where}.n_epochs={hp['n_epochs']} x {tokens} tokens in training_file {train['id']} = "
                 f"{hp['n_epochs'] * tokens} tokens, over the policy's max_training_tokens of "
                 f"{policy.max_training_tokens}", f"{where}.n_epochs", code="too_many_tokens")
-
-        manifest = self._manifest(record, policy, train, valid)
-        preflight(manifest)
         submitted = self.queue.submit(manifest, max_attempts=policy.max_attempts, force=True)
         record["queue_id"] = submitted.job_id
         self.store.put_job(customer, record)
