@@ -142,7 +142,9 @@ def _sniff(value: str, head: bytes) -> str | None:
 
 def _check_local_model(value: str, base_dir: str | Path | None) -> str | None:
     p = Path(value).expanduser()
-    if not p.exists():
+    # load_manifest made every local folder that exists beside the manifest absolute: a relative
+    # value left is a hub id or a missing folder, never a folder relative to whatever cwd this runs in.
+    if not p.is_absolute() or not p.exists():
         if value.startswith(("/", ".", "~")):
             return "no such model folder"
         # A hub id such as org/name. If its first part is a folder beside the manifest, the user

@@ -109,7 +109,7 @@ def test_both_engines_have_the_interface():
     from farm.serve.engines.vllm import VllmEngine, parse_metrics
 
     for cls in (FarmEngine, VllmEngine):
-        for name in ("attach", "detach", "generate", "classify", "resident"):
+        for name in ("attach", "detach", "generate", "classify"):
             assert callable(getattr(cls, name)), (cls, name)
         assert inspect.isasyncgenfunction(cls.generate), cls
     text = 'vllm:num_requests_running{engine="0"} 2.0\nvllm:num_requests_running{engine="1"} 1.0\n# HELP x\n' \

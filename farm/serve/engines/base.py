@@ -39,9 +39,6 @@ class ServingEngine(Protocol):
     def classify(self, slot_name: str, input_ids: list[int]) -> dict:
         """Label and probabilities from a seq_cls adapter."""
 
-    def resident(self) -> list[str]:
-        """Slot names attached and not being dropped."""
-
 
 def vllm_python() -> str | None:
     """The Python of an environment with vLLM: FARM_VLLM_PYTHON, the checkout's .venv-vllm

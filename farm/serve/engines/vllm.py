@@ -151,10 +151,6 @@ class VllmEngine:
                 pass
             shutil.rmtree(self.dir / f"lora-{lid}", ignore_errors=True)
 
-    def resident(self) -> list[str]:
-        with self._lock:
-            return [n for n in self.slots if n not in self._doomed]
-
     # ---- generation -----------------------------------------------------------------------
     def _aclient(self):
         import httpx
