@@ -41,7 +41,7 @@ def train_step(model, optimizer, params, micro_batches: Iterable[dict], *, devic
         batch = to_device(batch, device)
         out = model(**batch)
         (out.loss / len(batches)).backward()
-        loss += float(out.loss) / len(batches)
+        loss += float(out.loss.detach()) / len(batches)
         tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
