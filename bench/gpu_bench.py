@@ -133,10 +133,9 @@ def _peak_gib() -> float | None:
 
 
 def run_farm(path: Path, args, device: str) -> dict:
-    """The farm worker's model build + optimizer, timed over the post-warm-up steps."""
-    import torch
-
+    """The farm worker's model build + optimizer + step, timed over the post-warm-up steps."""
     from farm.train.loop import _make_optimizer, build_model
+    from farm.train.step import train_step
 
     _cuda_reset()
     t0 = time.perf_counter()
@@ -149,24 +148,16 @@ def run_farm(path: Path, args, device: str) -> dict:
     model.train()
     tokens, timed_s = 0, 0.0
     for step, batch in enumerate(batches(args.warmup + args.steps, args.batch_size, args.seq_len, args.vocab)):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
+        # The worker's own step (farm.train.step): forward, backward, clip, optimizer step.
+        res = train_step(model, optimizer, params, [batch], device=device, max_grad_norm=1.0)
         if step >= args.warmup:
-            timed_s += time.perf_counter() - t
+            timed_s += res.seconds
             tokens += batch["input_ids"].numel()
     result = {"optimizer": opt_name, "load_s": round(load_s, 2), "steps": args.steps, "tokens": tokens,
               "train_s": round(timed_s, 3), "tokens_per_s": round(tokens / timed_s, 1), "peak_gib": _peak_gib(),
-              "final_loss": round(out.loss.item(), 4), "trainable_params": info["params_trainable"],
+              "final_loss": round(res.loss, 4), "trainable_params": info["params_trainable"],
               "footprint": footprint}
-    del model, optimizer, out
+    del model, optimizer
     _cuda_reset()
     return result
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from farm.queue import JobState
-from farm.train.run import TRAIN_RESOURCE, training_capacity
+from farm.placement import TRAIN_RESOURCE, training_capacity
 
 log = logging.getLogger("farm.autoscale")
 

@@ -5,10 +5,13 @@ Each loop tick (every `poll_s`, or at once when woken by a submit or cancel) it
   2. re-queues orphans: running jobs whose scheduler is gone (its lease lapsed, or it was an earlier
      incarnation of this very actor that Ray restarted),
   3. records finished attempts: succeeded, or failed -> retrying with backoff / failed,
-  4. stops attempts whose cancel was requested (`ray.cancel(force=True)` on the trainer task kills
-     its process; the Ray Train controller and worker actors it owns die with it),
+  4. stops attempts whose cancel was requested: the store records the job cancelled first (refused
+     once the attempt has begun publishing, which it may only do through `begin_publish`; such a
+     job ends succeeded), then `ray.cancel(force=True)` kills the trainer task's process and the
+     Ray Train controller and worker actors it owns,
   5. fills free slots in fair order, each job as one Ray task named `farm-<job id>` that calls the
-     training runner (the job id starts with the customer, so the name carries both).
+     training runner (the job id starts with the customer, so the name carries both). When jobs
+     wait and no slot is free, `on_no_free_slot` is where a capacity hook goes.
 
 If the actor dies, the trainer tasks it owns die too (Ray's owner fate-sharing). Ray restarts the
 actor; its new incarnation re-queues those jobs and they resume from their Ray Train checkpoints
@@ -19,6 +22,7 @@ keeps a job from publishing twice.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -32,9 +36,10 @@ from typing import Any, Callable
 import ray
 
 from farm.autoscale import TrainNodeRequests
+from farm.costs import attempt_cost
 from farm.errors import DataError, ManifestError, ModelError, QueueError
-from farm.queue import Job, JobState, job_log_path, open_store
-from farm.train.run import HEAD_RESOURCE, forwarded_env, training_capacity
+from farm.placement import head_resources, training_slots
+from farm.queue import Job, JobState, JobStore, job_log_path, open_store, run_name
 
 log = logging.getLogger("farm.scheduler")
 
@@ -78,13 +83,13 @@ class SchedulerConfig:
 
     def resolved(self) -> SchedulerConfig:
         """Fill the defaults that depend on the starting process's environment."""
-        from farm.settings import farm_home, logs_dir, queue_db_path
+        from farm.settings import Settings
 
-        env = forwarded_env()  # the actor and its trainer tasks see the same farm as the CLI
-        env["FARM_HOME"] = str(farm_home())
+        settings = Settings.resolve()
+        env = settings.ray_env()  # the actor and its trainer tasks see the same farm as the CLI
         env.update(self.env)
-        return SchedulerConfig(**{**asdict(self), "db": str(self.db or queue_db_path()),
-                                  "logs_dir": str(self.logs_dir or logs_dir()), "env": env})
+        return SchedulerConfig(**{**asdict(self), "db": str(self.db or settings.queue_db),
+                                  "logs_dir": str(self.logs_dir or settings.logs_dir), "env": env})
 
 
 def load_runner(path: str) -> Callable[..., Any]:
@@ -123,6 +128,11 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
     last: dict[str, Any] = {}
     written = [0.0]
 
+    def before_publish() -> None:
+        if not store.begin_publish(job_id, lease_id):
+            raise QueueError(f"job {job_id}: not publishing: a cancel was requested or attempt {attempt} "
+                             f"no longer holds the job")
+
     def on_progress(p: dict) -> None:
         if "step" not in p:  # notes such as a CPU fallback
             _append(logfile, str(p.get("message") or p))
@@ -142,7 +152,9 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
     try:
         _append(logfile, f"attempt {attempt} started (runner {runner_path}, pid {os.getpid()})")
         manifest = Manifest.model_validate(manifest_doc)
-        result = load_runner(runner_path)(manifest, job_id=job_id, on_progress=on_progress)
+        runner = load_runner(runner_path)
+        extra = {"before_publish": before_publish} if _accepts(runner, "before_publish") else {}
+        result = runner(manifest, job_id=job_id, on_progress=on_progress, **extra)
     except BaseException:
         _append(logfile, f"attempt {attempt} failed:\n{traceback.format_exc()}")
         raise
@@ -157,40 +169,21 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
     return {"adapter_ref": ref, **attempt_cost(last, time.time() - started)}
 
 
-def attempt_cost(progress: dict, elapsed: float) -> dict:
-    """What one attempt costs, from its last progress. The store adds this to the job's totals, so it
-    must be this attempt's share only: the runner's `tokens`/`accelerator_seconds` are cumulative for
-    the job (restored from the checkpoint on resume), while `attempt_tokens`/`attempt_seconds` (from
-    farm.train.run) count exactly the steps this attempt ran. Accelerator-seconds are step time x GPUs
-    on a GPU slot and step time on a CPU slot (the slot is the accelerator there). Runners that do not
-    report `attempt_*` are charged their own figures, else the attempt's wall time."""
-    if "attempt_seconds" in progress:
-        seconds = float(progress["attempt_seconds"]) * max(1, int(progress.get("gpus") or 0))
-        return {"accelerator_seconds": seconds, "tokens": int(progress.get("attempt_tokens") or 0)}
-    return {"accelerator_seconds": float(progress.get("accelerator_seconds") or elapsed),
-            "tokens": int(progress.get("tokens") or 0)}
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether a runner takes keyword `name` (older runners take manifest, job_id, on_progress)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 _run_attempt_task = ray.remote(run_attempt)
 
 
-def head_resources() -> dict[str, float]:
-    """A sliver of `farm_head` when the cluster has it (cluster.yaml's head, `farm up`'s local head):
-    the scheduler and its driver tasks open the SQLite queue, which exists only on the head's disk. A
-    0-CPU actor or task without it may be placed on any node."""
-    return {HEAD_RESOURCE: 0.001} if ray.cluster_resources().get(HEAD_RESOURCE) else {}
-
-
-def training_slots(cpu_slots: int) -> int:
-    """Jobs at once: the `farm_train` slots of the training nodes when the cluster has them, else its
-    GPUs, else `cpu_slots` (a CPU-only cluster)."""
-    slots, gpus = training_capacity()
-    return slots or gpus or cpu_slots
-
-
 def noop_runner(manifest: Any, *, job_id: str, on_progress: Callable[[dict], None] | None = None) -> None:
     """A runner that trains nothing and publishes nothing: for smoke-testing the farm's plumbing
-    (FARM_RUNNER=farm.scheduler:noop_runner) and for bench/queue.py's scheduling overhead."""
+    (FARM_RUNNER=farm.scheduler:noop_runner) and for bench/job_queue.py's scheduling overhead."""
     if on_progress:
         on_progress({"step": 1, "total_steps": 1, "started_at": time.time(), "tokens": 0})
 
@@ -230,7 +223,7 @@ class Scheduler:
     def __init__(self, config: dict) -> None:
         self.cfg = SchedulerConfig(**config)
         self.owner = f"{self.cfg.namespace}/{self.cfg.name}/{uuid.uuid4().hex[:8]}"
-        self.store = open_store(self.cfg.db)
+        self.store: JobStore = open_store(self.cfg.db)
         self.inflight: dict[ray.ObjectRef, _Attempt] = {}
         self.metrics = _Metrics()
         self._wake = threading.Event()
@@ -253,10 +246,6 @@ class Scheduler:
 
     def wake(self) -> None:
         """Run a loop tick now (after a submit or cancel): dispatch within milliseconds."""
-        self._wake.set()
-
-    def shutdown(self) -> None:
-        self._stop.set()
         self._wake.set()
 
     # ---- the loop -----------------------------------------------------------------------------
@@ -302,13 +291,18 @@ class Scheduler:
                 self._finish(ref)
         for job in self.store.cancel_requests(self.owner):
             self._cancel(job)
-        slots = self._slot_count(now)
+        self._fill_slots(self._slot_count(now))
+
+    def _fill_slots(self, slots: int) -> None:
+        """Start jobs in fair order while slots are free."""
         while len(self.inflight) < slots:
             job = self.store.claim_next(self.owner, lease_ttl=self.cfg.lease_ttl_s,
                                         per_customer_limit=self.cfg.per_customer_limit)
             if job is None:
                 break
             self._launch(job)
+        # farm.autoscale: ask for training nodes while jobs wait with every slot busy, withdraw as
+        # the queue drains (runs on every tick, whichever way the loop ended).
         self._grow.update(self.store, len(self.inflight), slots)
 
     def _slot_count(self, now: float) -> int:
@@ -324,9 +318,9 @@ class Scheduler:
         queued_since = job.created_at if job.attempts == 1 else (job.next_attempt_at or job.updated_at)
         self.metrics.wait.observe(max(0.0, time.time() - queued_since), tags={"customer": job.customer})
         log_path = job_log_path(job.id, self.cfg.logs_dir)
-        self._joblog(job.id, f"attempt {job.attempts}/{job.max_attempts} dispatched as Ray task farm-{job.id}")
+        self._joblog(job.id, f"attempt {job.attempts}/{job.max_attempts} dispatched as Ray task {run_name(job.id)}")
         task = _run_attempt_task.options(
-            name=f"farm-{job.id}",  # the Ray dashboard name: farm-<customer>-<id>, like the Train run
+            name=run_name(job.id),  # the Ray dashboard name: farm-<customer>-<id>, like the Train run
             num_cpus=0,  # the Ray Train workers hold the CPU/GPU; this is only their driver
             max_retries=0,  # retries are the queue's, with backoff and a record
             runtime_env={"env_vars": self.cfg.env} if self.cfg.env else None,
@@ -346,10 +340,7 @@ class Scheduler:
             error = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
             if not isinstance(exc, ray.exceptions.RayTaskError):
                 error = f"{type(exc).__name__}: the trainer task died ({str(exc).strip().splitlines()[0]})"
-            progress = self._progress(att.job_id)
-            if progress.get("attempt_id") not in (None, att.lease_id):
-                progress = {}  # an earlier attempt's figures (this one reported nothing): already charged
-            cost = attempt_cost(progress, elapsed)
+            cost = attempt_cost(self._attempt_progress(att), elapsed)
             job = self.store.fail_attempt(
                 att.job_id, att.lease_id, error, retryable=not isinstance(cause, NOT_RETRYABLE),
                 backoff_base=self.cfg.backoff_base_s, backoff_max=self.cfg.backoff_max_s, **cost,
@@ -368,17 +359,36 @@ class Scheduler:
         self._account(att, elapsed, "succeeded", out["accelerator_seconds"], out["tokens"])
 
     def _cancel(self, job: Job) -> None:
+        """Stop a running attempt on request. The store decides first (`mark_cancelled`): once the
+        attempt has begun publishing it is left to finish and the job ends succeeded with its
+        version; otherwise the job is cancelled, then its task is killed, and it can no longer
+        publish (its lease is gone, so `begin_publish` refuses)."""
         for ref, att in list(self.inflight.items()):
-            if att.job_id == job.id:
-                if ray.wait([ref], timeout=0)[0]:
-                    self._finish(ref)  # it finished before the cancel: its result stands
-                    return
-                ray.cancel(ref, force=True)  # kills the task's process; its Train actors die with it
-                del self.inflight[ref]
-                elapsed = time.time() - att.started
-                self._account(att, elapsed, "cancelled", elapsed, None)
-        self.store.mark_cancelled(job.id, job.lease_id or "", "cancelled on request: the trainer task was stopped")
-        self._joblog(job.id, "cancelled: trainer task stopped, nothing published")
+            if att.job_id != job.id:
+                continue
+            if ray.wait([ref], timeout=0)[0]:
+                self._finish(ref)  # it finished before the cancel: its result stands
+                return
+            elapsed = time.time() - att.started
+            cost = attempt_cost(self._attempt_progress(att), elapsed)
+            done = self.store.mark_cancelled(job.id, att.lease_id, "cancelled on request: the trainer task was stopped",
+                                             **cost)
+            if done is None:
+                return  # publishing (or no longer ours): let it finish; _finish records the outcome
+            ray.cancel(ref, force=True)  # kills the task's process; its Train actors die with it
+            del self.inflight[ref]
+            self._account(att, elapsed, "cancelled", cost["accelerator_seconds"], cost["tokens"])
+            self._joblog(job.id, "cancelled: trainer task stopped, nothing published")
+            return
+        # Not running here (e.g. this scheduler restarted): no task of ours can publish it.
+        if self.store.mark_cancelled(job.id, job.lease_id or "", "cancelled on request") is not None:
+            self._joblog(job.id, "cancelled: no attempt was running, nothing published")
+
+    def _attempt_progress(self, att: _Attempt) -> dict:
+        """The latest progress of attempt `att`, or {} if it reported none (the figures stored are an
+        earlier attempt's, already charged)."""
+        progress = self._progress(att.job_id)
+        return progress if progress.get("attempt_id") in (None, att.lease_id) else {}
 
     def _progress(self, job_id: str) -> dict:
         try:

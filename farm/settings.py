@@ -1,36 +1,115 @@
-"""Where the farm keeps things. Environment variables only; no heavy imports.
+"""Where the farm keeps things and what it forwards to Ray processes. Environment variables only;
+no heavy imports.
 
 FARM_HOME     (default ~/.farm) holds the local catalog, Ray Train run storage, logs, the queue database.
 FARM_CATALOG  any fsspec URL for the adapter catalog (file://..., s3://bucket/prefix); S3-compatible
-              stores use the standard AWS_ENDPOINT_URL.
+              stores use the standard AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3).
 FARM_STORAGE  Ray Train run storage (checkpoints); any pyarrow-supported URI. Default $FARM_HOME/runs.
+FARM_QUEUE_DB the queue's SQLite file. Default $FARM_HOME/queue.db.
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S  how often Ray Train's controller polls a farm run's worker
+              (default 1.0 for farm runs; Ray's own default is 2 s).
+
+`Settings.resolve()` reads them once into a frozen value that callers pass on; the module-level
+functions are shorthands for `Settings.resolve().<field>`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+
+# What Ray processes started for the farm (the scheduler's actor and tasks, Ray Train's controller and
+# workers, Serve replicas) get from the process that starts them, so they see the same farm: its
+# folders, its S3 endpoint and credentials, and the hub's offline switches. The one list.
+FORWARDED_ENV = ("FARM_HOME", "FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB", "AWS_ENDPOINT_URL",
+                 "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                 "TOKENIZERS_PARALLELISM")
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_TRAIN_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    """FARM_HOME."""
+    catalog_url: str
+    """FARM_CATALOG, default file://$FARM_HOME/catalog."""
+    storage_path: str
+    """FARM_STORAGE: Ray Train run storage (checkpoints), a local path or a URI all nodes reach."""
+    queue_db: Path
+    """FARM_QUEUE_DB, default $FARM_HOME/queue.db."""
+    logs_dir: Path
+    """$FARM_HOME/logs."""
+    s3_endpoint: str | None
+    """AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL: an S3-compatible store's endpoint (None = AWS)."""
+    train_poll_s: float
+    """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for farm runs."""
+    forwarded: tuple[tuple[str, str], ...]
+    """The FORWARDED_ENV variables that are set, as (name, value) pairs."""
+
+    @classmethod
+    def resolve(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("FARM_HOME") or Path.home() / ".farm").expanduser().resolve()
+        try:
+            poll = float(env.get(TRAIN_POLL_ENV) or DEFAULT_TRAIN_POLL_S)
+        except ValueError:
+            poll = DEFAULT_TRAIN_POLL_S
+        return cls(
+            home=home,
+            catalog_url=env.get("FARM_CATALOG") or (home / "catalog").as_uri(),
+            storage_path=env.get("FARM_STORAGE") or str(home / "runs"),
+            queue_db=Path(env.get("FARM_QUEUE_DB") or home / "queue.db"),
+            logs_dir=home / "logs",
+            s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            train_poll_s=poll,
+            forwarded=tuple((k, env[k]) for k in FORWARDED_ENV if env.get(k)),
+        )
+
+    def ray_env(self) -> dict[str, str]:
+        """Environment for Ray processes of this farm: the forwarded variables, FARM_HOME resolved."""
+        return {**dict(self.forwarded), "FARM_HOME": str(self.home)}
+
+    def storage_options(self, url: str) -> dict:
+        """fsspec options for a URL: S3 URLs go to the configured S3-compatible endpoint."""
+        if url.startswith("s3://") and self.s3_endpoint:
+            return {"client_kwargs": {"endpoint_url": self.s3_endpoint}}
+        return {}
 
 
 def farm_home() -> Path:
-    return Path(os.environ.get("FARM_HOME") or Path.home() / ".farm").expanduser().resolve()
+    return Settings.resolve().home
 
 
 def catalog_url() -> str:
-    url = os.environ.get("FARM_CATALOG")
-    if url:
-        return url
-    return (farm_home() / "catalog").as_uri()
+    return Settings.resolve().catalog_url
 
 
 def storage_path() -> str:
     """Ray Train run storage (checkpoints). A local path or a URI all Ray nodes can reach."""
-    return os.environ.get("FARM_STORAGE") or str(farm_home() / "runs")
+    return Settings.resolve().storage_path
 
 
 def queue_db_path() -> Path:
-    return Path(os.environ.get("FARM_QUEUE_DB") or farm_home() / "queue.db")
+    return Settings.resolve().queue_db
 
 
 def logs_dir() -> Path:
-    return farm_home() / "logs"
+    return Settings.resolve().logs_dir
+
+
+def forwarded_env() -> dict[str, str]:
+    """The FORWARDED_ENV variables set in this process."""
+    return dict(Settings.resolve().forwarded)
+
+
+def s3_endpoint() -> str | None:
+    """The one place the farm finds the S3 endpoint (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL)."""
+    return Settings.resolve().s3_endpoint
+
+
+def storage_options(url: str) -> dict:
+    return Settings.resolve().storage_options(url)

@@ -67,15 +67,56 @@ def _publish(manifest: Manifest, job_id: str) -> FakeVersion:
     return FakeVersion(f"{manifest.customer}/{manifest.adapter}@v1")
 
 
-def record(manifest: Manifest, *, job_id: str, on_progress=None) -> FakeVersion:
-    """Runs its steps, logs the job id to start.log at start, publishes."""
+def record(manifest: Manifest, *, job_id: str, on_progress=None, before_publish=None) -> FakeVersion:
+    """Runs its steps, logs the job id to start.log and its pid to pids.log at start, publishes
+    (through the scheduler's publish gate, like farm.train.run)."""
     _trace("start.log", job_id)
+    _trace("pids.log", f"{job_id}:{os.getpid()}")
     import ray
 
     if ray.is_initialized():  # inside the scheduler's task: the name the Ray dashboard shows
         _trace("tasks.log", ray.get_runtime_context().get_task_name() or "?")
     _steps(manifest, job_id, on_progress)
+    if before_publish is not None:
+        before_publish()
     return _publish(manifest, job_id)
+
+
+def publish_after_cancel(manifest: Manifest, *, job_id: str, on_progress=None, before_publish=None) -> FakeVersion:
+    """Passes the publish gate, then waits until a cancel has been requested before publishing:
+    the cancel arrives while the job is publishing."""
+    from farm.queue import open_store
+
+    _steps(manifest, job_id, on_progress)
+    before_publish()
+    _trace("publishing.log", job_id)
+    store = open_store()
+    try:
+        deadline = time.time() + 60
+        while not store.get(job_id).cancel_requested and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        store.close()
+    return _publish(manifest, job_id)
+
+
+def pid_of(home: Path, job_id: str) -> int | None:
+    for line in read_trace(home, "pids.log"):
+        jid, _, pid = line.partition(":")
+        if jid == job_id:
+            return int(pid)
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (killed, not yet reaped) is gone for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
 
 
 def always_fail(manifest: Manifest, *, job_id: str, on_progress=None) -> FakeVersion:

@@ -123,7 +123,8 @@ def test_fresh_farm_survives_down_and_up_mid_job(tmp_path, farm_home):
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(FARM_HOME=str(farm_home), FARM_RUNNER="tests.queue_runners:record")
-    path = write_manifest(tmp_path, training={"max_steps": 40, "seed": 100})
+    # 150 steps of 0.1 s: long enough that the job is still running when `farm down` returns on a busy box.
+    path = write_manifest(tmp_path, training={"max_steps": 150, "seed": 100})
 
     def farm(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
         return subprocess.run([FARM, *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)

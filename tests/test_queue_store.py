@@ -204,12 +204,12 @@ def test_leases_orphans_and_superseded_attempts(store, clock):
     # A restarted scheduler takes over its dead predecessor's jobs at once.
     back = store.recover_orphans("sched/2", takeover=lambda owner: owner == "sched/1")
     assert {j.id for j in back} == {old.id, other.id} and all(j.state is JobState.QUEUED for j in back)
-    assert all(j.attempts == 0 for j in back)
+    assert all(j.attempts == 1 for j in back)  # the interrupted attempt counts
     assert "re-queued to resume" in store.events(old.id)[-1].reason
     # The interrupted attempt can no longer write.
     assert not store.record_progress(old.id, old.lease_id, {"step": 9})
     again = run_one(store, owner="sched/2")
-    assert again.attempts == 1 and again.lease_id != old.lease_id
+    assert again.attempts == 2 and again.lease_id != old.lease_id
     # A lapsed lease is an orphan too; one flagged for cancel ends cancelled.
     store.request_cancel(again.id)
     clock.t += 60
@@ -241,3 +241,93 @@ def test_several_processes_share_the_file(tmp_path):
     while (job := s.claim_next("x", lease_ttl=10)) is not None:
         claimed.add(job.id)
     assert len(claimed) == 60
+
+
+def test_an_orphan_that_keeps_killing_its_scheduler_ends_in_the_dead_letter_state(store, clock):
+    """Each interrupted attempt counts: after max_attempts the job fails instead of re-running forever."""
+    job_id = store.submit(make_manifest(), max_attempts=2).job_id
+    for n in (1, 2):
+        job = run_one(store, owner=f"sched/{n}")
+        assert job.attempts == n
+        (back,) = store.recover_orphans(f"sched/{n + 1}", takeover=lambda owner, n=n: owner == f"sched/{n}")
+    assert back.state is JobState.FAILED and back.attempts == 2
+    assert "interrupted" in back.last_error and "no attempts left" in store.events(job_id)[-1].reason
+    assert store.claim_next("sched/9", lease_ttl=10) is None
+
+
+def test_a_failed_attempt_after_a_cancel_request_ends_cancelled_not_stuck(store):
+    """Before: retrying with cancel_requested=1, never picked up nor retryable."""
+    job = (store.submit(make_manifest()), run_one(store))[1]
+    store.request_cancel(job.id)
+    done = store.fail_attempt(job.id, job.lease_id, "TrainingError: killed", accelerator_seconds=3.0, tokens=7)
+    assert (done.state, done.cancel_requested, done.accelerator_seconds, done.tokens) == (
+        JobState.CANCELLED, False, 3.0, 7)
+    assert store.retry(job.id).state is JobState.QUEUED  # and `farm retry` works on it
+
+
+def test_cancel_before_publish_wins_and_the_attempt_may_not_publish(store, clock):
+    job = (store.submit(make_manifest()), run_one(store))[1]
+    store.request_cancel(job.id)
+    assert store.begin_publish(job.id, job.lease_id) is False
+    done = store.mark_cancelled(job.id, job.lease_id, "stopped", accelerator_seconds=2.5, tokens=40)
+    assert (done.state, done.accelerator_seconds, done.tokens) == (JobState.CANCELLED, 2.5, 40)
+
+
+def test_a_job_that_began_publishing_ends_succeeded_with_its_version(store, clock):
+    job = (store.submit(make_manifest()), run_one(store))[1]
+    assert store.begin_publish(job.id, job.lease_id) is True
+    flagged = store.request_cancel(job.id)
+    assert flagged.state is JobState.RUNNING and flagged.cancel_requested
+    assert "publishing" in store.events(job.id)[-1].reason
+    assert store.mark_cancelled(job.id, job.lease_id, "stopped") is None  # the scheduler must not kill it
+    done = store.succeed(job.id, job.lease_id, adapter_ref="acme/a@v1")
+    assert (done.state, done.adapter_ref) == (JobState.SUCCEEDED, "acme/a@v1")
+
+
+def test_lapsed_lease_cancel_is_immediate_only_while_nothing_can_publish(store, clock):
+    # Not publishing: cancelled at once, and the attempt (if still alive) can no longer publish.
+    a = (store.submit(make_manifest()), run_one(store))[1]
+    clock.t += 60
+    assert store.request_cancel(a.id).state is JobState.CANCELLED
+    assert store.begin_publish(a.id, a.lease_id) is False
+    # Publishing when its lease lapsed: flagged only; the orphan is re-queued to finish the publish
+    # (same version by the catalog's idempotency key) and ends succeeded, never cancelled.
+    store.submit(make_manifest("acme", "b"))
+    b = run_one(store)
+    assert store.begin_publish(b.id, b.lease_id)
+    clock.t += 60
+    assert store.request_cancel(b.id).state is JobState.RUNNING
+    (back,) = store.recover_orphans("sched/2")
+    assert back.state is JobState.QUEUED
+    again = store.claim_next("sched/2", lease_ttl=10)
+    assert again.id == b.id and store.begin_publish(b.id, again.lease_id) is True
+    assert store.succeed(b.id, again.lease_id, adapter_ref="acme/b@v1").state is JobState.SUCCEEDED
+
+
+def test_a_version_1_database_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    from farm.queue import store as store_mod
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(store_mod._SCHEMA.replace("    publish_started_at REAL,\n", "") + "PRAGMA user_version = 1;")
+    conn.close()
+    s = SQLiteStore(path)
+    job_id = s.submit(make_manifest()).job_id
+    assert s.get(job_id).publish_started_at is None
+    s.close()
+
+
+def test_sqlite_store_implements_the_jobstore_protocol():
+    """Every method of the JobStore protocol exists on SQLiteStore with the same parameters."""
+    import inspect
+
+    from farm.queue import JobStore
+
+    names = [n for n, v in vars(JobStore).items() if callable(v) and not n.startswith("_")]
+    assert {"running", "begin_publish", "claim_next", "mark_cancelled"} <= set(names)
+    for name in names:
+        want = list(inspect.signature(getattr(JobStore, name)).parameters)
+        have = list(inspect.signature(getattr(SQLiteStore, name)).parameters)
+        assert have == want, (name, have, want)

@@ -4,14 +4,13 @@ its actor at the end."""
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 
 from farm import scheduler
 from farm.queue import JobState, SQLiteStore
-from tests.queue_runners import make_manifest, read_trace
+from tests.queue_runners import make_manifest, pid_alive, pid_of, read_trace
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
@@ -70,19 +69,36 @@ def test_cancel_running_job_frees_the_slot_and_publishes_nothing(farm, farm_home
     long = store.submit(make_manifest("a", "long", steps=300, ms_per_step=100)).job_id
     start("record")
     wait_for(lambda: store.get(long).progress.get("step", 0) >= 2)
-    asked = time.time()
+    pid = pid_of(farm_home, long)
     store.request_cancel(long)
     scheduler.wake(name, "farm-tests")
     wait_for(lambda: state_of(store, long) is JobState.CANCELLED, timeout=30)
-    assert time.time() - asked < 30
+    # The attempt's process is gone (killed), so nothing can publish after the fact.
+    wait_for(lambda: not pid_alive(pid), timeout=30, what=f"the cancelled attempt's process {pid} to end")
     assert not (farm_home / "published" / long).exists()
+    job = store.get(long)
+    assert job.accelerator_seconds == 0.5 * job.progress["step"], "charged what it ran, like any attempt"
     # The slot is free: the next job runs to the end.
     nxt = store.submit(make_manifest("b", "next")).job_id
     scheduler.wake(name, "farm-tests")
     wait_for(lambda: state_of(store, nxt) is JobState.SUCCEEDED, timeout=30)
-    time.sleep(1.0)
     assert not (farm_home / "published" / long).exists()
     assert [e.to_state for e in store.events(long)][-1] == "cancelled"
+
+
+def test_cancel_while_publishing_ends_succeeded_with_the_version_recorded(farm, farm_home):
+    """A cancel that arrives once the attempt has begun publishing must not kill it half-way and
+    record "nothing published": the job ends succeeded, its version in the queue."""
+    start, store, name = farm
+    job_id = store.submit(make_manifest("a", "pub")).job_id
+    start("publish_after_cancel")
+    wait_for(lambda: job_id in read_trace(farm_home, "publishing.log"), timeout=60)
+    store.request_cancel(job_id)
+    scheduler.wake(name, "farm-tests")
+    wait_for(lambda: store.get(job_id).done, timeout=60)
+    job = store.get(job_id)
+    assert (job.state, job.adapter_ref) == (JobState.SUCCEEDED, "a/pub@v1")
+    assert read_trace(farm_home, "publish.log") == [job_id]
 
 
 def test_scheduler_killed_mid_job_the_job_finishes_once(farm, farm_home):
@@ -99,7 +115,7 @@ def test_scheduler_killed_mid_job_the_job_finishes_once(farm, farm_home):
     assert read_trace(farm_home, "start.log") == [job_id, job_id]  # interrupted, then re-run
     assert read_trace(farm_home, "publish.log") == [job_id]  # published once
     job = store.get(job_id)
-    assert job.attempts == 1  # the interrupted attempt is not held against the job
+    assert job.attempts == 2  # the interrupted attempt counts towards max_attempts
     assert any("interrupted" in e.reason for e in store.events(job_id))
 
 

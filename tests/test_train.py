@@ -9,14 +9,13 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from farm.catalog import Catalog
-from farm.errors import DataError, ManifestError
+from farm.errors import DataError, ManifestError, QueueError
 from farm.manifest import load_manifest, parse_manifest
 from farm.train.run import new_job_id, run_job
 
@@ -64,6 +63,14 @@ def test_causal_job_publishes_an_adapter_stock_peft_loads(ray_cluster, farm_home
     assert version.ref == "customer_x/support-bot@v1"
     steps = [e["step"] for e in events if "loss" in e]
     assert steps == list(range(1, 31)), "a progress event per optimizer step"
+    # One definition of cost (farm.costs): what the queue would charge this single attempt is what
+    # farm.json records; on CPU the job counts as one accelerator.
+    from farm.costs import attempt_cost
+
+    charged = attempt_cost([e for e in events if "attempt_seconds" in e][-1], elapsed=0.0)
+    assert charged["tokens"] == version.metadata["tokens_trained"] > 0
+    assert charged["accelerator_seconds"] == pytest.approx(version.metadata["accelerator_seconds"])
+    assert version.metadata["accelerator_seconds"] == pytest.approx(version.metadata["worker_seconds"]) > 0
     assert any(e.get("event") == "cpu_fallback" for e in events), "gpus: 1 on a CPU cluster says so"
 
     meta = version.metadata
@@ -113,9 +120,9 @@ def test_gpt2_seq_cls_job_trains_and_saves_its_head(ray_cluster, farm_home, tiny
 def test_killed_worker_resumes_from_checkpoint_and_publishes_once(ray_cluster, farm_home, tiny_llama):
     """SIGKILL the Ray Train worker after its first checkpoint: Ray Train restarts it
     (max_failures=1), it resumes at the checkpointed step and ends at the planned step count."""
-    # A checkpoint handed to ray.train.report waits in the worker's result queue until the
-    # controller's next poll (1 s) registers it, so the kill comes 2 s after the first checkpoint
-    # step was seen; bigger batches make steps slow enough (~0.2 s) that the run is still going.
+    # A checkpoint handed to ray.train.report counts once the controller has registered it, which
+    # it records in the run's checkpoint_manager_snapshot.json: the kill waits for that. Bigger
+    # batches make steps slow enough (~0.2 s) that the run is still going.
     manifest = parse_manifest(
         {
             **_causal_manifest(tiny_llama, max_steps=48, checkpoint_every=6, batch_size=64),
@@ -124,13 +131,17 @@ def test_killed_worker_resumes_from_checkpoint_and_publishes_once(ray_cluster, f
     )
     killed = threading.Event()
     events: list[dict] = []
-    first_checkpoint_seen: list[float] = []
+    snapshot = farm_home / "runs" / "farm-job-kill" / "checkpoint_manager_snapshot.json"
+
+    def checkpoint_registered() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        except (OSError, ValueError):  # not written yet, or being written
+            return False
 
     def on_progress(m: dict) -> None:
         events.append(m)
-        if m.get("step", 0) >= 6 and not first_checkpoint_seen:
-            first_checkpoint_seen.append(time.monotonic())
-        if not killed.is_set() and first_checkpoint_seen and time.monotonic() - first_checkpoint_seen[0] > 2.0:
+        if not killed.is_set() and "pid" in m and checkpoint_registered():
             killed.set()
             os.kill(m["pid"], signal.SIGKILL)
 
@@ -159,6 +170,8 @@ def test_bad_data_fails_before_training(farm_home, tiny_llama, tmp_path):
     raw["dataset"] = {"train": str(bad), "eval": str(bad), "format": "prompt_completion"}
     with pytest.raises(DataError, match="completion"):
         run_job(parse_manifest(raw), job_id=new_job_id())
+    with pytest.raises(QueueError, match="bad job id '../escape'"):
+        run_job(parse_manifest(raw), job_id="../escape")  # checked before anything else
     assert not (farm_home / "runs").exists(), "no Ray Train run was started"
 
 
@@ -175,6 +188,14 @@ def test_farm_train_cli_reports_bad_manifest_without_traceback(tmp_path):
     assert "base_model: required field is missing" in proc.stderr
     with pytest.raises(ManifestError):
         load_manifest(bad)
+
+    # --job-id names run storage: refused before anything is loaded (no `..`, no odd characters).
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_causal_manifest(tmp_path / "no-such-model")))
+    for bad_id in ("../other", "Acme-1", "a/b"):
+        proc = subprocess.run([str(farm), "train", str(good), "--job-id", bad_id], capture_output=True, text=True)
+        assert proc.returncode != 0 and f"bad job id {bad_id!r}" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
 
 
 def test_early_stopping_keeps_the_best_adapter(ray_cluster, farm_home, tiny_llama):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from farm.cli._common import console, err_console, print_json
+from farm.queue import JobState, run_name
 
 if TYPE_CHECKING:
     from farm.queue import Job
@@ -45,7 +46,7 @@ def _progress(job: Job) -> str:
 def _eta(job: Job) -> float | None:
     p = job.progress
     step, total = p.get("step") or 0, p.get("total_steps") or 0
-    if job.state.value != "running" or not job.started_at or step <= 0 or not total:
+    if job.state is not JobState.RUNNING or not job.started_at or step <= 0 or not total:
         return None
     return (time.time() - job.started_at) / step * max(0, total - step)
 
@@ -117,7 +118,7 @@ def submit(
         finals = _wait([j.id for j in jobs], store, quiet=json_out)
         if json_out:
             print_json([j.to_dict() for j in finals])
-        if not all(j.state.value == "succeeded" for j in finals):
+        if not all(j.state is JobState.SUCCEEDED for j in finals):
             raise typer.Exit(1)
 
 
@@ -138,12 +139,12 @@ def _wait(job_ids: list[str], store, *, quiet: bool) -> list[Job]:
                     stats += f"  loss {p['loss']:.3f}"
                 if isinstance(p.get("tokens_per_s"), (int, float)):
                     stats += f"  {p['tokens_per_s']:.0f} tok/s"
-                if job.state.value == "succeeded":
+                if job.state is JobState.SUCCEEDED:
                     stats += f"  {job.adapter_ref or ''}"
                 elif job.done and job.last_error:
                     stats += f"  {job.last_error[:80]}"
                 total = p.get("total_steps") or (1 if job.done else None)
-                done = total if job.state.value == "succeeded" else p.get("step", 0)
+                done = total if job.state is JobState.SUCCEEDED else p.get("step", 0)
                 steps = f"{done}/{total}" if total else ""
                 bar.update(tasks[job.id], description=f"{job.id} {job.name}", total=total, completed=done or 0,
                            steps=steps, stats=stats)
@@ -198,7 +199,7 @@ def status(
     info = cluster.read_state()
     dashboard = info.dashboard_url if info else None
     extra = {"eta_seconds": _eta(job), "queue_position": store.queue_positions().get(job.id),
-             "ray_task_name": f"farm-{job.id}", "ray_train_run": f"farm-{job.id}", "dashboard_url": dashboard,
+             "ray_task_name": run_name(job.id), "ray_train_run": run_name(job.id), "dashboard_url": dashboard,
              "events": [e.__dict__ for e in events]}
     if json_out:
         print_json({**job.to_dict(manifest=True), **extra})
@@ -215,9 +216,9 @@ def status(
         console.print(f"  adapter {job.adapter_ref}")
     if job.last_error:
         console.print(f"  last error: {job.last_error}")
-    if job.state.value == "retrying" and job.next_attempt_at:
+    if job.state is JobState.RETRYING and job.next_attempt_at:
         console.print(f"  next attempt in {max(0.0, job.next_attempt_at - time.time()):.0f} s")
-    console.print(f"  Ray: task and Train run farm-{job.id}" + (f" on {dashboard}" if dashboard else ""))
+    console.print(f"  Ray: task and Train run {run_name(job.id)}" + (f" on {dashboard}" if dashboard else ""))
     for e in events:
         when = time.strftime("%H:%M:%S", time.localtime(e.at))
         console.print(f"  {when}  {e.from_state or '-'} -> {e.to_state}: {e.reason}")
@@ -253,7 +254,7 @@ def logs(
 def cancel(job_id: JobArg) -> None:
     """Cancel a job: a waiting one never starts; a running one stops within seconds, publishing nothing."""
     job = _store().request_cancel(job_id)
-    if job.state.value == "cancelled":
+    if job.state is JobState.CANCELLED:
         console.print(f"{job.id} cancelled")
     else:
         console.print(f"{job.id} cancel requested: the scheduler stops it within seconds (`farm status {job.id}`)")

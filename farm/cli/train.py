@@ -12,7 +12,9 @@ from farm.cli._common import console, err_console, print_json
 
 def train(
     file: Annotated[Path, typer.Argument(help="Job manifest YAML.")],
-    job_id: Annotated[str | None, typer.Option(help="Reuse a job id to resume its last checkpoint.")] = None,
+    job_id: Annotated[str | None, typer.Option(
+        help="Reuse this job's id to resume its last checkpoint (a-z, 0-9, '.', '_', '-'; the run of "
+             "another manifest under the same id is refused).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the published version as JSON.")] = False,
 ) -> None:
     """Train one adapter now, in the foreground, publish it and print its reference.
@@ -20,8 +22,11 @@ def train(
     Runs on the cluster at RAY_ADDRESS, else the farm `farm up` started, else a local Ray of its own."""
     from farm.cluster import use_running_farm
     from farm.manifest import load_manifest
+    from farm.queue import check_job_id
 
     manifest = load_manifest(file)  # invalid manifests fail before anything heavy is imported
+    if job_id is not None:
+        check_job_id(job_id)  # it names run storage: nothing that could leave its folder
     use_running_farm()
 
     from rich.progress import (

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from farm.errors import QueueError
 from farm.queue.lifecycle import TERMINAL, JobState
 
 
@@ -31,6 +33,7 @@ class Job:
     tokens: int = 0
     adapter_ref: str | None = None
     cancel_requested: bool = False
+    publish_started_at: float | None = None
     lease_owner: str | None = None
     lease_id: str | None = None
     lease_expires_at: float | None = None
@@ -86,4 +89,21 @@ def job_log_path(job_id: str, logs_dir: str | Path | None = None) -> Path:
         from farm.settings import logs_dir as default
 
         logs_dir = default()
-    return Path(logs_dir) / "jobs" / f"{job_id}.log"
+    return Path(logs_dir) / "jobs" / f"{check_job_id(job_id)}.log"
+
+
+JOB_ID_RULE = "1-100 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit, no '..'"
+_JOB_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,99}")
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id names run storage (`farm-<job id>`) and log files: refuse anything that could leave
+    their folder or read oddly. Raises QueueError naming the rule."""
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id) or ".." in job_id:
+        raise QueueError(f"bad job id {job_id!r}: must be {JOB_ID_RULE}")
+    return job_id
+
+
+def run_name(job_id: str) -> str:
+    """The name of a job's Ray task and Ray Train run (its run storage folder): `farm-<job id>`."""
+    return f"farm-{check_job_id(job_id)}"

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from farm.manifest import Manifest
 
 DEFAULT_MAX_ATTEMPTS = 3
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     tokens INTEGER NOT NULL DEFAULT 0,
     adapter_ref TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    publish_started_at REAL,
     lease_owner TEXT,
     lease_id TEXT,
     lease_expires_at REAL,
@@ -75,7 +76,11 @@ CREATE TABLE IF NOT EXISTS customers (
 );
 """
 
-_ELIGIBLE = "cancel_requested = 0 AND (state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?))"
+# A job flagged for cancel runs again only to finish a publish it had begun (see begin_publish).
+_ELIGIBLE = ("(cancel_requested = 0 OR publish_started_at IS NOT NULL) "
+             "AND (state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?))")
+# Schema upgrades, from version N-1 to N.
+_MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN publish_started_at REAL;"}
 
 
 class JobStore(Protocol):
@@ -94,8 +99,11 @@ class JobStore(Protocol):
     def fail_attempt(self, job_id: str, lease_id: str, error: str, *, retryable: bool = True,
                      backoff_base: float = 5.0, backoff_max: float = 300.0, accelerator_seconds: float = 0.0,
                      tokens: int = 0) -> Job | None: ...
+    def begin_publish(self, job_id: str, lease_id: str) -> bool: ...
     def request_cancel(self, job_id: str, reason: str = ...) -> Job: ...
-    def mark_cancelled(self, job_id: str, lease_id: str, reason: str) -> Job | None: ...
+    def mark_cancelled(self, job_id: str, lease_id: str, reason: str, *, accelerator_seconds: float = 0.0,
+                       tokens: int = 0) -> Job | None: ...
+    def running(self, owner: str | None = None) -> list[Job]: ...
     def cancel_requests(self, owner: str) -> list[Job]: ...
     def recover_orphans(self, owner: str, *, takeover: Callable[[str], bool] = ...) -> list[Job]: ...
     def retry(self, job_id: str) -> Job: ...
@@ -127,10 +135,13 @@ class SQLiteStore:
                     f"queue database {self.path} has schema version {version}; this farm knows "
                     f"version {SCHEMA_VERSION} (upgrade farm)"
                 )
-            if version < SCHEMA_VERSION:
+            if version == 0:
                 self._conn.executescript(
                     f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
+            elif version < SCHEMA_VERSION:
+                steps = " ".join(_MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
+                self._conn.executescript(f"BEGIN IMMEDIATE; {steps} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise QueueError(f"cannot open the queue database {self.path}: {exc}") from None
 
@@ -291,7 +302,7 @@ class SQLiteStore:
         """Each waiting job's place in the dispatch order (1 = next), ignoring retry backoff."""
         with self._lock:
             rows = self._conn.execute(
-                "SELECT id, customer, priority, seq FROM jobs WHERE cancel_requested = 0 "
+                "SELECT id, customer, priority, seq FROM jobs WHERE (cancel_requested = 0 OR publish_started_at IS NOT NULL) "
                 "AND state IN ('queued', 'retrying')"
             ).fetchall()
             running, served = self._fairness_inputs(self._conn)
@@ -380,6 +391,10 @@ class SQLiteStore:
             cost = dict(accelerator_seconds=job.accelerator_seconds + accelerator_seconds,
                         tokens=job.tokens + int(tokens), last_error=error)
             head = f"attempt {job.attempts}/{job.max_attempts} failed: {error}"
+            if job.cancel_requested and job.publish_started_at is None:
+                # Nobody wants another attempt, and this one published nothing: the cancel is done.
+                return self._transition(c, job, JobState.CANCELLED, f"{head}; cancel was requested",
+                                        cancel_requested=0, **cost)
             if not retryable or job.attempts >= job.max_attempts:
                 why = "not retryable" if not retryable else "no attempts left"
                 return self._transition(c, job, JobState.FAILED, f"{head} ({why})", **cost)
@@ -389,28 +404,56 @@ class SQLiteStore:
                 next_attempt_at=self.clock() + delay, **cost,
             )
 
+    def begin_publish(self, job_id: str, lease_id: str) -> bool:
+        """The attempt holding `lease_id` is about to publish. True: go ahead (from now on a cancel
+        no longer stops the job; it ends succeeded with its version). False: do not publish (the
+        attempt lost its lease, or a cancel came first). A job that had begun publishing in an
+        earlier attempt may always finish (the catalog's idempotency key makes it the same version)."""
+        with self._tx() as c:
+            job = self._leased(c, job_id, lease_id)
+            if job is None or (job.lease_expires_at or 0) < self.clock():
+                return False
+            if job.publish_started_at is not None:
+                return True
+            if job.cancel_requested:
+                return False
+            c.execute("UPDATE jobs SET publish_started_at = ?, updated_at = ? WHERE id = ?",
+                      (self.clock(), self.clock(), job_id))
+            self._event(c, job_id, job.state.value, job.state.value, f"attempt {job.attempts} publishing")
+            return True
+
     def request_cancel(self, job_id: str, reason: str = "cancelled by user") -> Job:
-        """Cancel a job. Waiting jobs are cancelled at once; a running one is flagged for its
-        scheduler to stop (or cancelled at once if its lease has lapsed: no scheduler holds it)."""
+        """Cancel a job. Waiting jobs are cancelled at once. A running one is flagged for its
+        scheduler to stop; one whose lease lapsed (no live scheduler renews it) is cancelled at once
+        unless it had begun publishing, since its attempt can no longer pass `begin_publish`.
+        A job that had begun publishing ends succeeded, never cancelled with a live version."""
         with self._tx() as c:
             job = self._row(c, job_id)
             if job.state in TERMINAL:
                 raise QueueError(f"job {job_id} is already {job.state.value}; there is nothing to cancel")
-            if job.state is JobState.RUNNING and (job.lease_expires_at or 0) > self.clock():
+            publishing = job.publish_started_at is not None
+            live = job.state is JobState.RUNNING and (job.lease_expires_at or 0) >= self.clock()
+            if publishing or live:
                 if not job.cancel_requested:
                     c.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
                               (self.clock(), job_id))
-                    self._event(c, job_id, job.state.value, job.state.value, f"cancel requested: {reason}")
+                    note = " (it is publishing: it will end succeeded)" if publishing else ""
+                    self._event(c, job_id, job.state.value, job.state.value, f"cancel requested: {reason}{note}")
                 return self._row(c, job_id)
             return self._transition(c, job, JobState.CANCELLED, reason, cancel_requested=0)
 
-    def mark_cancelled(self, job_id: str, lease_id: str, reason: str) -> Job | None:
-        """The scheduler stopped the attempt holding `lease_id` on request."""
+    def mark_cancelled(self, job_id: str, lease_id: str, reason: str, *, accelerator_seconds: float = 0.0,
+                       tokens: int = 0) -> Job | None:
+        """The scheduler is about to stop the attempt holding `lease_id` on request: cancelled now,
+        charged the attempt's cost. None (and the attempt must be left to finish) when the attempt no
+        longer holds the job or has begun publishing."""
         with self._tx() as c:
             job = self._leased(c, job_id, lease_id)
-            if job is None:
+            if job is None or job.publish_started_at is not None:
                 return None
-            return self._transition(c, job, JobState.CANCELLED, reason, cancel_requested=0)
+            return self._transition(c, job, JobState.CANCELLED, reason, cancel_requested=0,
+                                    accelerator_seconds=job.accelerator_seconds + accelerator_seconds,
+                                    tokens=job.tokens + int(tokens))
 
     def cancel_requests(self, owner: str) -> list[Job]:
         with self._lock:
@@ -428,8 +471,11 @@ class SQLiteStore:
 
     def recover_orphans(self, owner: str, *, takeover: Callable[[str], bool] = lambda _owner: False) -> list[Job]:
         """Running jobs whose holder is gone (lease lapsed, or `takeover(lease_owner)` says it is a
-        dead predecessor of `owner`) go back to the queue; the interrupted attempt is not counted
-        against the job. Flagged for cancel, they are cancelled instead."""
+        dead predecessor of `owner`). The interrupted attempt counts against `max_attempts` (a job
+        that keeps taking its scheduler down must not re-run forever): with attempts left the job is
+        re-queued to resume from its last checkpoint, else it fails (the dead-letter state). Flagged
+        for cancel, it is cancelled instead, unless it had begun publishing: then it is re-queued to
+        finish the publish (the same version, by the catalog's idempotency key)."""
         out = []
         with self._tx() as c:
             now = self.clock()
@@ -437,14 +483,18 @@ class SQLiteStore:
             for job in [Job.from_row(r) for r in rows.fetchall()]:
                 if not ((job.lease_expires_at or 0) < now or takeover(job.lease_owner or "")):
                     continue
-                gone = f"attempt {job.attempts} interrupted: its scheduler {job.lease_owner} is gone"
-                if job.cancel_requested:
+                gone = (f"attempt {job.attempts}/{job.max_attempts} interrupted: "
+                        f"its scheduler {job.lease_owner} is gone")
+                publishing = job.publish_started_at is not None
+                if job.cancel_requested and not publishing:
                     out.append(self._transition(c, job, JobState.CANCELLED, f"{gone}; cancel was requested",
                                                 cancel_requested=0))
+                elif job.attempts >= job.max_attempts and not publishing:
+                    out.append(self._transition(c, job, JobState.FAILED, f"{gone} (no attempts left)",
+                                                last_error=gone))
                 else:
                     out.append(self._transition(c, job, JobState.QUEUED,
-                                                f"{gone}; re-queued to resume from its last checkpoint",
-                                                attempts=job.attempts - 1))
+                                                f"{gone}; re-queued to resume from its last checkpoint"))
         return out
 
     def retry(self, job_id: str) -> Job:
@@ -455,7 +505,7 @@ class SQLiteStore:
                 raise QueueError(f"job {job_id} is {job.state.value}; only failed or cancelled jobs can be retried")
             return self._transition(
                 c, job, JobState.QUEUED, f"re-queued by retry after {job.attempts} attempt(s)",
-                attempts=0, next_attempt_at=None, cancel_requested=0, finished_at=None,
+                attempts=0, next_attempt_at=None, cancel_requested=0, finished_at=None, publish_started_at=None,
             )
 
 

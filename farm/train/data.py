@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,11 +54,10 @@ class _Table:
 
 
 def storage_options(url: str) -> dict:
-    """fsspec options for a URL: S3-compatible stores use the standard AWS_ENDPOINT_URL."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if url.startswith("s3://") and endpoint:
-        return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
+    """fsspec options for a URL (farm.settings owns where the S3 endpoint comes from)."""
+    from farm.settings import storage_options as options
+
+    return options(url)
 
 
 def _read_bytes(source: str) -> bytes:

@@ -1,8 +1,9 @@
 """The Ray Train worker: load the base (quantized), attach LoRA, train, evaluate, checkpoint.
 
-Runs inside a Ray Train worker process; gets plain arguments (see farm.train.run.build_loop_config),
-never a manifest. Checkpoints hold everything needed to resume exactly: adapter weights, optimizer,
-scheduler, RNG state and the data position, so a restarted worker ends at the planned step count.
+Runs inside a Ray Train worker process; gets plain arguments (see farm.train.run.prepare), never a
+manifest. Checkpoints (farm.train.checkpoint) hold everything needed to resume exactly: adapter
+weights, optimizer, scheduler, RNG state, the data position and the best weights so far, so a
+restarted worker ends at the planned step count and early stopping still publishes the best weights.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ import math
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-STATE_FILE = "trainer_state.pt"
-FINAL_MARKER = "FINAL"
+from farm.train import checkpoint as ckpt_io
+from farm.train.step import to_device as _to_device
+from farm.train.step import train_step
+
+# Kept for callers that import them from here.
+STATE_FILE, FINAL_MARKER = ckpt_io.STATE_FILE, ckpt_io.FINAL_MARKER
 # Each ray.train.report waits for the Train controller's next poll of the worker, every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s): reporting every step of a fast job costs 2 s a
-# step (measured: 30 reports took 58 s). So the worker reports to Ray Train once per
-# REPORT_INTERVAL_S plus at every eval, checkpoint and the end, and every step goes to the farm's
-# progress channel (a ~1 ms actor call) and the metrics history. Farm runs poll every 1 s unless the
-# operator chose otherwise (the driver imports this module before it builds the trainer; Ray Train
-# passes the variable on to its controller): 0.2 s polls cost a 2-core box ~40% of its step time.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (farm.settings.Settings.train_poll_s): reporting every step of a
+# fast job would cost a poll a step. So the worker reports to Ray Train once per REPORT_INTERVAL_S
+# plus at every eval, checkpoint and the end, and every step goes to the farm's progress channel (a
+# ~1 ms actor call) and the metrics history.
 REPORT_INTERVAL_S = 5.0
 
 
@@ -89,10 +90,6 @@ def build_model(model_cfg: dict, lora_config, device: str):
     return model, {"params_trainable": trainable, "params_total": total, "base_footprint_bytes": footprint}
 
 
-def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def evaluate(model, rows: dict, collate, batch_size: int, device, task: str) -> dict:
     """Mean eval loss (token-weighted for causal LM) and accuracy for classification."""
     import torch
@@ -121,45 +118,14 @@ def evaluate(model, rows: dict, collate, batch_size: int, device, task: str) -> 
     return metrics
 
 
-def _save_checkpoint(model, optimizer, scheduler, state: dict, final: bool):
-    """Write adapter + trainer state into a temp dir and return a Ray Train Checkpoint of it."""
-    import torch
+def _save_checkpoint(model, optimizer, scheduler, state: dict, final: bool, best_weights: dict | None = None):
+    """Write a checkpoint into a temp folder and return a Ray Train Checkpoint of it (Ray Train
+    deletes the folder once it has uploaded it: see `emit`)."""
     from ray.train import Checkpoint
 
     tmp = tempfile.mkdtemp(prefix="farm-ckpt-")
-    model.save_pretrained(tmp, safe_serialization=True)
-    torch.save(
-        {
-            **state,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-        Path(tmp) / STATE_FILE,
-    )
-    if final:
-        (Path(tmp) / FINAL_MARKER).touch()
+    ckpt_io.write(tmp, model, optimizer, scheduler, state, final=final, best_weights=best_weights)
     return Checkpoint.from_directory(tmp)
-
-
-def _restore(checkpoint, model, optimizer, scheduler) -> dict:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    with checkpoint.as_directory() as d:
-        weights = load_file(str(Path(d) / "adapter_model.safetensors"))
-        set_peft_model_state_dict(model, weights)
-        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
-        state["final"] = (Path(d) / FINAL_MARKER).exists()
-    optimizer.load_state_dict(state.pop("optimizer"))
-    scheduler.load_state_dict(state.pop("scheduler"))
-    torch.set_rng_state(state.pop("torch_rng"))
-    cuda_rng = state.pop("cuda_rng", None)
-    if cuda_rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_rng)
-    return state
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -200,11 +166,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "step": 0, "epoch": 0, "batch_index": 0, "tokens": 0, "history": [],
         "best_eval": None, "best_step": None, "bad_evals": 0, "train_seconds": 0.0, "stopped_early": False,
     }
-    resumed_from = None
+    resumed_from, best_weights = None, None
+    identity = config.get("identity")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state.update(_restore(checkpoint, model, optimizer, scheduler))
+        with checkpoint.as_directory() as d:
+            restored, best_weights = ckpt_io.restore(d, model, optimizer, scheduler, identity)
+        state.update(restored)
         resumed_from = state["step"]
+    if identity:
+        state["identity"] = identity
     final_already = state.pop("final", False)
     progress = config.get("progress")
     node_id = ray.get_runtime_context().get_node_id()  # where this worker runs (multi-node placement)
@@ -222,44 +193,39 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         now = time.monotonic()
         important = ckpt is not None or "eval_loss" in metrics or metrics.get("final")
         if important or now - last_report[0] >= config.get("report_interval_s", REPORT_INTERVAL_S):
-            ray.train.report(metrics, checkpoint=ckpt)
+            # The temp farm-ckpt-* folder is deleted once Ray Train has copied it to run storage.
+            ray.train.report(metrics, checkpoint=ckpt,
+                             delete_local_checkpoint_after_upload=True if ckpt is not None else None)
             last_report[0] = time.monotonic()
 
     model.train()
     epoch_batches = _batches_for_epoch(n_train, bs, opt["seed"], state["epoch"])
     eval_every, ckpt_every = opt.get("eval_every"), opt.get("checkpoint_every")
     patience = opt.get("early_stopping_patience")
-    best_weights = None
 
-    while not final_already and state["step"] < total_steps and not state["stopped_early"]:
-        t0 = time.perf_counter()
-        step_loss, step_tokens = 0.0, 0
+    def micro_batches():
         for _ in range(accum):
             if state["batch_index"] >= len(epoch_batches):
                 state["epoch"] += 1
                 state["batch_index"] = 0
-                epoch_batches = _batches_for_epoch(n_train, bs, opt["seed"], state["epoch"])
+                epoch_batches[:] = _batches_for_epoch(n_train, bs, opt["seed"], state["epoch"])
             idx = epoch_batches[state["batch_index"]]
             state["batch_index"] += 1
-            batch = _to_device(collate([{k: train_rows[k][j] for k in train_rows} for j in idx]), device)
-            out = model(**batch)
-            (out.loss / accum).backward()
-            step_loss += float(out.loss) / accum
-            step_tokens += int(batch["attention_mask"].sum())
-        torch.nn.utils.clip_grad_norm_(params, opt["max_grad_norm"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
+            yield collate([{k: train_rows[k][j] for k in train_rows} for j in idx])
+
+    while not final_already and state["step"] < total_steps and not state["stopped_early"]:
+        res = train_step(model, optimizer, params, micro_batches(), device=device,
+                         max_grad_norm=opt["max_grad_norm"], scheduler=scheduler)
+        dt = res.seconds
         state["step"] += 1
-        state["tokens"] += step_tokens
+        state["tokens"] += res.tokens
         state["train_seconds"] += dt
         metrics = {
             "step": state["step"], "total_steps": total_steps, "epoch": state["epoch"],
-            "loss": step_loss, "learning_rate": scheduler.get_last_lr()[0],
-            "tokens": state["tokens"], "tokens_per_s": step_tokens / dt if dt > 0 else 0.0,
+            "loss": res.loss, "learning_rate": scheduler.get_last_lr()[0],
+            "tokens": state["tokens"], "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
             "train_seconds": state["train_seconds"],
-            "step_tokens": step_tokens, "step_seconds": dt,  # this step alone: per-attempt cost
+            "step_tokens": res.tokens, "step_seconds": dt,  # this step alone: per-attempt cost
         }
         last = state["step"] >= total_steps
         if eval_every and (state["step"] % eval_every == 0) and not last:
@@ -275,7 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["history"].append(metrics)
         ckpt = None
         if ckpt_every and state["step"] % ckpt_every == 0 and not last and not state["stopped_early"]:
-            ckpt = _save_checkpoint(model, optimizer, scheduler, state, final=False)
+            ckpt = _save_checkpoint(model, optimizer, scheduler, state, final=False, best_weights=best_weights)
         emit(metrics, ckpt)
 
     if not final_already:

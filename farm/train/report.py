@@ -9,6 +9,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from farm.costs import job_cost
+
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "ray", "datasets", "farm")
 
 
@@ -106,6 +108,7 @@ def build_metadata(
         "device": device,
         "wall_seconds": wall_seconds,
         "worker_seconds": train_seconds,
-        "accelerator_seconds": train_seconds * gpus if device == "cuda" else 0.0,
+        # farm.costs: step time x GPUs, a CPU job counting as one accelerator (as the queue charges it).
+        "accelerator_seconds": job_cost(final, gpus if device == "cuda" else 0)["accelerator_seconds"],
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -1,34 +1,46 @@
-"""Run one job: validate its data, fit a Ray Train TorchTrainer (one worker), publish the adapter.
+"""Run one job: prepare (validate and tokenize its data), fit (a Ray Train TorchTrainer, one
+worker), publish (the adapter, its loss curve and farm.json to the catalog).
 
-This is the driver side. `run_job` is what `farm train` calls in the foreground and what the
-scheduler calls inside a Ray task. The Ray Train run is named `farm-<job_id>` under the farm's run
-storage, so running the same job id again resumes from its last checkpoint, and the catalog
-publish uses the job id as idempotency key, so a job publishes at most once.
+`run_job` is what `farm train` calls in the foreground and what the scheduler calls inside a Ray
+task; `prepare`, `fit` and `publish` are its three steps, usable on their own (packed training
+prepares several jobs, fits them together and publishes each). The Ray Train run is named
+`farm-<job id>` (farm.queue.run_name) under the farm's run storage, so running the same job id again
+resumes from its last checkpoint (the checkpoint names its job, so another job's storage is refused),
+and the catalog publish uses the job id as idempotency key, so a job publishes at most once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from farm.costs import AttemptCost
 from farm.errors import FarmError, TrainingError
 from farm.manifest import Manifest
+from farm.placement import HEAD_RESOURCE, TRAIN_RESOURCE, training_capacity  # noqa: F401 - re-exported
+from farm.queue.job import check_job_id, run_name
+from farm.settings import FORWARDED_ENV, forwarded_env  # noqa: F401 - re-exported for older callers
+from farm.train.checkpoint import ADAPTER_FILES, FINAL_MARKER, check_identity, read_state
 
 if TYPE_CHECKING:
     from farm.catalog import AdapterVersion, Catalog
+    from farm.placement import WorkerPlacement
+    from farm.settings import Settings
+    from farm.train.data import PreparedData
 
 log = logging.getLogger("farm.train")
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
 
 ProgressFn = Callable[[dict], None]
+PublishGate = Callable[[], None]
+"""Called right before the catalog publish; raising stops the publish (a cancelled job)."""
 
 
 def new_job_id() -> str:
@@ -36,58 +48,11 @@ def new_job_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-# The farm's settings and S3 access, passed to Ray processes (the scheduler's actor and tasks, the Train
-# controller and workers of `farm train` on a cluster) so they see the same farm as the caller.
-FORWARDED_ENV = ("FARM_HOME", "FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB", "AWS_ENDPOINT_URL",
-                 "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                 "TOKENIZERS_PARALLELISM")
-
-
-def forwarded_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-
-
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at `address`/RAY_ADDRESS, or start a local one bound to 127.0.0.1."""
-    import ray
+    """Connect to the cluster at `address`/RAY_ADDRESS, or start a local one (farm.raycluster.connect)."""
+    from farm.raycluster import connect
 
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # The Train controller and workers run in the cluster's processes, not this one: give them this
-        # process's catalog, storage and S3 endpoint (the run storage filesystem is rebuilt there).
-        env = forwarded_env()
-        ray.init(address=address, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": env} if env else None)
-    else:
-        ray.init(
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
-
-
-# Custom resources of the farm's node types (cluster.yaml): the head that holds the queue database,
-# and training nodes, each advertising how many jobs it runs at once (`farm_train: 1` per GPU node).
-HEAD_RESOURCE = "farm_head"
-TRAIN_RESOURCE = "farm_train"
-
-
-def training_capacity() -> tuple[int, int]:
-    """(slots, gpus) for training on the connected cluster. When some node advertises `farm_train`,
-    only those nodes count: slots = their `farm_train` total, gpus = their GPUs (serve nodes' GPUs are
-    not training capacity). Otherwise slots = 0 (no training resource) and gpus = all GPUs."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    train = [n for n in nodes if n["Resources"].get(TRAIN_RESOURCE, 0) > 0]
-    if train:
-        return (int(sum(n["Resources"][TRAIN_RESOURCE] for n in train)),
-                int(sum(n["Resources"].get("GPU", 0) for n in train)))
-    return 0, int(sum(n["Resources"].get("GPU", 0) for n in nodes))
+    connect(address)
 
 
 def run_storage(path: str) -> tuple[str, Any]:
@@ -101,7 +66,7 @@ def run_storage(path: str) -> tuple[str, Any]:
     import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from farm.train.data import storage_options
+    from farm.settings import storage_options
 
     options = storage_options(path)
     if path.startswith("s3://"):
@@ -116,26 +81,9 @@ def _rows(ds) -> dict[str, list]:
     return {c: ds[c] for c in ("input_ids", "attention_mask", "labels")}
 
 
-class _Cost:
-    """What this attempt has done, from the worker's per-step figures. The worker's `tokens` and
-    `train_seconds` are cumulative for the job (restored from the checkpoint on resume); the
-    `attempt_*` sums count every step this attempt ran, including steps redone after a restart, so a
-    scheduler can charge each attempt without counting a resumed job twice."""
-
-    def __init__(self, gpus: int) -> None:
-        self.gpus, self.tokens, self.seconds = gpus, 0, 0.0
-
-    def annotate(self, item: dict) -> dict:
-        if "step_tokens" in item:
-            self.tokens += int(item["step_tokens"])
-            self.seconds += float(item.get("step_seconds") or 0.0)
-        if "train_seconds" in item:
-            item["accelerator_seconds"] = float(item["train_seconds"]) * self.gpus
-            item.update(gpus=self.gpus, attempt_tokens=self.tokens, attempt_seconds=self.seconds)
-        return item
 
 
-def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list, cost: _Cost) -> None:
+def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list, cost: AttemptCost) -> None:
     while not stop.is_set() or not queue.empty():
         try:
             item = queue.get(timeout=0.2)
@@ -150,29 +98,41 @@ def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history
                 log.exception("progress callback failed")
 
 
-def run_job(
-    manifest: Manifest,
-    *,
-    job_id: str | None = None,
-    on_progress: ProgressFn | None = None,
-    catalog: Catalog | None = None,
-    storage_path: str | None = None,
-    cpu_threads: int | None = None,
-) -> AdapterVersion:
-    """Train the manifest's adapter on Ray Train and publish it; returns the published version."""
+@dataclass
+class Prepared:
+    """A job checked and ready to fit: everything the driver knows before Ray work starts."""
+
+    job_id: str
+    manifest: Manifest
+    data: PreparedData
+    pad_token_id: int
+    fingerprint: str
+    started: float = field(default_factory=time.time)
+
+    @property
+    def identity(self) -> dict:
+        """What the job's checkpoints are stamped with (farm.train.checkpoint.check_identity)."""
+        return {"job_id": self.job_id, "customer": self.manifest.customer, "adapter": self.manifest.adapter,
+                "manifest_sha256": self.manifest.content_hash()}
+
+
+@dataclass
+class Fitted:
+    """What `fit` hands to `publish`."""
+
+    checkpoint: Any
+    """The Ray Train checkpoint of the finished run (FINAL marker inside)."""
+    placement: WorkerPlacement
+    history: list[dict]
+
+
+def prepare(manifest: Manifest, job_id: str) -> Prepared:
+    """Load the tokenizer, read, check and tokenize the data: every input error fails here, before
+    any Ray work starts."""
     from farm.modeling import config_fingerprint, load_tokenizer
-    from farm.settings import storage_path as default_storage
-    from farm.train import builders
     from farm.train.data import prepare_data
 
-    started = time.time()
-    job_id = job_id or new_job_id()
-    if catalog is None:
-        from farm.catalog import Catalog
-
-        catalog = Catalog()
-
-    # Everything that can be wrong with the inputs fails here, before any Ray work starts.
+    check_job_id(job_id)
     tokenizer = load_tokenizer(manifest.base_model, manifest.revision)
     data = prepare_data(
         manifest.dataset,
@@ -184,68 +144,84 @@ def run_job(
         num_labels=manifest.num_labels,
         packing=manifest.training.packing,
     )
-    fingerprint = config_fingerprint(manifest.base_model, manifest.revision)
+    return Prepared(job_id, manifest, data, tokenizer.pad_token_id,
+                    config_fingerprint(manifest.base_model, manifest.revision))
+
+
+def loop_config(job: Prepared, data_ref: Any, progress: Any, cpu_threads: int | None) -> dict[str, Any]:
+    """The plain arguments of farm.train.loop.train_loop_per_worker for one job."""
+    from farm.train import builders
+
+    m = job.manifest
+    return {
+        "model": builders.model_config(m, job.data.label_names),
+        "lora": builders.lora_config(m),
+        "optim": builders.optim_config(m, len(job.data.train)),
+        "data": data_ref,
+        "pad_token_id": job.pad_token_id,
+        "progress": progress,
+        "cpu_threads": cpu_threads,
+        "identity": job.identity,
+    }
+
+
+def fit(job: Prepared, *, on_progress: ProgressFn | None = None, storage_path: str | None = None,
+        cpu_threads: int | None = None, settings: Settings | None = None) -> Fitted:
+    """Train on Ray Train (resuming the job's run if it has checkpoints); the finished checkpoint."""
+    import os
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
-
-    from farm.train.loop import FINAL_MARKER, STATE_FILE, train_loop_per_worker
-
-    ensure_ray()
-    want_gpus = manifest.resources.gpus
-    train_slots, have_gpus = training_capacity()
-    use_gpu = want_gpus > 0 and have_gpus > 0
-    if want_gpus > 0 and not use_gpu:
-        where = "training nodes" if train_slots else "Ray cluster"
-        msg = f"resources.gpus={want_gpus} but the {where} have no GPUs: job {job_id} runs on CPU"
-        log.warning(msg)
-        if on_progress:
-            on_progress({"event": "cpu_fallback", "message": msg})
-
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from farm.placement import worker_placement
+    from farm.raycluster import connect
+    from farm.settings import TRAIN_POLL_ENV
+    from farm.settings import Settings as _Settings
+    from farm.train.loop import train_loop_per_worker
+
+    settings = settings or _Settings.resolve()
+    connect(settings=settings)
+    m, job_id = job.manifest, job.job_id
+    placement = worker_placement(m.resources.gpus, job_id)
+    if placement.note:
+        log.warning(placement.note)
+        if on_progress:
+            on_progress({"event": "cpu_fallback", "message": placement.note})
     # On this driver's node, like Ray Train's controller: losing the worker's node must not lose the
     # progress channel of the restarted worker.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    config: dict[str, Any] = {
-        "model": builders.model_config(manifest, data.label_names),
-        "lora": builders.lora_config(manifest),
-        "optim": builders.optim_config(manifest, len(data.train)),
-        "data": ray.put((_rows(data.train), _rows(data.eval))),
-        "pad_token_id": tokenizer.pad_token_id,
-        "progress": progress,
-        "cpu_threads": cpu_threads,
-    }
-    resources = {"CPU": 1, **({"GPU": want_gpus} if use_gpu else {})}
-    if train_slots:
-        resources[TRAIN_RESOURCE] = 1  # a training node's slot: never a serve node's GPU or the head
-    store_path, store_fs = run_storage(storage_path or default_storage())
+    config = loop_config(job, ray.put((_rows(job.data.train), _rows(job.data.eval))), progress, cpu_threads)
+    store_path, store_fs = run_storage(storage_path or settings.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=placement.use_gpu,
+                                     resources_per_worker=placement.resources),
         run_config=RunConfig(
-            name=f"farm-{job_id}",
+            name=run_name(job_id),
             storage_path=store_path,
             storage_filesystem=store_fs,
-            failure_config=FailureConfig(max_failures=manifest.resources.max_failures),
+            failure_config=FailureConfig(max_failures=m.resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     history: list[dict] = []
     stop = threading.Event()
-    cost = _Cost(want_gpus if use_gpu else 0)
+    cost = AttemptCost(placement.gpus)
     drainer = threading.Thread(target=_drain, args=(progress, on_progress, stop, history, cost), daemon=True)
     drainer.start()
+    # Ray Train hands this process's value to the controller it starts (see farm.train.loop).
+    os.environ.setdefault(TRAIN_POLL_ENV, str(settings.train_poll_s))
     try:
         result = trainer.fit()
     except FarmError:
         raise
     except Exception as exc:  # Ray Train wraps worker errors; report the root cause in one line
-        raise TrainingError(f"job {job_id} ({manifest.name}): training failed: {_root_cause(exc)}") from exc
+        raise TrainingError(f"job {job_id} ({m.name}): training failed: {_root_cause(exc)}") from exc
     finally:
         stop.set()
         drainer.join(timeout=5)
@@ -254,38 +230,65 @@ def run_job(
         except Exception:  # noqa: BLE001
             pass
     if result.checkpoint is None:
-        raise TrainingError(f"job {job_id} ({manifest.name}): training ended without a final checkpoint")
+        raise TrainingError(f"job {job_id} ({m.name}): training ended without a final checkpoint")
+    return Fitted(result.checkpoint, placement, history)
 
-    import torch
 
+def publish(job: Prepared, fitted: Fitted, *, catalog: Catalog | None = None,
+            before_publish: PublishGate | None = None) -> AdapterVersion:
+    """Publish the fitted adapter with its loss curve and farm.json; idempotent per job id."""
     from farm.train.report import build_metadata, plot_loss_curve
 
-    with result.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="farm-publish-") as out:
+    if catalog is None:
+        from farm.catalog import Catalog
+
+        catalog = Catalog()
+    m, job_id = job.manifest, job.job_id
+    with fitted.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="farm-publish-") as out:
         ckpt = Path(ckpt_dir)
         if not (ckpt / FINAL_MARKER).exists():
             raise TrainingError(f"job {job_id}: the last checkpoint is not a finished adapter")
-        state = torch.load(ckpt / STATE_FILE, weights_only=False)
+        state = read_state(ckpt)
+        check_identity(state, job.identity, f"job {job_id}")
         final = state.get("final_metrics", {})
         for name in ADAPTER_FILES:
             if (ckpt / name).exists():
                 shutil.copy2(ckpt / name, Path(out) / name)
         full_history = state.get("history", [])
-        plot_loss_curve(full_history, Path(out) / "loss_curve.png", f"{manifest.name} — job {job_id}")
+        plot_loss_curve(full_history, Path(out) / "loss_curve.png", f"{m.name} — job {job_id}")
         metadata = build_metadata(
             job_id=job_id,
-            manifest=manifest,
-            base_fingerprint=fingerprint,
-            data_stats=data.stats,
-            label_names=data.label_names,
+            manifest=m,
+            base_fingerprint=job.fingerprint,
+            data_stats=job.data.stats,
+            label_names=job.data.label_names,
             final=final,
             history=full_history,
-            device="cuda" if use_gpu else "cpu",
-            gpus=want_gpus if use_gpu else 0,
-            wall_seconds=time.time() - started,
+            device="cuda" if fitted.placement.use_gpu else "cpu",
+            gpus=fitted.placement.gpus,
+            wall_seconds=time.time() - job.started,
         )
-        version = catalog.publish(manifest.customer, manifest.adapter, Path(out), metadata, idempotency_key=job_id)
+        if before_publish is not None:
+            before_publish()  # past this point the job ends published, whatever else is requested
+        version = catalog.publish(m.customer, m.adapter, Path(out), metadata, idempotency_key=job_id)
     log.info("job %s published %s", job_id, version.ref)
     return version
+
+
+def run_job(
+    manifest: Manifest,
+    *,
+    job_id: str | None = None,
+    on_progress: ProgressFn | None = None,
+    catalog: Catalog | None = None,
+    storage_path: str | None = None,
+    cpu_threads: int | None = None,
+    before_publish: PublishGate | None = None,
+) -> AdapterVersion:
+    """Train the manifest's adapter on Ray Train and publish it; returns the published version."""
+    job = prepare(manifest, job_id or new_job_id())
+    fitted = fit(job, on_progress=on_progress, storage_path=storage_path, cpu_threads=cpu_threads)
+    return publish(job, fitted, catalog=catalog, before_publish=before_publish)
 
 
 def _root_cause(exc: BaseException) -> str:
