@@ -202,9 +202,7 @@ class PackLoRA:
             return names, []
         matched, problems = [], []
         for name, module in self._modules:
-            if not name or not check_target_module_exists(config, name):
-                continue
-            if type(check_target_module_exists(config, name)).__name__ == "_ExcludedModule":
+            if not name or not check_target_module_exists(config, name):  # an excluded module is falsy too
                 continue
             if not isinstance(module, torch.nn.Linear):
                 problems.append(
