@@ -87,7 +87,8 @@ def test_llama2_7b_footprints(llama7b_dir):
     "arch, over",
     [
         ("llama", {}),
-        ("llama", {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"], "bias": "all"}}),
+        # lora.bias all|lora_only is refused at validate (issue 9), so r and targets vary here
+        ("llama", {"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}}),
         ("llama", {"task": "seq_cls", "labels": ["neg", "pos"]}),
         ("gpt2", {}),  # all-linear over Conv1D c_attn/c_fc/c_proj
         ("gpt2", {"task": "seq_cls", "labels": ["a", "b", "c"], "lora": {"target_modules": ["c_attn"]}}),
