@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a fresh clone without installing
 
 from farm.catalog import Catalog  # noqa: E402
-from farm.catalog.testing import start_seaweedfs, write_dummy_adapter  # noqa: E402
+from farm.catalog.testing import write_dummy_adapter  # noqa: E402
+from tests.fixtures.seaweedfs import start_seaweedfs  # noqa: E402
 
 
 def publish_grid(cat: Catalog, srcs: list[Path], customers: range, adapters: int) -> int:

@@ -9,7 +9,7 @@ the others still run, and the exit status is 1 if any failed.
 
     .venv/bin/python bench/run_all.py              # full sizes (tens of minutes on 2 cores)
     .venv/bin/python bench/run_all.py --quick      # small sizes, a few minutes
-    .venv/bin/python bench/run_all.py --only queue --only serve
+    .venv/bin/python bench/run_all.py --only job_queue --only serve
 """
 
 from __future__ import annotations

@@ -280,7 +280,7 @@ def main() -> None:
                      "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
 
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = _free_port()  # Serve's proxy keeps the port of the first deploy; every app uses it
+    port = free_port()  # Serve's proxy keeps the port of the first deploy; every app uses it
     try:
         def run(key: str, n: int, url: str) -> None:
             results[key] = throughput(n, url=url, names=names, requests=args.requests, concurrency=args.concurrency,
@@ -330,7 +330,7 @@ def main() -> None:
         results["cold_load_local"] = cold_loads(cat.url, base, versions)
         print(f"cold_load_local: {results['cold_load_local']}", flush=True)
     if not args.no_s3:
-        from farm.catalog.testing import start_seaweedfs
+        from tests.fixtures.seaweedfs import start_seaweedfs
 
         s3 = start_seaweedfs(work / "seaweedfs")
         try:
@@ -363,14 +363,6 @@ def main() -> None:
         print(f"vLLM engine / farm engine tokens/s, {len(names)} adapters = {results['vllm_over_farm_32']}x  "
               f"(goal on a GPU >= 5x); vLLM {len(names)}/1 adapters = {results['vllm_32_over_1']} (goal >= 0.8)")
     print(f"wrote {out}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -67,9 +67,10 @@ def _s3_cache_dir(url: str) -> Path:
     return farm_home() / "models" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def materialize(source: str, revision: str | None = None) -> str:
+def materialize(source: str) -> str:
     """Return something `from_pretrained` can open offline-or-online: a local dir as-is, an s3:// (or
-    other fsspec URL) model folder downloaded once into $FARM_HOME/models, or a hub id unchanged."""
+    other fsspec URL) model folder downloaded once into $FARM_HOME/models, or a hub id unchanged.
+    A revision only means something for a hub id: callers pass it to `from_pretrained` themselves."""
     if "://" in source and not source.startswith("file://"):
         import fsspec
 
@@ -128,7 +129,7 @@ def load_config(source: str, revision: str | None = None):
     """The model's transformers config (no weights)."""
     from transformers import AutoConfig
 
-    path = materialize(source, revision)
+    path = materialize(source)
     try:
         return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -139,7 +140,7 @@ def load_tokenizer(source: str, revision: str | None = None):
     """The model's tokenizer, with a pad token (eos when the model has none)."""
     from transformers import AutoTokenizer
 
-    path = materialize(source, revision)
+    path = materialize(source)
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=False)
     except (OSError, ValueError) as exc:
@@ -164,7 +165,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device or device_kind()
-    path = materialize(source, revision)
+    path = materialize(source)
     kwargs: dict[str, Any] = dict(
         revision=revision,
         trust_remote_code=False,
@@ -212,7 +213,7 @@ def disable_cpu_repack(model) -> int:
 
 def config_fingerprint(source: str, revision: str | None = None) -> str:
     """sha256 over the model folder's config and weight-file hashes (lineage: which base exactly)."""
-    path = Path(materialize(source, revision))
+    path = Path(materialize(source))
     h = hashlib.sha256()
     if not path.exists():  # hub id: the config and revision are what we can name
         h.update(f"{source}@{revision}".encode())

@@ -22,11 +22,12 @@ from pathlib import Path
 
 # What Ray processes started for the farm (the scheduler's actor and tasks, Ray Train's controller and
 # workers, Serve replicas) get from the process that starts them, so they see the same farm: its
-# folders, its S3 endpoint and credentials, and the hub's offline switches. The one list.
+# folders, its S3 endpoint and credentials, the hub's offline switches and the vLLM environment's
+# Python (serve replicas). The one list: farm.raycluster.connect, the scheduler and `farm serve` use it.
 FORWARDED_ENV = ("FARM_HOME", "FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB", "AWS_ENDPOINT_URL",
                  "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_DEFAULT_REGION", "AWS_REGION", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
-                 "TOKENIZERS_PARALLELISM")
+                 "TOKENIZERS_PARALLELISM", "FARM_VLLM_PYTHON")
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 DEFAULT_TRAIN_POLL_S = 1.0
 
@@ -99,11 +100,6 @@ def queue_db_path() -> Path:
 
 def logs_dir() -> Path:
     return Settings.resolve().logs_dir
-
-
-def forwarded_env() -> dict[str, str]:
-    """The FORWARDED_ENV variables set in this process."""
-    return dict(Settings.resolve().forwarded)
 
 
 def s3_endpoint() -> str | None:

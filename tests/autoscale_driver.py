@@ -77,7 +77,7 @@ def main(farm_home: str) -> None:
     from ray._private.parameter import RayParams
 
     from farm import scheduler
-    from farm.catalog.testing import free_ports
+    from tests.ports import free_ports
     from farm.cluster import _processes_under
     from farm.queue import SQLiteStore
     from tests.queue_runners import make_manifest

@@ -27,3 +27,15 @@ def farm_home(tmp_path, monkeypatch):
     monkeypatch.delenv("FARM_STORAGE", raising=False)
     monkeypatch.delenv("FARM_QUEUE_DB", raising=False)
     return home
+
+
+@pytest.fixture(scope="module")
+def module_farm_home(tmp_path_factory):
+    """An isolated FARM_HOME shared by one module's tests (for module-scoped farms and Serve apps);
+    set through a MonkeyPatch, so it is undone when the module ends."""
+    with pytest.MonkeyPatch.context() as mp:
+        home = tmp_path_factory.mktemp("farm_home")
+        mp.setenv("FARM_HOME", str(home))
+        for name in ("FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB"):
+            mp.delenv(name, raising=False)
+        yield home

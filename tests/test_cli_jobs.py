@@ -81,7 +81,7 @@ def test_errors_print_one_line_not_a_traceback(farm_home):
 
 
 @pytest.fixture
-def scheduler_env(ray_cluster, farm_home, monkeypatch):
+def scheduler_env(ray_address, farm_home, monkeypatch):
     """`farm submit` against the shared cluster with its own scheduler actor running test runners."""
     import ray
 

@@ -34,3 +34,16 @@ def test_generator_is_light():
             "print(','.join(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == ""
+
+
+def test_readme_lists_every_environment_variable_the_farm_reads():
+    """README's configuration table names every FARM_* (and the Ray Train) variable farm/ reads."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = {m for line in readme.splitlines() if line.startswith("| `") for m in re.findall(r"`([A-Z_]+)`", line)}
+    read = set()
+    for path in (ROOT / "farm").rglob("*.py"):
+        read |= set(re.findall(r"[\"']((?:FARM|RAY_TRAIN)_[A-Z_]+)[\"']", path.read_text(encoding="utf-8")))
+    assert read, "found no environment variables in farm/: the pattern is wrong"
+    assert sorted(read - table) == []

@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from farm.serve.auth import KeyStore, Principal, hash_key
-from tests.test_serve_support import free_port, stock_greedy
+from tests.ports import free_port
+from tests.test_serve_support import stock_greedy
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
@@ -45,7 +46,7 @@ def slow_runner(manifest, *, job_id: str, on_progress=None):
 
 
 @pytest.fixture(scope="module")
-def farm(ray_cluster, tiny_llama, tmp_path_factory):
+def farm(ray_cluster, tiny_llama, module_farm_home):
     import ray
     from ray import serve
 
@@ -55,9 +56,7 @@ def farm(ray_cluster, tiny_llama, tmp_path_factory):
     from farm.serve.app import deploy
     from farm.serve.config import ServeConfig
 
-    home = tmp_path_factory.mktemp("ft_home")
-    old_home = os.environ.get("FARM_HOME")
-    os.environ["FARM_HOME"] = str(home)
+    home = module_farm_home
     sched = f"ft-{uuid.uuid4().hex[:6]}"
     # `farm serve --base-model` defaults (the demo manifest), shortened for a tiny CPU run
     policy = default_policy(str(tiny_llama), default_batch_size=4, checkpoint_every=2, eval_every=2,
@@ -74,10 +73,6 @@ def farm(ray_cluster, tiny_llama, tmp_path_factory):
     ray.kill(ns.actor, no_restart=True)  # the one the last test started
     serve.delete("farm-ft-test")
     serve.shutdown()  # the next module's deploy starts its own proxy on its own port
-    if old_home is None:
-        os.environ.pop("FARM_HOME", None)
-    else:
-        os.environ["FARM_HOME"] = old_home
 
 
 def _healthy(base: str) -> bool:

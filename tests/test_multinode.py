@@ -31,7 +31,7 @@ import pytest
 from tests.waiting import wait_for
 import yaml
 
-from farm.catalog.testing import free_ports
+from tests.ports import free_ports
 from tests.test_s3_e2e import s3fs_for, tiny_manifest, upload_inputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,13 +85,14 @@ def serve_main(address: str, config: str) -> None:
     from ray import serve
     from ray.util.state import list_actors
 
-    from farm.serve.app import FORWARDED_ENV, Ingress
+    from farm.serve.app import Ingress
     from farm.serve.auth import KeyStore
     from farm.serve.config import ServeConfig
     from farm.serve.server import AdapterServer
+    from farm.settings import Settings
 
     cfg = ServeConfig(**json.loads(config))
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = Settings.resolve().ray_env()  # what farm.serve.app.deploy forwards
     pin = {"resources": {"node_a": 0.001}, "runtime_env": {"env_vars": env}}
     server = serve.deployment(AdapterServer).options(
         name="AdapterServer", num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica, **pin})

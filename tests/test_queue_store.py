@@ -304,6 +304,24 @@ def test_lapsed_lease_cancel_is_immediate_only_while_nothing_can_publish(store, 
     assert store.succeed(b.id, again.lease_id, adapter_ref="acme/b@v1").state is JobState.SUCCEEDED
 
 
+def test_a_publishing_orphan_gets_one_attempt_past_its_budget_then_fails(store, clock):
+    """Re-queued to finish its publish even with no attempts left, but only once: a publish that
+    keeps taking its scheduler down ends in the dead-letter state, not in an endless loop."""
+    store.submit(make_manifest(), max_attempts=1)
+    job = run_one(store)
+    assert store.begin_publish(job.id, job.lease_id)
+    clock.t += 60
+    (back,) = store.recover_orphans("sched/2")
+    assert (back.state, back.attempts) == (JobState.QUEUED, 1)
+    again = store.claim_next("sched/2", lease_ttl=10)
+    assert (again.id, again.attempts) == (job.id, 2)
+    clock.t += 60
+    (dead,) = store.recover_orphans("sched/3")
+    assert dead.state is JobState.FAILED
+    assert f"idempotency key {job.id}" in dead.last_error
+    assert store.claim_next("sched/3", lease_ttl=10) is None
+
+
 def test_a_version_1_database_is_upgraded_in_place(tmp_path):
     import sqlite3
 

@@ -18,7 +18,8 @@ import openai
 import pytest
 
 from farm.serve.auth import KeyStore, hash_key
-from tests.test_serve_support import free_port, make_adapter, stock_greedy
+from tests.ports import free_port
+from tests.test_serve_support import make_adapter, stock_greedy
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray

@@ -3,14 +3,7 @@ PEFT's greedy output as the reference the server must reproduce."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_adapter(base: Path, dest: Path, seed: int, *, task: str = "causal_lm", num_labels: int = 3,

@@ -21,7 +21,8 @@ import pytest
 
 from farm.serve.auth import KeyStore, hash_key
 from farm.serve.engines.base import vllm_python
-from tests.test_serve_support import free_port, make_adapter
+from tests.ports import free_port
+from tests.test_serve_support import make_adapter
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make vllm-env)")]
 

@@ -23,11 +23,12 @@ MAX_CAS_TRIES = 50
 def aliases(store: Store, customer: str, adapter: str) -> dict[str, int]:
     """alias -> version for one adapter (one listing plus one read per alias)."""
     out = {}
-    for name in store.children(f"{layout.adapter_key(customer, adapter)}/aliases"):
+    for name in store.children(layout.aliases_key(customer, adapter)):
         if name.endswith(".json"):
-            got = read_pointer(store, f"{layout.adapter_key(customer, adapter)}/aliases/{name}")
+            alias = name[: -len(".json")]
+            got = read_pointer(store, layout.alias_key(customer, adapter, alias))
             if got is not None:
-                out[name[: -len(".json")]] = int(got[0]["version"])
+                out[alias] = int(got[0]["version"])
     return out
 
 

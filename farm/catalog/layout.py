@@ -39,6 +39,11 @@ def latest_key(customer: str, adapter: str) -> str:
     return f"{customer}/{adapter}/{LATEST}"
 
 
+def aliases_key(customer: str, adapter: str) -> str:
+    """The folder of an adapter's alias pointers."""
+    return f"{customer}/{adapter}/aliases"
+
+
 def alias_key(customer: str, adapter: str, alias: str) -> str:
     return f"{customer}/{adapter}/aliases/{alias}.json"
 

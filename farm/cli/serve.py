@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -61,11 +60,10 @@ def serve_cmd(
     from farm.cluster import use_running_farm
 
     use_running_farm()  # the farm `farm up` started under FARM_HOME, unless RAY_ADDRESS names one
-    import ray
-
+    from farm.raycluster import connect
     from farm.serve.app import deploy
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    connect()  # RAY_ADDRESS (set by use_running_farm), else a private local Ray
     url = deploy(cfg, store)
     console.print(f"serving {cfg.served_name} and adapters from {cfg.catalog_url} at {url}/v1 "
                   f"({replicas} replica(s), {len(store)} key(s)); Ctrl-C stops")

@@ -475,7 +475,8 @@ class SQLiteStore:
         that keeps taking its scheduler down must not re-run forever): with attempts left the job is
         re-queued to resume from its last checkpoint, else it fails (the dead-letter state). Flagged
         for cancel, it is cancelled instead, unless it had begun publishing: then it is re-queued to
-        finish the publish (the same version, by the catalog's idempotency key)."""
+        finish the publish (the same version, by the catalog's idempotency key), with one attempt
+        past `max_attempts` at most, after which it fails too."""
         out = []
         with self._tx() as c:
             now = self.clock()
@@ -492,6 +493,12 @@ class SQLiteStore:
                 elif job.attempts >= job.max_attempts and not publishing:
                     out.append(self._transition(c, job, JobState.FAILED, f"{gone} (no attempts left)",
                                                 last_error=gone))
+                elif publishing and job.attempts > job.max_attempts:
+                    # It was given one attempt past its budget to finish the publish and lost that
+                    # too: it must not re-run forever. The catalog's idempotency key is the job id.
+                    why = (f"{gone} (no attempts left; it had begun publishing: a complete version, if "
+                           f"any, is in the catalog under idempotency key {job.id})")
+                    out.append(self._transition(c, job, JobState.FAILED, why, last_error=why, cancel_requested=0))
                 else:
                     out.append(self._transition(c, job, JobState.QUEUED,
                                                 f"{gone}; re-queued to resume from its last checkpoint"))

@@ -11,7 +11,6 @@ carries the version id as Serve's multiplexed model id, so it lands on a replica
 import asyncio
 import json
 import logging
-import os
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,10 +28,6 @@ from farm.serve.server import AdapterServer
 
 log = logging.getLogger("farm.serve")
 api = FastAPI(title="farm", docs_url=None, redoc_url=None, openapi_url=None)
-
-# Environment a replica needs to reach the catalog and the base model (copied from `farm serve`).
-FORWARDED_ENV = ("FARM_HOME", "FARM_VLLM_PYTHON", "FARM_CATALOG", "HF_HUB_OFFLINE", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 def _error(exc: BaseException, tag: str) -> JSONResponse:
@@ -278,13 +273,14 @@ class Ingress:
 
 def build_app(cfg: ServeConfig, keys: KeyStore | None = None):
     """The Serve application for a config. Refuses a non-loopback host when no keys are configured."""
-    from farm.settings import catalog_url
+    from farm.settings import Settings
 
     keys = keys if keys is not None else KeyStore.load(cfg.keys_file)
     check_bind(cfg.host, len(keys))
+    settings = Settings.resolve()
     if cfg.catalog_url is None:
-        cfg.catalog_url = catalog_url()  # resolved here so every replica uses the same catalog
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        cfg.catalog_url = settings.catalog_url  # resolved here so every replica uses the same catalog
+    env = settings.ray_env()  # farm.settings.FORWARDED_ENV: the replica sees the same farm
     opts = {"num_cpus": cfg.cpus_per_replica, "runtime_env": {"env_vars": env}}
     if cfg.gpus_per_replica:
         opts["num_gpus"] = cfg.gpus_per_replica

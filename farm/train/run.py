@@ -27,7 +27,6 @@ from farm.errors import FarmError, TrainingError
 from farm.manifest import Manifest
 from farm.placement import HEAD_RESOURCE, TRAIN_RESOURCE, training_capacity  # noqa: F401 - re-exported
 from farm.queue.job import check_job_id, run_name
-from farm.settings import FORWARDED_ENV, forwarded_env  # noqa: F401 - re-exported for older callers
 from farm.train.checkpoint import ADAPTER_FILES, FINAL_MARKER, check_identity, read_state
 
 if TYPE_CHECKING:
