@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from farm.cli import app
 from farm.errors import JobNotFound, QueueError
 from farm.queue import JobState, SQLiteStore
 from tests.queue_runners import make_manifest
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 FARM = str(Path(sys.executable).with_name("farm"))
@@ -138,9 +138,7 @@ def test_fresh_farm_survives_down_and_up_mid_job(tmp_path, farm_home):
         job_id = first.stdout.split("farm started")[1].splitlines()[1].split()[0]
         heads.append(json.loads((farm_home / "cluster.json").read_text()))
         store = SQLiteStore(farm_home / "queue.db")
-        deadline = time.time() + 60
-        while store.get(job_id).progress.get("step", 0) < 3 and time.time() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: store.get(job_id).progress.get("step", 0) >= 3, timeout=60, what="step 3 of the job")
         assert store.get(job_id).state is JobState.RUNNING
         down = farm("down")
         assert down.returncode == 0 and "stopped the local Ray head" in down.stdout, down.stdout + down.stderr

@@ -3,7 +3,6 @@ queued, dispatched by the scheduler actor as a Ray task, trained with Ray Train,
 
 from __future__ import annotations
 
-import time
 import uuid
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 from farm import scheduler
 from farm.manifest import Manifest, load_manifest
 from farm.queue import JobState, SQLiteStore
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -29,9 +29,7 @@ def test_customer_x_job_trains_and_publishes_through_the_queue(ray_cluster, farm
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     actor = scheduler.start(scheduler.SchedulerConfig(name=name, namespace="farm-tests", poll_s=0.1))
     try:
-        deadline = time.time() + 240
-        while not store.get(job_id).done and time.time() < deadline:
-            time.sleep(0.5)
+        wait_for(lambda: store.get(job_id).done, timeout=240, what="the job to end", every=0.5)
         job = store.get(job_id)
         log = (farm_home / "logs" / "jobs" / f"{job_id}.log").read_text()
         assert job.state is JobState.SUCCEEDED, f"{job.state}: {job.last_error}\n{log[-3000:]}"
