@@ -180,18 +180,10 @@ def _use_auth(recorded: str | None = None) -> None:
 
 
 def _connect(address: str, namespace: str) -> str | None:
-    """ray.init to `address` (no-op if this process is already connected); the dashboard URL."""
-    import ray
+    """Join the cluster at `address` (no-op if this process is already connected); the dashboard URL."""
+    from farm.raycluster import connect
 
-    if not ray.is_initialized():
-        try:
-            ctx = ray.init(address=address, namespace=namespace, log_to_driver=False, configure_logging=False,
-                           logging_level="WARNING")
-        except Exception as exc:  # noqa: BLE001 - ConnectionError and Ray's own variants
-            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
-        url = getattr(ctx, "dashboard_url", None)
-        return f"http://{url}" if url and "://" not in url else url
-    return None
+    return connect(address, namespace=namespace, local_ok=False)
 
 
 def running() -> FarmInfo | None:
