@@ -482,6 +482,16 @@ def load_prepared(spec: DatasetSpec, tokenizer, *, task: str, max_seq_len: int, 
     return LoadedData(cols["train"], cols["eval"], stats, _label_names(task, labels, num_labels))
 
 
+def load_worker_data(cfg: dict) -> LoadedData:
+    """`load_prepared` from the plain arguments `farm.train.builders.data_config` builds: loads the
+    job's tokenizer here, in the worker."""
+    from farm.modeling import load_tokenizer
+
+    tok = cfg["tokenizer"]
+    tokenizer = load_tokenizer(tok["source"], tok.get("revision"))
+    return load_prepared(cfg["spec"], tokenizer, **cfg["options"], expect=cfg.get("expect"))
+
+
 def prepare_data(spec: DatasetSpec, *, task: str, tokenizer, max_seq_len: int, seed: int,
                  labels: list[str] | None = None, num_labels: int | None = None, packing: bool = False) -> PreparedData:
     """Read, check and tokenize train and eval data for a task (causal_lm or seq_cls), whole in memory.
