@@ -147,3 +147,31 @@ def test_cli_gc_dry_run_json_and_bad_age(farm_home, tmp_path):
     assert run.exists()
     bad = CliRunner().invoke(app, ["gc", "--older-than", "soon"])
     assert bad.exit_code != 0 and isinstance(bad.exception, GcError)
+
+
+@pytest.mark.s3
+def test_gc_on_s3_run_storage(farm_home, s3_env, monkeypatch, tmp_path):
+    """Run storage on S3: an ended job's run goes by the queue's end time; a fresh unknown run stays."""
+    import fsspec
+
+    from farm.settings import storage_options
+
+    storage = f"{s3_env}/runs"
+    monkeypatch.setenv("FARM_STORAGE", storage)
+    now = time.time()
+    clock = Clock(now - 10 * DAY)
+    store = SQLiteStore(farm_home / "queue.db", clock=clock)
+    job_id = store.submit(make_manifest("acme", "s3-old")).job_id
+    job = store.claim_next("s1", lease_ttl=DAY)
+    store.succeed(job.id, job.lease_id, adapter_ref="acme/s3-old@v1")
+    store.close()
+    fs, _ = fsspec.core.url_to_fs(storage, **storage_options(storage))
+    for name in (f"farm-{job_id}", "farm-foreground-new"):
+        fs.pipe(f"{storage}/{name}/checkpoint_000001/adapter_model.safetensors", b"z" * 500)
+
+    report = collect(7 * DAY, now=now, temp_root=tmp_path)
+    assert [(i.path, i.bytes) for i in report.removed] == [(f"{storage}/farm-{job_id}", 500)]
+    assert [i.path for i in report.kept if i.kind == "run"] == [f"{storage}/farm-foreground-new"]
+    fs.invalidate_cache()
+    assert not fs.exists(f"{storage}/farm-{job_id}/checkpoint_000001/adapter_model.safetensors")
+    assert fs.exists(f"{storage}/farm-foreground-new/checkpoint_000001/adapter_model.safetensors")
