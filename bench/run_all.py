@@ -121,6 +121,23 @@ def _serve_bars(r: dict) -> tuple[str, dict[str, float]]:
     return "requests/s", {label: _get(r, k, "req_per_s") for k, label in names.items() if _get(r, k, "req_per_s") is not None}
 
 
+def _data_headline(r: dict) -> str:
+    big = r.get(f"{r.get('scale')}x") or {}
+    return (f"driver data step at {r.get('scale')}x demo: +{_fmt(_get(big, 'old', 'added_peak_mb'), '.0f', ' MB')} old, "
+            f"+{_fmt(_get(big, 'new', 'added_peak_mb'), '.0f', ' MB')} new peak RSS "
+            f"(x{_fmt(r.get('old_over_new_added_peak'), '.0f')}); new grows {_fmt(r.get('new_growth_mb'), '.1f', ' MB')} from 1x")
+
+
+def _data_bars(r: dict) -> tuple[str, dict[str, float]]:
+    bars = {}
+    for scale in ("1x", f"{r.get('scale')}x"):
+        for mode in ("old", "new"):
+            v = _get(r, scale, mode, "added_peak_mb")
+            if v is not None:
+                bars[f"{mode}\n{scale}"] = v
+    return "MB added to peak RSS", bars
+
+
 BENCHES = [
     Bench("train_overhead", [], ["--steps", "20"], 1200, _train_headline, _train_bars),
     Bench("catalog", [], ["--quick"], 900, _catalog_headline, _catalog_bars, log_scale=True),
@@ -128,6 +145,7 @@ BENCHES = [
           600, _queue_headline, _queue_bars),
     Bench("serve", [], ["--requests", "64", "--baseline-requests", "16", "--no-routing", "--no-s3"],
           1200, _serve_headline, _serve_bars),
+    Bench("data_rss", [], ["--scale", "20"], 600, _data_headline, _data_bars),
 ]
 
 

@@ -172,6 +172,14 @@ def test_fetch_cache_reuses_a_verified_copy(url, src):
     assert cat.fetch("acme/support") == first
     assert cat.store.requests - before <= 2  # just the resolve, no downloads
     assert first.name.startswith("v1-") and (first / "adapter_model.safetensors").exists()
+    # Each reuse marks the folder used (farm gc removes fetched folders by last use).
+    import os
+
+    from farm.catalog.fetch import VERIFIED
+
+    os.utime(first / VERIFIED, (1_000_000, 1_000_000))
+    cat.fetch("acme/support")
+    assert (first / VERIFIED).stat().st_mtime > 1_000_000
 
 
 def test_read_your_write_across_processes(url, src):

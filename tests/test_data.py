@@ -1,6 +1,7 @@
 """The data pipeline on the tiny models' tokenizer: every format's loss mask exactly, the seeded eval
 split, jsonl/json/parquet/csv inputs, packing, and bad data failing with a message that names the
-file, the row, the column and what is allowed."""
+file, the row, the column and what is allowed. Every bad-data case runs twice: through the worker's
+path (prepare_data, rows kept) and the driver's streaming check (check_data), which must agree."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from farm.errors import DataError
 from farm.manifest import DatasetSpec, load_manifest
-from farm.train.data import IGNORE_INDEX, Collator, prepare_data
+from farm.train.data import IGNORE_INDEX, Collator, check_data, load_prepared, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,14 +61,14 @@ def jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def prep(tok, train, *, max_seq_len=128, seed=0, **spec):
-    return prepare_data(
+def prep(tok, train, *, max_seq_len=128, seed=0, check=False, **spec):
+    return (check_data if check else prepare_data)(
         DatasetSpec(train=str(train), **spec), task="causal_lm", tokenizer=tok, max_seq_len=max_seq_len, seed=seed
     )
 
 
-def prep_cls(tok, train, *, labels=None, num_labels=None, max_seq_len=64, **spec):
-    return prepare_data(
+def prep_cls(tok, train, *, labels=None, num_labels=None, max_seq_len=64, check=False, **spec):
+    return (check_data if check else prepare_data)(
         DatasetSpec(train=str(train), **spec),
         task="seq_cls",
         tokenizer=tok,
@@ -79,8 +80,12 @@ def prep_cls(tok, train, *, labels=None, num_labels=None, max_seq_len=64, **spec
 
 
 def data_error(fn, *args, **kwargs) -> str:
+    """The DataError text of the worker's path; the driver's streaming check must raise the same."""
     with pytest.raises(DataError) as info:
         fn(*args, **kwargs)
+    with pytest.raises(DataError) as streamed:
+        fn(*args, check=True, **kwargs)
+    assert str(streamed.value) == str(info.value)
     return str(info.value)
 
 
@@ -436,3 +441,79 @@ def test_chat_from_csv_json_cells_and_template_errors(tok, tmp_path):
 
     strict.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     assert "has no {% generation %} markers" in data_error(prep, strict, g, eval=str(g))
+
+
+# ---- the driver's streaming check and the worker's load
+
+
+def _summary_matches(tok, spec: DatasetSpec, **kw) -> None:
+    kw = {"task": "causal_lm", "max_seq_len": 64, "seed": 3, **kw}
+    head = check_data(spec, tokenizer=tok, **kw)
+    worker = prepare_data(spec, tokenizer=tok, **kw)
+    assert head.stats == worker.stats
+    assert head.train_rows == len(worker.train)
+    assert head.label_names == worker.label_names
+
+
+def test_streaming_check_counts_what_the_worker_loads(tok, tmp_path):
+    pc = jsonl(tmp_path / "pc.jsonl", PC_ROWS * 6 + [{"prompt": "word " * 200, "completion": " lost"}])
+    _summary_matches(tok, DatasetSpec(train=str(pc), eval_fraction=0.3))
+    _summary_matches(tok, DatasetSpec(train=str(pc), eval_fraction=0.3), packing=True)
+    chat = jsonl(tmp_path / "chat.jsonl", CHAT_ROWS * 3)
+    _summary_matches(tok, DatasetSpec(train=str(chat), eval=str(chat)), max_seq_len=40)
+    cls = jsonl(tmp_path / "cls.jsonl", CLS_ROWS * 3)
+    _summary_matches(tok, DatasetSpec(train=str(cls), eval_fraction=0.25), task="seq_cls", labels=LABELS)
+
+
+def test_split_is_the_seeded_shuffle_of_row_indices(tok, tmp_path):
+    """The split the farm has always made: random.Random(seed).shuffle(range(n)), the first
+    round(n * fraction) indices to eval, file order kept on both sides."""
+    import random
+
+    rows = [{"text": f"row number {i}"} for i in range(37)]
+    f = jsonl(tmp_path / "t.jsonl", rows)
+    d = load_prepared(DatasetSpec(train=str(f), eval_fraction=0.2), tok, task="causal_lm", max_seq_len=64, seed=7)
+    order = list(range(37))
+    random.Random(7).shuffle(order)
+    want_eval = sorted(order[:7])
+    want_train = sorted(order[7:])
+    assert [tok.decode(x[:-1]) for x in d.eval["input_ids"]] == [rows[i]["text"] for i in want_eval]
+    assert [tok.decode(x[:-1]) for x in d.train["input_ids"]] == [rows[i]["text"] for i in want_train]
+
+
+def test_worker_refuses_data_changed_since_the_check(tok, tmp_path):
+    f = jsonl(tmp_path / "pc.jsonl", PC_ROWS)
+    spec = DatasetSpec(train=str(f), eval=str(f))
+    head = check_data(spec, task="causal_lm", tokenizer=tok, max_seq_len=64, seed=0)
+    same = load_prepared(spec, tok, task="causal_lm", max_seq_len=64, seed=0, expect=head.stats)
+    assert same.stats == head.stats
+    jsonl(f, PC_ROWS[:3])
+    with pytest.raises(DataError, match=r"pc.jsonl: the file changed since the job's data was checked"):
+        load_prepared(spec, tok, task="causal_lm", max_seq_len=64, seed=0, expect=head.stats)
+
+
+def test_streamed_csv_gets_the_whole_file_readers_types(tmp_path):
+    """pyarrow's streaming CSV reader fixes column types from the first block; the scan widens them
+    the way read_csv would (int -> double -> string), so a late '1.5' or 'pos' reads as before."""
+    import pyarrow.csv as pcsv
+
+    from farm.train import sources
+
+    f = tmp_path / "late.csv"
+    body = "".join(f'"row {i}",{i % 3},{i}\n' for i in range(70_000))  # > pyarrow's 1 MB first block
+    f.write_text("text,label,score\n" + body + '"last",pos,1.5\n')
+    want = pcsv.read_csv(f)
+    s = sources.scan(str(f))
+    assert s.n_rows == want.num_rows and s.columns == want.schema.names
+    assert s.csv_types == {fld.name: str(fld.type) for fld in want.schema}
+    got = [r for _, r in sources.rows(s)]
+    assert got[-1] == {"text": "last", "label": "pos", "score": 1.5} and got[:3] == want.slice(0, 3).to_pylist()
+    assert s.sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_json_lines_split_on_newlines_only(tok, tmp_path):
+    """A JSON string may hold U+2028 unescaped; it is not a line break of the file."""
+    f = tmp_path / "u.jsonl"
+    f.write_text(json.dumps({"text": "one\u2028two"}, ensure_ascii=False) + "\n" + json.dumps({"text": "x"}) + "\n")
+    d = prep(tok, f, eval=str(f))
+    assert d.stats["train"]["rows"] == 2

@@ -213,3 +213,49 @@ def test_early_stopping_keeps_the_best_adapter(ray_cluster, farm_home, tiny_llam
     best = min(h["eval_loss"] for h in evals)
     assert evals[-1]["eval_loss"] >= best
     assert meta["metrics"]["eval_loss"] == pytest.approx(best, rel=1e-4), "the best weights were restored"
+
+
+def test_early_stopping_after_a_worker_kill_publishes_the_best_weights(ray_cluster, farm_home, tiny_llama):
+    """SIGKILL the worker right after the checkpoint that follows its best eval: the restarted worker
+    gets the best weights from the checkpoint, stops at the next worse eval, and the adapter it
+    publishes scores exactly the best eval loss (not the weights it stopped with)."""
+    from peft import PeftModel
+
+    from farm.modeling import Quantization, load_base_model, load_tokenizer
+
+    manifest = parse_manifest({
+        **_causal_manifest(tiny_llama, max_steps=40, eval_every=4, checkpoint_every=4, early_stopping_patience=2,
+                           learning_rate=0.5, batch_size=64),
+        "resources": {"gpus": 0, "max_failures": 1},
+    })
+    killed = threading.Event()
+    events: list[dict] = []
+    snapshot = farm_home / "runs" / "farm-job-early-kill" / "checkpoint_manager_snapshot.json"
+
+    def checkpoint_registered() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
+        except (OSError, ValueError):
+            return False
+
+    def on_progress(m: dict) -> None:
+        events.append(m)
+        if not killed.is_set() and "pid" in m and checkpoint_registered():
+            killed.set()
+            os.kill(m["pid"], signal.SIGKILL)
+
+    version = run_job(manifest, job_id="job-early-kill", on_progress=on_progress)
+    meta = version.metadata
+    resumed = [e for e in events if e.get("attempt_resumed_from") is not None]
+    assert killed.is_set() and resumed, "the worker was killed and a new one resumed"
+    start = resumed[0]["attempt_resumed_from"]
+    evals = [h for h in meta["metrics_history"] if "eval_loss" in h and "loss" in h]
+    best = min(evals, key=lambda h: h["eval_loss"])
+    assert meta["stopped_early"] is True and meta["steps"] == evals[-1]["step"] > start
+    assert best["step"] <= start, f"the best eval (step {best['step']}) came before the restart (step {start})"
+    assert meta["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
+
+    # The published adapter itself scores the best eval loss on the same eval data.
+    tok = load_tokenizer(str(tiny_llama))
+    model = PeftModel.from_pretrained(load_base_model(str(tiny_llama), quant=Quantization()), Catalog().fetch(version))
+    assert _eval_loss(model, tok, manifest) == pytest.approx(best["eval_loss"], rel=1e-3)

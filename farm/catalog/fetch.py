@@ -3,7 +3,8 @@
 Files land in a hidden temporary folder next to the destination, are checked against the size and
 sha256 recorded in farm.json, and only then is the folder renamed into place, so a destination
 either holds the whole verified version or nothing. The default destination is a cache folder keyed
-by the version's immutable id, reused when a verified copy is already there.
+by the version's immutable id, reused when a verified copy is already there (each reuse touches the
+folder's marker, which is how `farm gc` tells when it was last used).
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ def _cached(v: AdapterVersion, folder: Path) -> bool:
         return False
 
 
+def _used(folder: Path) -> None:
+    """A cache hit refreshes the marker's time: `farm gc` removes folders not used for its age."""
+    try:
+        (folder / VERIFIED).touch()
+    except OSError:
+        pass  # a read-only cache still serves
+
+
 def fetch(store: Store, v: AdapterVersion, dest: Path | None, cache_root: Path) -> Path:
     """Download and verify v into dest (must be missing or empty) or the cache; returns the folder."""
     use_cache = dest is None
     dest = Path(cache_dir(v, cache_root) if use_cache else dest).expanduser().absolute()
     if use_cache and _cached(v, dest):
+        _used(dest)
         return dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise CatalogError(f"fetch {v.ref}: destination {dest} exists and is not an empty folder")

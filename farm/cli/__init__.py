@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from farm.cli import adapters, jobs, manifest_cmds, serve, train
+from farm.cli import adapters, gc, jobs, manifest_cmds, serve, train
 from farm.cli._common import console, err_console
 from farm.errors import FarmError
 
@@ -26,7 +26,7 @@ def _root() -> None:
     """A multi-tenant QLoRA adapter farm on Ray. FARM_HOME, FARM_CATALOG and RAY_ADDRESS configure it."""
 
 
-for _module in (manifest_cmds, train, jobs, adapters, serve):
+for _module in (manifest_cmds, train, jobs, adapters, serve, gc):
     _module.register(app)
 
 

@@ -59,6 +59,19 @@ def total_steps(manifest: Manifest, train_rows: int) -> int:
     return max(1, math.ceil((t.epochs or 1.0) * micro_batches / t.grad_accum))
 
 
+def data_config(manifest: Manifest, expect: dict | None = None) -> dict:
+    """What a worker needs to read and tokenize the job's data itself (farm.train.data.load_worker_data):
+    the dataset spec, the tokenizer's source and the options; `expect` is the driver's checked stats."""
+    t = manifest.training
+    return {
+        "spec": manifest.dataset,
+        "tokenizer": {"source": manifest.base_model, "revision": manifest.revision},
+        "options": {"task": manifest.task, "max_seq_len": t.max_seq_len, "seed": t.seed, "labels": manifest.labels,
+                    "num_labels": manifest.num_labels, "packing": t.packing},
+        "expect": expect,
+    }
+
+
 def optim_config(manifest: Manifest, train_rows: int) -> dict:
     """Optimizer, schedule and loop settings for the worker."""
     t = manifest.training

@@ -1,9 +1,10 @@
 """The Ray Train worker: load the base (quantized), attach LoRA, train, evaluate, checkpoint.
 
-Runs inside a Ray Train worker process; gets plain arguments (see farm.train.run.prepare), never a
-manifest. Checkpoints (farm.train.checkpoint) hold everything needed to resume exactly: adapter
-weights, optimizer, scheduler, RNG state, the data position and the best weights so far, so a
-restarted worker ends at the planned step count and early stopping still publishes the best weights.
+Runs inside a Ray Train worker process; gets plain arguments (see farm.train.run.loop_config), never
+a manifest, and reads and tokenizes the job's data itself (farm.train.data.load_worker_data).
+Checkpoints (farm.train.checkpoint) hold everything needed to resume exactly: adapter weights,
+optimizer, scheduler, RNG state, the data position and the best weights so far, so a restarted
+worker ends at the planned step count and early stopping still publishes the best weights.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
     from transformers import get_scheduler
 
-    from farm.train.data import Collator
+    from farm.train.data import Collator, load_worker_data
 
     ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
@@ -146,6 +147,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = config["optim"]
     task = config["model"]["task"]
     _seed_all(opt["seed"])
+    # The worker reads and tokenizes its own data (the driver only checked it, keeping counts).
+    data = load_worker_data(config["data"])
+    train_rows, eval_rows = data.train, data.eval
 
     model, info = build_model(config["model"], config["lora"], kind)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,7 +161,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_warmup_steps=int(math.ceil(opt["warmup_ratio"] * total_steps)),
         num_training_steps=total_steps,
     )
-    train_rows, eval_rows = ray.get(config["data"])
     collate = Collator(config["pad_token_id"])
     n_train = len(train_rows["input_ids"])
     bs, accum = opt["batch_size"], opt["grad_accum"]

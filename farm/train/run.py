@@ -1,5 +1,6 @@
-"""Run one job: prepare (validate and tokenize its data), fit (a Ray Train TorchTrainer, one
-worker), publish (the adapter, its loss curve and farm.json to the catalog).
+"""Run one job: prepare (check its data by streaming it), fit (a Ray Train TorchTrainer, one
+worker, which reads and tokenizes the data itself), publish (the adapter, its loss curve and
+farm.json to the catalog).
 
 `run_job` is what `farm train` calls in the foreground and what the scheduler calls inside a Ray
 task; `prepare`, `fit` and `publish` are its three steps, usable on their own (packed training
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from farm.catalog import AdapterVersion, Catalog
     from farm.placement import WorkerPlacement
     from farm.settings import Settings
-    from farm.train.data import PreparedData
+    from farm.train.data import DataSummary
 
 log = logging.getLogger("farm.train")
 
@@ -75,13 +76,6 @@ def run_storage(path: str) -> tuple[str, Any]:
     return root.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
-def _rows(ds) -> dict[str, list]:
-    """A tokenized datasets.Dataset as plain columns (cheap to ship through the object store)."""
-    return {c: ds[c] for c in ("input_ids", "attention_mask", "labels")}
-
-
-
-
 def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list, cost: AttemptCost) -> None:
     while not stop.is_set() or not queue.empty():
         try:
@@ -103,7 +97,8 @@ class Prepared:
 
     job_id: str
     manifest: Manifest
-    data: PreparedData
+    data: DataSummary
+    """Counts, stats and label names of the checked data (no rows: the worker reads them itself)."""
     pad_token_id: int
     fingerprint: str
     started: float = field(default_factory=time.time)
@@ -126,14 +121,14 @@ class Fitted:
 
 
 def prepare(manifest: Manifest, job_id: str) -> Prepared:
-    """Load the tokenizer, read, check and tokenize the data: every input error fails here, before
-    any Ray work starts."""
+    """Load the tokenizer and check every row of the data by streaming it: every input error fails
+    here, before any Ray work starts. Keeps counts, not rows (farm.train.data.check_data)."""
     from farm.modeling import config_fingerprint, load_tokenizer
-    from farm.train.data import prepare_data
+    from farm.train.data import check_data
 
     check_job_id(job_id)
     tokenizer = load_tokenizer(manifest.base_model, manifest.revision)
-    data = prepare_data(
+    data = check_data(
         manifest.dataset,
         task=manifest.task,
         tokenizer=tokenizer,
@@ -147,7 +142,7 @@ def prepare(manifest: Manifest, job_id: str) -> Prepared:
                     config_fingerprint(manifest.base_model, manifest.revision))
 
 
-def loop_config(job: Prepared, data_ref: Any, progress: Any, cpu_threads: int | None) -> dict[str, Any]:
+def loop_config(job: Prepared, progress: Any, cpu_threads: int | None) -> dict[str, Any]:
     """The plain arguments of farm.train.loop.train_loop_per_worker for one job."""
     from farm.train import builders
 
@@ -155,8 +150,8 @@ def loop_config(job: Prepared, data_ref: Any, progress: Any, cpu_threads: int | 
     return {
         "model": builders.model_config(m, job.data.label_names),
         "lora": builders.lora_config(m),
-        "optim": builders.optim_config(m, len(job.data.train)),
-        "data": data_ref,
+        "optim": builders.optim_config(m, job.data.train_rows),
+        "data": builders.data_config(m, job.data.stats),
         "pad_token_id": job.pad_token_id,
         "progress": progress,
         "cpu_threads": cpu_threads,
@@ -193,7 +188,7 @@ def fit(job: Prepared, *, on_progress: ProgressFn | None = None, storage_path: s
     # progress channel of the restarted worker.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    config = loop_config(job, ray.put((_rows(job.data.train), _rows(job.data.eval))), progress, cpu_threads)
+    config = loop_config(job, progress, cpu_threads)
     store_path, store_fs = run_storage(storage_path or settings.storage_path)
     trainer = TorchTrainer(
         train_loop_per_worker,
