@@ -19,6 +19,10 @@ class ManifestError(FarmError):
         super().__init__("\n".join(lines))
 
 
+class ServeConfigError(ManifestError):
+    """A serve config file is invalid (same shape as a manifest error: every problem, with its path)."""
+
+
 class DataError(FarmError):
     """A dataset cannot be used for training (missing column, empty file, bad label, ...)."""
 

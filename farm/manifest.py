@@ -269,39 +269,44 @@ def _all_field_paths(model: Any = None, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _suggest(bad: str, allowed: list[str], here: str = "") -> str:
+def _suggest(bad: str, allowed: list[str], here: str = "", root: Any = None) -> str:
     close = difflib.get_close_matches(bad, allowed, n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     if not close:  # e.g. learning_rate at the top level: it belongs in training
-        paths = _all_field_paths()
+        paths = _all_field_paths(root)
         other = difflib.get_close_matches(bad, list(paths), n=1, cutoff=0.75)
         if other and paths[other[0]] != f"{here}{other[0]}":
             hint = f"; did you mean {paths[other[0]]!r} (in another section)?"
     return f"unknown key {bad!r}{hint} (allowed: {', '.join(sorted(allowed))})"
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """The allowed keys of the schema section at a YAML location."""
-    model: Any = Manifest
+def _fields_at(loc: tuple, root: Any = None) -> list[str]:
+    """The allowed keys of the schema section at a YAML location (list indexes step into the item type)."""
+    model: Any = root or Manifest
     for part in loc:
+        if isinstance(part, int):
+            continue  # list item: `model` is already the item's section (set below)
         info = model.model_fields.get(part) if hasattr(model, "model_fields") else None
         if info is None:
             return []
         ann = info.annotation
+        args = getattr(ann, "__args__", ())
+        if getattr(ann, "__origin__", None) is list and args:
+            ann = args[0]
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if model is None:
             return []
     return list(model.model_fields)
 
 
-def _format_error(err: dict) -> str:
+def _format_error(err: dict, root: Any = None) -> str:
     loc = err["loc"]
     path = ".".join(str(p) for p in loc)
     kind = err["type"]
     value = err.get("input")
     if kind == "extra_forbidden":
         here = "".join(f"{p}." for p in loc[:-1])
-        return f"{path}: " + _suggest(str(loc[-1]), _fields_at(loc[:-1]), here)
+        return f"{path}: " + _suggest(str(loc[-1]), _fields_at(loc[:-1], root), here, root)
     if kind == "missing":
         return f"{path}: required field is missing"
     msg = err["msg"]
@@ -360,6 +365,35 @@ def _resolve_paths(data: dict, base_dir: Path) -> dict:
     return out
 
 
+def schema_problems(exc: ValidationError, root: Any = None) -> list[str]:
+    """Every error of a pydantic validation as one line each: YAML path, what is wrong, the value.
+    `root` is the schema validated (default Manifest); other config files (serve config) reuse this."""
+    return [line for e in _clean_paths(exc.errors()) for line in _format_error(e, root).split("\n")]
+
+
+def read_yaml(path: str | Path, error: type[ManifestError] = ManifestError) -> Any:
+    """The parsed YAML of a config file; a missing/unreadable/invalid/empty file raises `error`."""
+    p = Path(path)
+    if not p.exists():
+        raise error(str(path), ["file not found"])
+    if p.is_dir():
+        raise error(str(path), ["is a directory, expected a YAML file"])
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(str(path), [f"cannot read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise error(str(path), [f"{where}invalid YAML: {problem}"]) from None
+    if data is None:
+        raise error(str(path), ["the file is empty"])
+    return data
+
+
 def parse_manifest(data: Any, source: str = "<manifest>", base_dir: Path | None = None) -> Manifest:
     """Validate a mapping as a manifest; raise ManifestError listing every problem."""
     if not isinstance(data, dict):
@@ -369,28 +403,10 @@ def parse_manifest(data: Any, source: str = "<manifest>", base_dir: Path | None 
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        problems = [line for e in _clean_paths(exc.errors()) for line in _format_error(e).split("\n")]
-        raise ManifestError(source, problems) from None
+        raise ManifestError(source, schema_problems(exc)) from None
 
 
 def load_manifest(path: str | Path) -> Manifest:
     """Load and validate a YAML manifest file. Relative paths inside it are relative to the file."""
-    p = Path(path)
-    if not p.exists():
-        raise ManifestError(str(path), ["file not found"])
-    if p.is_dir():
-        raise ManifestError(str(path), ["is a directory, expected a YAML file"])
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(str(path), [f"cannot read: {exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError(str(path), [f"{where}invalid YAML: {problem}"]) from None
-    if data is None:
-        raise ManifestError(str(path), ["the file is empty"])
-    return parse_manifest(data, source=str(path), base_dir=p.resolve().parent)
+    data = read_yaml(path)
+    return parse_manifest(data, source=str(path), base_dir=Path(path).resolve().parent)

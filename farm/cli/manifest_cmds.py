@@ -12,16 +12,24 @@ from farm.errors import ManifestError
 
 
 def validate(
-    files: Annotated[list[Path], typer.Argument(help="Job manifest YAML files.")],
+    files: Annotated[list[Path], typer.Argument(help="Job manifest or serve config (a file with `bases:`) YAML files.")],
     offline: Annotated[bool, typer.Option("--offline", help="Skip the s3:// (remote) existence checks.")] = False,
 ) -> None:
-    """Check job manifests and what they point at (dataset files, base model folder, s3:// objects);
-    print every problem of every file, or a one-line summary per valid file."""
+    """Check job manifests and what they point at (dataset files, base model folder, s3:// objects),
+    and serve configs (`farm serve --config`); print every problem of every file, or a one-line
+    summary per valid file."""
+    from farm.manifest import read_yaml
     from farm.preflight import load_checked
+    from farm.serve.config_file import is_serve_config, load_serve_config
 
     failed = 0
     for f in files:
         try:
+            if is_serve_config(read_yaml(f)):
+                sc = load_serve_config(f)
+                bases = ", ".join(f"{b.name} ({b.replicas}x {b.engine})" for b in sc.bases)
+                console.print(f"[green]✓[/] {f}: serve config, {sc.host}:{sc.port}, bases: {bases}")
+                continue
             m, report = load_checked(f, offline=offline)
         except ManifestError as exc:
             failed += 1

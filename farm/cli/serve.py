@@ -11,6 +11,8 @@ from farm.cli._common import console
 
 
 def serve_cmd(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="Serve config YAML (several bases); the flags below are the one-base shorthand.")] = None,
     base_model: Annotated[str, typer.Option("--base-model", help="Base model: local dir, s3:// URL or hub id.")] = "models/tiny-llama",
     replicas: Annotated[int, typer.Option(help="Model replicas (each holds the base once).")] = 1,
     max_adapters: Annotated[int, typer.Option("--max-adapters", help="Adapters held per replica (LRU).")] = 8,
@@ -30,9 +32,64 @@ def serve_cmd(
     from farm.finetune.config import serve_extra
     from farm.finetune.policy import default_policy
     from farm.serve.auth import KeyStore
-    from farm.serve.config import ServeConfig, check_bind
+    from farm.serve.config import check_bind
 
-    cfg = ServeConfig(
+    if config is not None:
+        from farm.serve.config_file import load_serve_config
+
+        given = [p for p in ctx.params if p not in ("config", "catalog")
+                 and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
+        if given:
+            raise typer.BadParameter(f"--config {config} sets the bases; drop {', '.join('--' + g.replace('_', '-') for g in given)} "
+                                     "(only --catalog may be added)", param_hint="--config")
+        cfgs = load_serve_config(config).to_configs()
+        if catalog:
+            for c in cfgs:
+                c.catalog_url = catalog
+    else:
+        cfgs = [_one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host,
+                          port, gpus_per_replica, engine, lora_slots, max_lora_rank)]
+    cfg = cfgs[0]
+    # The OpenAI fine-tuning API on the same service; training defaults from the demo manifest.
+    cfg.extra.update(serve_extra(cfg.served_name, default_policy(cfg.base_model)))
+    store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
+    check_bind(cfg.host, len(store))
+    for c in cfgs:
+        if c.engine == "vllm":
+            from farm.serve.engines.base import choose
+
+            choose(c.engine, c.gpus_per_replica, c.quantization)  # no vLLM env / NF4 on CPU: fail before Ray starts
+
+    from farm.cluster import use_running_farm
+
+    use_running_farm()  # the farm `farm up` started under FARM_HOME, unless RAY_ADDRESS names one
+    from farm.raycluster import connect
+    from farm.serve.app import deploy
+
+    connect()  # RAY_ADDRESS (set by use_running_farm), else a private local Ray
+    url = deploy(cfgs, store)
+    bases = ", ".join(f"{c.served_name} ({c.replicas} replica(s))" for c in cfgs)
+    console.print(f"serving {bases} and adapters from {cfg.catalog_url} at {url}/v1 ({len(store)} key(s)); Ctrl-C stops")
+    try:
+        import time
+
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        from farm.serve.proxy import still_running
+
+        serve.delete("farm")
+        console.print(still_running("farm"))
+
+
+def _one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host, port,
+              gpus_per_replica, engine, lora_slots, max_lora_rank):
+    """The flags' one-base config (the same ServeConfig a one-entry --config file builds)."""
+    from farm.serve.config import ServeConfig
+
+    return ServeConfig(
         base_model=base_model,
         catalog_url=catalog,
         quantization=quantization,
@@ -48,37 +105,6 @@ def serve_cmd(
         lora_slots=lora_slots,
         max_lora_rank=max_lora_rank,
     )
-    # The OpenAI fine-tuning API on the same service; training defaults from the demo manifest.
-    cfg.extra.update(serve_extra(cfg.served_name, default_policy(base_model)))
-    store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
-    check_bind(cfg.host, len(store))
-    if cfg.engine == "vllm":
-        from farm.serve.engines.base import choose
-
-        choose(cfg.engine, cfg.gpus_per_replica, cfg.quantization)  # no vLLM env / NF4 on CPU: fail before Ray starts
-
-    from farm.cluster import use_running_farm
-
-    use_running_farm()  # the farm `farm up` started under FARM_HOME, unless RAY_ADDRESS names one
-    from farm.raycluster import connect
-    from farm.serve.app import deploy
-
-    connect()  # RAY_ADDRESS (set by use_running_farm), else a private local Ray
-    url = deploy(cfg, store)
-    console.print(f"serving {cfg.served_name} and adapters from {cfg.catalog_url} at {url}/v1 "
-                  f"({replicas} replica(s), {len(store)} key(s)); Ctrl-C stops")
-    try:
-        import time
-
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        from farm.serve.proxy import still_running
-
-        serve.delete("farm")
-        console.print(still_running("farm"))
 
 
 def register(app: typer.Typer) -> None:

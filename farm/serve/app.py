@@ -2,8 +2,10 @@
 responses) in front of the model deployment (server.py), and `build_app`/`deploy`.
 
 The ingress tokenizes the prompt, so length limits are checked before a replica is involved, and
-passes token ids plus the exact adapter version to a model replica; with routing=affinity the call
-carries the version id as Serve's multiplexed model id, so it lands on a replica holding it.
+passes token ids plus the exact adapter version to a model replica of the version's base (from its
+lineage, bases.py); with routing=affinity the call carries the version id as Serve's multiplexed
+model id, so it lands on a replica holding it. Several bases = one AdapterServer deployment per base
+(`AdapterServer-<name>`) behind one ingress.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
@@ -19,8 +21,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from farm.errors import FarmError
 from farm.serve import metrics, protocol
 from farm.serve.auth import KeyStore, Principal
+from farm.serve.bases import ServedBase
 from farm.serve.config import ServeConfig, check_bind
 from farm.serve.limits import ApiError, check_context, check_max_tokens, unwrap
 from farm.serve.resolver import Resolver, Target
@@ -29,6 +33,9 @@ from farm.serve.server import AdapterServer
 log = logging.getLogger("farm.serve")
 api = FastAPI(title="farm", docs_url=None, redoc_url=None, openapi_url=None)
 
+# Ray's errors for a model replica that died (or became unreachable) while holding the request.
+REPLICA_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError")
+
 
 def _error(exc: BaseException, tag: str) -> JSONResponse:
     exc = unwrap(exc)
@@ -36,6 +43,9 @@ def _error(exc: BaseException, tag: str) -> JSONResponse:
         err = exc
     elif type(exc).__name__ == "BackPressureError":
         err = ApiError(503, "server busy: too many queued requests; retry later", "overloaded", 1.0)
+    elif type(exc).__name__ in REPLICA_LOST:
+        # the model replica died with this request on it; Serve starts a replacement
+        err = ApiError(503, f"the replica serving this request was lost ({type(exc).__name__}); retry", "replica_lost", 1.0)
     else:
         log.exception("internal error", exc_info=exc)
         err = ApiError(500, f"internal error: {type(exc).__name__}", "server_error")
@@ -98,17 +108,28 @@ class LocalServer:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, config: dict, keys: dict, server=None):
-        """`server`: the AdapterServer deployment's handle, or None to hold the model in this replica."""
-        from farm.modeling import load_config, load_tokenizer
+    def __init__(self, config: dict | list[dict], keys: dict, servers=None):
+        """`config`: one base's ServeConfig as a dict, or a list of them (one per base; the first one's
+        service-wide knobs apply: limits, catalog, extensions). `servers`: {base name: its AdapterServer
+        deployment handle} (a bare handle for one base), or None to hold the one base in this replica."""
+        from farm.modeling import config_fingerprint, load_config, load_tokenizer
 
-        self.cfg = ServeConfig(**config)
+        cfgs = [ServeConfig(**c) for c in (config if isinstance(config, list) else [config])]
+        self.cfg = cfgs[0]
         self.keys = KeyStore({h: Principal(**p) for h, p in keys.items()})
-        self.server = server if server is not None else LocalServer(AdapterServer(config))
-        self.tokenizer = load_tokenizer(self.cfg.base_model)
-        mc = load_config(self.cfg.base_model)
-        self.context_length = int(getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", 2048))
-        self.resolver = Resolver(self.cfg.catalog_url, self.cfg.served_name, self.cfg.resolve_ttl_s)
+        if servers is None:
+            servers = {self.cfg.served_name: LocalServer(AdapterServer(self.cfg.to_dict()))}
+        elif not isinstance(servers, dict):
+            servers = {self.cfg.served_name: servers}
+        self.bases: dict[str, SimpleNamespace] = {}
+        served = []
+        for c in cfgs:
+            mc = load_config(c.base_model)
+            ctx = int(getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", 2048))
+            self.bases[c.served_name] = SimpleNamespace(cfg=c, server=servers[c.served_name], context_length=ctx,
+                                                        tokenizer=load_tokenizer(c.base_model))
+            served.append(ServedBase(c.served_name, c.base_model, config_fingerprint(c.base_model)))
+        self.resolver = Resolver(self.cfg.catalog_url, served, self.cfg.resolve_ttl_s)
         Extensions.load(self.cfg, self.keys)
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -138,14 +159,15 @@ class Ingress:
         return await asyncio.to_thread(self.resolver.resolve, principal, model)
 
     def _handle(self, target: Target, stream: bool = False):
-        h = self.server
-        if target.vid is not None and self.cfg.routing == "affinity":
+        base = self.bases[target.base]
+        h = base.server
+        if target.vid is not None and base.cfg.routing == "affinity":
             h = h.options(multiplexed_model_id=target.vid)
         return h.options(stream=True) if stream else h
 
     def _job(self, req, target: Target, prompt_ids: list[int]) -> dict:
         max_tokens = check_max_tokens(req.max_tokens, self.cfg.max_tokens_cap)
-        check_context(len(prompt_ids), max_tokens, self.context_length)
+        check_context(len(prompt_ids), max_tokens, self.bases[target.base].context_length)
         return {
             "ref": target.ref,
             "name": target.name,
@@ -167,18 +189,19 @@ class Ingress:
             target = await self._target(principal, req.model)
             tag = target.name
             metrics.get("requests").inc(tags={"adapter": tag, "route": kind})
+            tokenizer = self.bases[target.base].tokenizer
             if kind == "chat":
                 try:
-                    text = self.tokenizer.apply_chat_template(
+                    text = tokenizer.apply_chat_template(
                         [{"role": m.role, "content": m.text()} for m in req.messages],
                         tokenize=False,
                         add_generation_prompt=True,
                     )
                 except ValueError as exc:
                     raise ApiError(400, f"messages: {exc}") from None
-                prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+                prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
             else:
-                prompt_ids = self.tokenizer(req.prompt).input_ids
+                prompt_ids = tokenizer(req.prompt).input_ids
             job = self._job(req, target, prompt_ids)
             rid = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
             if not req.stream:
@@ -239,7 +262,8 @@ class Ingress:
             target = await self._target(principal, req.model)
             tag = target.name
             metrics.get("requests").inc(tags={"adapter": tag, "route": "classify"})
-            ids = self.tokenizer(req.input, truncation=True, max_length=self.context_length).input_ids
+            base = self.bases[target.base]
+            ids = base.tokenizer(req.input, truncation=True, max_length=base.context_length).input_ids
             result = await self._handle(target).classify.remote(
                 {"ref": target.ref, "name": target.name, "version": target.version, "prompt_ids": ids}
             )
@@ -258,67 +282,85 @@ class Ingress:
 
     @api.get("/healthz")
     async def healthz(self):
-        return JSONResponse({"status": "ok", "base_model": self.cfg.served_name})
+        return JSONResponse({"status": "ok", "base_model": self.cfg.served_name, "bases": list(self.bases)})
 
     @api.get("/admin/cache")
     async def cache(self, request: Request):
-        """One model replica's resident adapters and counters (admin keys only)."""
+        """One model replica's resident adapters and counters (admin keys only); `?base=<name>` picks
+        the base (default: the first one)."""
         try:
             if not self._principal(request).admin:
                 raise ApiError(404, "not found", "not_found_error")
-            return JSONResponse(await self.server.cache_state.remote())
+            name = request.query_params.get("base", self.cfg.served_name)
+            if name not in self.bases:
+                raise ApiError(404, f"no served base {name!r}; served: {', '.join(self.bases)}", "not_found_error")
+            return JSONResponse(await self.bases[name].server.cache_state.remote())
         except Exception as exc:  # noqa: BLE001
             return _error(exc, "admin")
 
 
-def build_app(cfg: ServeConfig, keys: KeyStore | None = None):
-    """The Serve application for a config. Refuses a non-loopback host when no keys are configured."""
+def build_app(cfg: ServeConfig | list[ServeConfig], keys: KeyStore | None = None):
+    """The Serve application for one base's config, or a list (one per base; the first one's host,
+    port, keys, catalog and limits apply to the service). Refuses a non-loopback host without keys."""
     from farm.settings import Settings
 
-    keys = keys if keys is not None else KeyStore.load(cfg.keys_file)
-    check_bind(cfg.host, len(keys))
     settings = Settings.resolve()
-    if cfg.catalog_url is None:
-        cfg.catalog_url = settings.catalog_url  # resolved here so every replica uses the same catalog
+    cfgs = [cfg] if isinstance(cfg, ServeConfig) else list(cfg)
+    first = cfgs[0]
+    names = [c.served_name for c in cfgs]
+    if len(set(names)) != len(names):
+        raise FarmError(f"serve config: base names must be unique, got {names}")
+    keys = keys if keys is not None else KeyStore.load(first.keys_file)
+    check_bind(first.host, len(keys))
+    for c in cfgs:
+        # resolved here so every replica uses the same catalog
+        c.catalog_url = c.catalog_url or first.catalog_url or settings.catalog_url
     env = settings.ray_env()  # farm.settings.FORWARDED_ENV: the replica sees the same farm
-    opts = {"num_cpus": cfg.cpus_per_replica, "runtime_env": {"env_vars": env}}
-    if cfg.gpus_per_replica:
-        opts["num_gpus"] = cfg.gpus_per_replica
-    if cfg.replica_resources:
-        opts["resources"] = dict(cfg.replica_resources)
-    if cfg.fused:
+
+    def actor_options(c: ServeConfig) -> dict:
+        opts = {"num_cpus": c.cpus_per_replica, "runtime_env": {"env_vars": env}}
+        if c.gpus_per_replica:
+            opts["num_gpus"] = c.gpus_per_replica
+        if c.replica_resources:
+            opts["resources"] = dict(c.replica_resources)
+        return opts
+
+    if len(cfgs) == 1 and first.fused:
         # one hop less per request: the proxy calls replicas that parse, resolve and generate
         ingress = Ingress.options(
             name="AdapterServer",
-            num_replicas=cfg.replicas,
-            ray_actor_options=opts,
-            max_ongoing_requests=4 * (cfg.max_batch_size + cfg.max_waiting),
+            num_replicas=first.replicas,
+            ray_actor_options=actor_options(first),
+            max_ongoing_requests=4 * (first.max_batch_size + first.max_waiting),
         )
-        return ingress.bind(cfg.to_dict(), keys.entries(), None)
-    server = serve.deployment(AdapterServer).options(
-        name="AdapterServer",
-        num_replicas=cfg.replicas,
-        ray_actor_options=opts,
-        max_ongoing_requests=cfg.max_batch_size + cfg.max_waiting,
-        max_queued_requests=cfg.max_waiting * cfg.replicas,
-    )
+        return ingress.bind(first.to_dict(), keys.entries(), None)
+    servers = {}
+    for c in cfgs:  # several bases: always a separate ingress, which routes each request to its base
+        servers[c.served_name] = serve.deployment(AdapterServer).options(
+            name="AdapterServer" if len(cfgs) == 1 else f"AdapterServer-{c.served_name}",
+            num_replicas=c.replicas,
+            ray_actor_options=actor_options(c),
+            max_ongoing_requests=c.max_batch_size + c.max_waiting,
+            max_queued_requests=c.max_waiting * c.replicas,
+        ).bind(c.to_dict())
     ingress = Ingress.options(
         ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}},
-        max_ongoing_requests=4 * (cfg.max_batch_size + cfg.max_waiting) * cfg.replicas,
+        max_ongoing_requests=sum(4 * (c.max_batch_size + c.max_waiting) * c.replicas for c in cfgs),
     )
-    return ingress.bind(cfg.to_dict(), keys.entries(), server.bind(cfg.to_dict()))
+    return ingress.bind([c.to_dict() for c in cfgs], keys.entries(), servers)
 
 
 def deploy(
-    cfg: ServeConfig, keys: KeyStore | None = None, *, name: str = "farm", route_prefix: str = "/", blocking: bool = False
+    cfg: ServeConfig | list[ServeConfig], keys: KeyStore | None = None, *, name: str = "farm", route_prefix: str = "/", blocking: bool = False
 ) -> str:
     """Start Serve's HTTP proxy on cfg.host:cfg.port (if not running) and deploy; returns the base URL
     where the proxy really listens. Without keys, refuses a cluster whose proxy is already off loopback."""
     from farm.serve.proxy import check_existing, running_proxy
 
-    keys = keys if keys is not None else KeyStore.load(cfg.keys_file)
+    first = cfg if isinstance(cfg, ServeConfig) else cfg[0]
+    keys = keys if keys is not None else KeyStore.load(first.keys_file)
     app = build_app(cfg, keys)
-    host, port = check_existing(running_proxy(), cfg.host, cfg.port, len(keys))
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    host, port = check_existing(running_proxy(), first.host, first.port, len(keys))
+    serve.start(http_options={"host": first.host, "port": first.port})
     serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"

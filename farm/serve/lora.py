@@ -16,12 +16,16 @@ gets depends only on its own name, never on which adapter PEFT considers active,
 detaching or evicting other adapters cannot change it.
 
 Only the serving engine installs this; outside `batch(...)` (and without `adapter_names`) the layers
-run PEFT's own forward.
+run PEFT's own forward. The LoRA arithmetic itself (the rows' gather, the batched delta, the
+one-adapter delta) is farm/grouped_lora.py's, shared with packed training; this module is the
+serving plumbing around it: the per-layer stacks kept in step with PEFT, and the forward patches.
 """
 
 from __future__ import annotations
 
 import contextlib
+
+from farm.grouped_lora import add_stacked, gather_rows, lora_delta
 
 
 class _Stack:
@@ -202,19 +206,14 @@ class GroupedLoRA:
                 name = ctx.uniform
                 if name not in layer.lora_A:
                     return result
-                # one adapter for all rows: exactly PEFT's own computation
-                a = layer.lora_A[name]
-                out = layer.lora_B[name](a(x.to(a.weight.dtype))) * layer.scaling[name]
-                return result + out.to(result.dtype)
+                # one adapter for all rows: exactly PEFT's own computation (F.linear twice, scaled)
+                delta = lora_delta(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+                return result + delta.to(result.dtype)
             g = stack.gathered
             if g is None or g[0] != ctx.version:
-                rows = ctx.rows.to(stack.At.device)
-                g = stack.gathered = (ctx.version, stack.At[rows], stack.Bt[rows], stack.scale[rows])
+                g = stack.gathered = (ctx.version, *gather_rows(stack.At, stack.Bt, stack.scale, ctx.rows))
             _, At, Bt, scale = g
-            n = x.shape[0]
-            h = x.reshape(n, -1, x.shape[-1]).to(stack.dtype)
-            delta = (h @ At @ Bt) * scale.view(n, 1, 1)
-            return result + delta.view(result.shape).to(result.dtype)
+            return add_stacked(result, x, At, Bt, scale)
 
         layer.forward = forward
 

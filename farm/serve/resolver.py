@@ -3,7 +3,8 @@
 Order matters for tenancy: the ref is parsed by the catalog's strict parser (bad -> 400) and checked
 against the caller's customer (foreign -> 404, the same answer as a missing adapter) before any
 storage request. Resolutions are reused for at most `ttl_s`, which bounds how long after a publish a
-request can still get the previous version.
+request can still get the previous version. Each resolved version is assigned its served base from
+its lineage (bases.py); a version of a base not served here is refused (422).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from farm.errors import AdapterNotFound, CatalogError, IntegrityError, RefError
 from farm.serve.auth import Principal
+from farm.serve.bases import ServedBase, base_of
 from farm.serve.limits import ApiError, not_found
 
 
@@ -25,6 +27,7 @@ class Target:
     ref: str  # the exact name every response carries: customer/adapter@vN or the base model's name
     name: str  # customer/adapter (metrics tag) or the base name
     version: Any = None  # farm.catalog AdapterVersion
+    base: str = ""  # the served base's name: whose replicas run it
 
     @property
     def vid(self) -> str | None:
@@ -45,9 +48,11 @@ def catalog_error(exc: Exception, model: str) -> ApiError:
 class Resolver:
     """Thread-safe; blocking (call from a worker thread)."""
 
-    def __init__(self, catalog_url: str, served_name: str, ttl_s: float = 1.0):
+    def __init__(self, catalog_url: str, bases: list[ServedBase] | str, ttl_s: float = 1.0):
+        """`bases`: the served bases (a plain name = one base with no fingerprint)."""
         self.catalog_url = catalog_url
-        self.served_name = served_name
+        self.bases = [ServedBase(bases, bases)] if isinstance(bases, str) else list(bases)
+        self._by_name = {b.name: b for b in self.bases}
         self.ttl_s = ttl_s
         self._catalog = None
         self._cache: dict[str, tuple[float, Any]] = {}
@@ -62,8 +67,8 @@ class Resolver:
         return self._catalog
 
     def resolve(self, principal: Principal, model: str) -> Target:
-        if model == self.served_name:
-            return Target(ref=model, name=model)
+        if model in self._by_name:
+            return Target(ref=model, name=model, base=model)
         from farm.catalog import parse_ref
 
         try:
@@ -90,17 +95,24 @@ class Resolver:
                 # A slow resolve that started before a newer one finished must not put back an older answer.
                 if old is None or old[0] <= started:
                     self._cache[key] = (started, version)
-        return Target(ref=version.ref, name=f"{ref.customer}/{ref.adapter}", version=version)
+        base = base_of(version.ref, version.metadata or {}, self.bases)
+        return Target(ref=version.ref, name=f"{ref.customer}/{ref.adapter}", version=version, base=base.name)
 
     def models(self, principal: Principal) -> list[dict]:
-        """The base model plus every adapter the caller may use (latest version of each)."""
-        data = [{"id": self.served_name, "object": "model", "owned_by": "farm", "created": 0}]
+        """Every served base plus every adapter the caller may use (latest version of each), with
+        `parent`: the served base it runs on (None: its base is not served here)."""
+        data = [{"id": b.name, "object": "model", "owned_by": "farm", "created": 0}
+                for b in self.bases]
         try:
             versions = self.catalog.list(customer=None if principal.admin else principal.customer)
         except CatalogError as exc:
             raise catalog_error(exc, "*") from None
         for v in versions:
             created = 0
+            try:
+                parent = base_of(v.ref, v.metadata or {}, self.bases).name
+            except ApiError:
+                parent = None
             data.append(
                 {
                     "id": f"{v.customer}/{v.adapter}",
@@ -108,6 +120,7 @@ class Resolver:
                     "owned_by": v.customer,
                     "created": created,
                     "version": v.ref,
+                    "parent": parent,
                     "task": (v.metadata or {}).get("task", "causal_lm"),
                 }
             )

@@ -12,6 +12,7 @@ queued or running request uses it.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import tempfile
@@ -142,6 +143,7 @@ class AdapterServer:
     async def cache_state(self) -> dict:
         """This replica's resident adapters and counters (admin endpoint, tests)."""
         return {
+            "pid": os.getpid(),  # which replica process answered (ops, the replica-kill test)
             "resident": sorted(self._versions[vid].ref for vid in self._resident),
             "engine": getattr(self.engine, "kind", "farm"),
             "stats": dict(self.engine.stats),
