@@ -155,6 +155,8 @@ class ResourcesSpec(_Section):
     """GPUs for the job's worker. On a cluster without GPUs the job runs on CPU and says so."""
     max_failures: int = Field(0, ge=0, le=100)
     """Times Ray Train restarts a failed worker from the last checkpoint."""
+    pack: bool = True
+    """Train in a pack with other compatible jobs (one shared base on one slot); false = a dedicated slot, alone."""
 
 
 class Manifest(_Section):
@@ -239,7 +241,10 @@ class Manifest(_Section):
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of the manifest (idempotent submits, lineage)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        doc = self.model_dump(mode="json")
+        if doc["resources"].get("pack") is True:
+            del doc["resources"]["pack"]  # the default: manifests from before the field keep their hash
+        blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def summary(self) -> str:

@@ -213,3 +213,36 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError  # unreachable
+
+
+# ---- packed training: how many jobs fit one GPU (farm.train.pack_run) ------------------------------
+
+PACK_MAX_CAP = 16  # jobs per pack at most, whatever the memory says
+PACK_MEMORY_SHARE = 0.9  # of the GPU's memory; the rest is CUDA context and allocator slack
+
+
+def pack_estimate(manifest: Manifest) -> dict:
+    """Bytes of the resident base and bytes each further job adds: its adapter in fp32 with gradient
+    and AdamW's two moments (16 bytes a trainable parameter) plus its activations, estimated as
+    batch x seq x hidden x layers x 4 bytes x 8 tensors per layer (with gradient checkpointing, as the
+    GPU path runs) plus the fp32 logits and their gradient. Rough by design: it sizes the default
+    limit, it does not promise a fit."""
+    from farm.modeling import load_config
+
+    doc = plan(manifest)
+    base = next(r["total_bytes"] for r in doc["footprint"]["modes"] if r["mode"] == doc["footprint"]["selected"])
+    config = load_config(manifest.base_model, manifest.revision)
+    text = getattr(config, "text_config", None) or config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or 0)
+    layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 0)
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    t = manifest.training
+    tokens = t.batch_size * t.max_seq_len
+    activations = tokens * hidden * layers * 4 * 8 + tokens * vocab * 4 * 2
+    return {"base_bytes": int(base), "job_bytes": int(doc["params"]["trainable"] * 16 + activations)}
+
+
+def pack_capacity(base_bytes: int, job_bytes: int, gpu_bytes: int) -> int:
+    """Jobs per pack on a GPU of `gpu_bytes`: what fits beside the base, 1..PACK_MAX_CAP."""
+    free = PACK_MEMORY_SHARE * gpu_bytes - base_bytes
+    return max(1, min(PACK_MAX_CAP, int(free // max(1, job_bytes))))

@@ -329,11 +329,13 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    conn.executescript(store_mod._SCHEMA.replace("    publish_started_at REAL,\n", "") + "PRAGMA user_version = 1;")
+    v2 = store_mod._SCHEMA.replace("    finished_at REAL,\n    pack_key TEXT,\n    pack TEXT\n", "    finished_at REAL\n")
+    conn.executescript(v2.replace("    publish_started_at REAL,\n", "") + "PRAGMA user_version = 1;")
     conn.close()
     s = SQLiteStore(path)
     job_id = s.submit(make_manifest()).job_id
     assert s.get(job_id).publish_started_at is None
+    assert s.get(job_id).pack is None and s.get(job_id).pack_key is not None  # version 3's columns too
     s.close()
 
 

@@ -40,6 +40,10 @@ class Job:
     first_started_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    pack_key: str | None = None
+    """Compatibility key for packed training (farm.pack_key); None: the job runs alone."""
+    pack: str | None = None
+    """The pack the job runs (or last ran) in; None for a job that ran alone."""
 
     @property
     def done(self) -> bool:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from farm.manifest import Manifest
 
 DEFAULT_MAX_ATTEMPTS = 3
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     first_started_at REAL,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    pack_key TEXT,
+    pack TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, customer);
 CREATE INDEX IF NOT EXISTS jobs_dedup ON jobs(customer, adapter, manifest_hash);
@@ -80,7 +82,10 @@ CREATE TABLE IF NOT EXISTS customers (
 _ELIGIBLE = ("(cancel_requested = 0 OR publish_started_at IS NOT NULL) "
              "AND (state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?))")
 # Schema upgrades, from version N-1 to N.
-_MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN publish_started_at REAL;"}
+# 3: packed training (farm.pack_key): the job's compatibility key (NULL: runs alone; jobs queued
+# before the upgrade run alone) and the pack it runs or ran in.
+_MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN publish_started_at REAL;",
+               3: "ALTER TABLE jobs ADD COLUMN pack_key TEXT; ALTER TABLE jobs ADD COLUMN pack TEXT;"}
 
 
 class JobStore(Protocol):
@@ -91,7 +96,9 @@ class JobStore(Protocol):
     def get(self, job_id: str) -> Job: ...
     def list(self, *, customer: str | None = None, state: JobState | None = None) -> list[Job]: ...
     def events(self, job_id: str) -> list[Event]: ...
-    def claim_next(self, owner: str, *, lease_ttl: float, per_customer_limit: int | None = None) -> Job | None: ...
+    def claim_next(self, owner: str, *, lease_ttl: float, per_customer_limit: int | None = None,
+                   pack_key: str | None = None) -> Job | None: ...
+    def set_pack(self, job_id: str, lease_id: str, pack: str | None, reason: str) -> bool: ...
     def heartbeat(self, owner: str, *, lease_ttl: float) -> int: ...
     def record_progress(self, job_id: str, lease_id: str, progress: dict[str, Any]) -> bool: ...
     def succeed(self, job_id: str, lease_id: str, *, adapter_ref: str | None, accelerator_seconds: float = 0.0,
@@ -222,7 +229,10 @@ class SQLiteStore:
         prio = manifest.priority if priority is None else priority
         if not -100 <= prio <= 100:
             raise QueueError(f"priority: must be -100..100 (got {prio})")
+        from farm.pack_key import pack_key
+
         digest = manifest.content_hash()
+        key = pack_key(manifest)
         doc = json.dumps(manifest.model_dump(mode="json"), sort_keys=True)
         with self._tx() as c:
             if not force:
@@ -241,8 +251,8 @@ class SQLiteStore:
                 try:
                     c.execute(
                         "INSERT INTO jobs (id, customer, adapter, manifest, manifest_hash, priority, state, "
-                        "max_attempts, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-                        (job_id, manifest.customer, manifest.adapter, doc, digest, prio, max_attempts, now, now),
+                        "max_attempts, created_at, updated_at, pack_key) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                        (job_id, manifest.customer, manifest.adapter, doc, digest, prio, max_attempts, now, now, key),
                     )
                     break
                 except sqlite3.IntegrityError:
@@ -311,11 +321,17 @@ class SQLiteStore:
 
     # ---- the scheduler's side -----------------------------------------------------------------
 
-    def claim_next(self, owner: str, *, lease_ttl: float, per_customer_limit: int | None = None) -> Job | None:
-        """Move the next job in fair order to running under a lease held by `owner`; None if none."""
+    def claim_next(self, owner: str, *, lease_ttl: float, per_customer_limit: int | None = None,
+                   pack_key: str | None = None) -> Job | None:
+        """Move the next job in fair order to running under a lease held by `owner`; None if none.
+        With `pack_key`: the next, in the same order, among the jobs of that compatibility key (a
+        running pack with room admitting one)."""
         with self._tx() as c:
             now = self.clock()
-            rows = c.execute(f"SELECT id, customer, priority, seq FROM jobs WHERE {_ELIGIBLE}", (now,)).fetchall()
+            where, args = _ELIGIBLE, [now]
+            if pack_key is not None:
+                where, args = f"({_ELIGIBLE}) AND pack_key = ?", [now, pack_key]
+            rows = c.execute(f"SELECT id, customer, priority, seq FROM jobs WHERE {where}", args).fetchall()
             if not rows:
                 return None
             running, served = self._fairness_inputs(c)
@@ -335,8 +351,20 @@ class SQLiteStore:
                 c, job, JobState.RUNNING, f"attempt {attempt}/{job.max_attempts} started by {owner}",
                 attempts=attempt, lease_owner=owner, lease_id=secrets.token_hex(8),
                 lease_expires_at=now + lease_ttl, started_at=now,
-                first_started_at=job.first_started_at or now, next_attempt_at=None,
+                first_started_at=job.first_started_at or now, next_attempt_at=None, pack=None,
             )
+
+    def set_pack(self, job_id: str, lease_id: str, pack: str | None, reason: str) -> bool:
+        """Record the pack the attempt holding `lease_id` runs in (None: it left its pack) with an
+        event (`reason`, e.g. "joined pack X"). False when that attempt no longer holds the job."""
+        with self._tx() as c:
+            job = self._leased(c, job_id, lease_id)
+            if job is None:
+                return False
+            if pack is not None:
+                c.execute("UPDATE jobs SET pack = ? WHERE id = ?", (pack, job_id))
+            self._event(c, job_id, job.state.value, job.state.value, reason)
+            return True
 
     def heartbeat(self, owner: str, *, lease_ttl: float) -> int:
         """Extend the leases of all jobs `owner` runs; returns how many."""
