@@ -92,6 +92,7 @@ def scheduler_config():
         runner=os.environ.get("FARM_RUNNER") or DEFAULT_RUNNER,
         cpu_slots=_env_int("FARM_CPU_SLOTS", 1) or 1,
         per_customer_limit=_env_int("FARM_CUSTOMER_LIMIT", None),
+        pack_max=_env_int("FARM_PACK_MAX", None),
         backoff_base_s=backoff_s,
     )
 

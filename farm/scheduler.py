@@ -13,6 +13,14 @@ Each loop tick (every `poll_s`, or at once when woken by a submit or cancel) it
      training runner (the job id starts with the customer, so the name carries both). When jobs
      wait and no slot is free, `on_no_free_slot` is where a capacity hook goes.
 
+Packed training (farm.train.pack_run): a job with a compatibility key (farm.pack_key) runs in a
+pack, one Ray Train run `farm-pack-<id>` on one slot. Each tick, a running pack with room first
+admits the next queued job of its key (priority-then-fair order among those jobs) without a new run
+or base load; then free slots go, in the global order, to new packs or to jobs that run alone
+(`resources.pack: false`, seq_cls, modules_to_save, or pack_max 1: exactly today's run_attempt
+path). A packed job keeps its own lease, progress, events ("joined pack X", "left pack X"),
+cancel, outcome and retries; the scheduler reads each job's outcome from the pack's channel.
+
 If the actor dies, the trainer tasks it owns die too (Ray's owner fate-sharing). Ray restarts the
 actor; its new incarnation re-queues those jobs and they resume from their Ray Train checkpoints
 (same run name `farm-<job id>`, same storage), and the catalog's idempotency key (the job id)
@@ -78,6 +86,11 @@ class SchedulerConfig:
     """Wait before the 2nd attempt; doubles for each further attempt."""
     backoff_max_s: float = 600.0
     """Longest wait between attempts."""
+    pack_max: int | None = None
+    """Jobs per pack (packed training, farm.train.pack_run): 1 = every job alone (no packs); None =
+    the default: 4 on CPU, derived from GPU memory by the pack's worker on a GPU (farm.plan.pack_capacity)."""
+    pack_linger_s: float = 3.0
+    """An empty pack waits this long for a compatible job before it ends."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment for the actor and its trainer tasks (FARM_HOME, FARM_CATALOG, ...)."""
 
@@ -181,6 +194,46 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 _run_attempt_task = ray.remote(run_attempt)
 
 
+class _PackHooks:
+    """The queue side of a pack's driver (farm.train.pack_run.PackHooks): each job's progress into
+    the store under that job's own lease (at most ~4 writes/s per job, as run_attempt) and its log."""
+
+    def __init__(self, db: str, logs_dir: str):
+        self.store = open_store(db)
+        self.logs_dir = logs_dir
+        self.written: dict[str, float] = {}
+
+    def log(self, job_id: str, line: str) -> None:
+        try:
+            _append(job_log_path(job_id, self.logs_dir), f"[pack] {line}")
+        except OSError:
+            log.exception("cannot write the log of job %s", job_id)
+
+    def progress(self, job_id: str, lease_id: str, item: dict) -> None:
+        if "step" in item and not item.get("final"):
+            self.log(job_id, _fmt_progress(item))
+        now = time.time()
+        if now - self.written.get(job_id, 0.0) >= 0.25 or item.get("step") == item.get("total_steps") \
+                or self.written.get(job_id) is None:
+            self.written[job_id] = now
+            self.store.record_progress(job_id, lease_id, dict(item))
+
+    def begin_publish(self, job_id: str, lease_id: str) -> bool:
+        return self.store.begin_publish(job_id, lease_id)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def run_pack_attempt(pack_id: str, channel: Any, first_manifest: dict, db: str, logs_dir: str, *,
+                     linger_s: float, derive_limit: bool) -> dict:
+    """A pack's driver inside a Ray task (`farm-pack-<id>`): farm.train.pack_run.run_pack with the queue's hooks."""
+    from farm.train.pack_run import run_pack
+
+    return run_pack(pack_id, channel, first_manifest, _PackHooks(db, logs_dir), linger_s=linger_s,
+                    derive_limit=derive_limit)
+
+
 def noop_runner(manifest: Any, *, job_id: str, on_progress: Callable[[dict], None] | None = None) -> None:
     """A runner that trains nothing and publishes nothing: for smoke-testing the farm's plumbing
     (FARM_RUNNER=farm.scheduler:noop_runner) and for bench/job_queue.py's scheduling overhead."""
@@ -195,6 +248,17 @@ class _Attempt:
     lease_id: str
     attempt: int
     started: float
+
+
+@dataclass
+class _Pack:
+    pack_id: str
+    key: str
+    channel: Any
+    ref: Any
+    started: float
+    members: dict[str, _Attempt] = field(default_factory=dict)
+    limit: int = 1
 
 
 class _Metrics:
@@ -215,6 +279,10 @@ class _Metrics:
                              tag_keys=("customer",))
         self.tokens = Counter("farm_tokens", "Tokens trained, per customer.", tag_keys=("customer",))
         self.finished = Counter("farm_jobs_finished", "Attempts ended, by outcome.", tag_keys=("customer", "outcome"))
+        self.packs = Gauge("farm_packs", "Packs (shared-base Ray Train runs) running.")
+        self.pack_jobs = Gauge("farm_pack_jobs", "Jobs training in each running pack.", tag_keys=("pack",))
+        self.pack_occupancy = Gauge("farm_pack_occupancy", "Jobs of a running pack over its limit (0..1).",
+                                    tag_keys=("pack",))
 
 
 class Scheduler:
@@ -225,6 +293,8 @@ class Scheduler:
         self.owner = f"{self.cfg.namespace}/{self.cfg.name}/{uuid.uuid4().hex[:8]}"
         self.store: JobStore = open_store(self.cfg.db)
         self.inflight: dict[ray.ObjectRef, _Attempt] = {}
+        self.packs: dict[str, _Pack] = {}
+        self._held: list[Job] = []  # claimed for a pack that closed before taking it; first in line
         self.metrics = _Metrics()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -240,7 +310,9 @@ class Scheduler:
     # ---- actor methods ------------------------------------------------------------------------
 
     def ping(self) -> dict:
-        return {"owner": self.owner, "slots": self._slots, "running": [a.job_id for a in self.inflight.values()],
+        running = [a.job_id for a in self.inflight.values()] + [j for p in self.packs.values() for j in p.members]
+        return {"owner": self.owner, "slots": self._slots, "running": running,
+                "packs": {p.pack_id: sorted(p.members) for p in self.packs.values()},
                 "db": self.cfg.db, "runner": self.cfg.runner, "started_at": self.started_at,
                 "alive": self._thread.is_alive()}
 
@@ -266,7 +338,7 @@ class Scheduler:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must outlive a bad tick (DB busy, Ray hiccup)
                 log.exception("scheduler tick failed")
-            if self.inflight and len(self.inflight) >= self._slots:
+            if self.inflight and not self.packs and len(self.inflight) >= self._slots:
                 # All slots busy: a submit could not start anything, so wake on the first finish.
                 try:
                     ray.wait(list(self.inflight), num_returns=1, timeout=self.cfg.poll_s)
@@ -289,21 +361,130 @@ class Scheduler:
             ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
             for ref in ready:
                 self._finish(ref)
+        for pack in list(self.packs.values()):
+            self._poll_pack(pack)
         for job in self.store.cancel_requests(self.owner):
             self._cancel(job)
         self._fill_slots(self._slot_count(now))
 
+    def _used(self) -> int:
+        return len(self.inflight) + len(self.packs)
+
+    @property
+    def _packing(self) -> bool:
+        """Packs replace the default runner's training; a farm with another runner (noop, tests) runs it."""
+        return self.cfg.runner == DEFAULT_RUNNER and (self.cfg.pack_max is None or self.cfg.pack_max > 1)
+
     def _fill_slots(self, slots: int) -> None:
-        """Start jobs in fair order while slots are free."""
-        while len(self.inflight) < slots:
-            job = self.store.claim_next(self.owner, lease_ttl=self.cfg.lease_ttl_s,
-                                        per_customer_limit=self.cfg.per_customer_limit)
+        """Fill running packs' room with compatible jobs, then start jobs in fair order while slots are free."""
+        for pack in list(self.packs.values()):
+            while ray.get(pack.channel.room.remote(), timeout=30) > 0:
+                job = self.store.claim_next(self.owner, lease_ttl=self.cfg.lease_ttl_s,
+                                            per_customer_limit=self.cfg.per_customer_limit, pack_key=pack.key)
+                if job is None:
+                    break
+                if not self._offer(pack, job):
+                    self._held.append(job)
+                    break
+        while self._used() < slots:
+            job = self._held.pop(0) if self._held else self.store.claim_next(
+                self.owner, lease_ttl=self.cfg.lease_ttl_s, per_customer_limit=self.cfg.per_customer_limit)
             if job is None:
                 break
-            self._launch(job)
+            if self._packing and job.pack_key:
+                self._start_pack(job)
+            else:
+                self._launch(job)
         # farm.autoscale: ask for training nodes while jobs wait with every slot busy, withdraw as
         # the queue drains (runs on every tick, whichever way the loop ended).
-        self._grow.update(self.store, len(self.inflight), slots)
+        self._grow.update(self.store, self._used(), slots)
+
+    # ---- packs ----------------------------------------------------------------------------------
+
+    def _start_pack(self, job: Job) -> None:
+        """A new pack on a free slot, with `job` as its first member."""
+        from farm.train.pack_run import PackChannel, pack_run_name
+
+        pack_id = uuid.uuid4().hex[:10]
+        limit = self.cfg.pack_max or 4
+        channel = ray.remote(PackChannel).options(num_cpus=0, resources=head_resources()).remote(
+            pack_id, job.pack_key, limit, self.cfg.pack_max is not None)
+        ref = ray.remote(run_pack_attempt).options(
+            name=pack_run_name(pack_id), num_cpus=0, max_retries=0, resources=head_resources(),
+            runtime_env={"env_vars": self.cfg.env} if self.cfg.env else None,
+        ).remote(pack_id, channel, job.manifest, self.cfg.db, self.cfg.logs_dir,
+                 linger_s=self.cfg.pack_linger_s, derive_limit=self.cfg.pack_max is None)
+        pack = _Pack(pack_id, job.pack_key or "", channel, ref, time.time(), limit=limit)
+        self.packs[pack_id] = pack
+        log.info("pack %s started (Ray Train run %s)", pack_id, pack_run_name(pack_id))
+        if not self._offer(pack, job):  # pragma: no cover - a new pack always has room
+            self._held.append(job)
+
+    def _offer(self, pack: _Pack, job: Job) -> bool:
+        from farm.train.pack_run import pack_run_name
+
+        assert job.lease_id is not None
+        entry = {"job_id": job.id, "lease_id": job.lease_id, "manifest": job.manifest, "attempt": job.attempts}
+        if not ray.get(pack.channel.offer.remote(entry), timeout=30):
+            return False
+        queued_since = job.created_at if job.attempts == 1 else (job.next_attempt_at or job.updated_at)
+        self.metrics.wait.observe(max(0.0, time.time() - queued_since), tags={"customer": job.customer})
+        pack.members[job.id] = _Attempt(job.id, job.customer, job.lease_id, job.attempts, time.time())
+        self.store.set_pack(job.id, job.lease_id, pack.pack_id,
+                            f"joined pack {pack.pack_id} (Ray Train run {pack_run_name(pack.pack_id)})")
+        self._joblog(job.id, f"attempt {job.attempts}/{job.max_attempts} joined pack {pack.pack_id} "
+                             f"(Ray Train run {pack_run_name(pack.pack_id)})")
+        return True
+
+    def _poll_pack(self, pack: _Pack) -> None:
+        """Record the outcomes the pack's driver reported; when its run has ended, fail what is left."""
+        ended = bool(ray.wait([pack.ref], timeout=0)[0])
+        error = None
+        if ended:
+            try:
+                error = (ray.get(pack.ref) or {}).get("error")
+            except Exception as exc:  # noqa: BLE001 - the pack's driver died
+                error = f"{type(exc).__name__}: the pack's driver died ({str(exc).strip().splitlines()[0]})"
+        try:
+            results = ray.get(pack.channel.take_results.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - channel gone with its owner
+            results = []
+        for r in results:
+            self._pack_result(pack, r)
+        if not ended:
+            return
+        for job_id in list(pack.members):
+            self._pack_result(pack, {"job_id": job_id, "ok": False, "retryable": True,
+                                     "error": error or f"pack {pack.pack_id} ended before the job finished"})
+        del self.packs[pack.pack_id]
+        self.metrics.pack_jobs.set(0, tags={"pack": pack.pack_id})
+        self.metrics.pack_occupancy.set(0, tags={"pack": pack.pack_id})
+        ray.kill(pack.channel)
+        log.info("pack %s ended", pack.pack_id)
+
+    def _pack_result(self, pack: _Pack, r: dict) -> None:
+        att = pack.members.pop(r["job_id"], None)
+        if att is None:
+            return  # cancelled meanwhile: already recorded
+        elapsed = time.time() - att.started
+        if "accelerator_seconds" in r:
+            cost = {"accelerator_seconds": float(r["accelerator_seconds"]), "tokens": int(r.get("tokens") or 0)}
+        else:
+            cost = attempt_cost(self._attempt_progress(att), elapsed)
+        how = "finished" if r.get("ok") else "failed"
+        self.store.set_pack(att.job_id, att.lease_id, None, f"left pack {pack.pack_id}: {how}")
+        if r.get("ok"):
+            job = self.store.succeed(att.job_id, att.lease_id, adapter_ref=r.get("adapter_ref"), **cost)
+            if job is not None:
+                self._joblog(att.job_id, f"succeeded in pack {pack.pack_id}: {job.adapter_ref or 'no adapter ref'}")
+            self._account(att, elapsed, "succeeded", cost["accelerator_seconds"], cost["tokens"])
+            return
+        error = r.get("error") or "failed in its pack"
+        job = self.store.fail_attempt(att.job_id, att.lease_id, error, retryable=bool(r.get("retryable", True)),
+                                      backoff_base=self.cfg.backoff_base_s, backoff_max=self.cfg.backoff_max_s, **cost)
+        if job is not None:
+            self._joblog(att.job_id, f"{job.state.value} (pack {pack.pack_id}): {error}")
+        self._account(att, elapsed, "failed", cost["accelerator_seconds"], cost["tokens"])
 
     def _slot_count(self, now: float) -> int:
         if self.cfg.slots is not None:
@@ -362,7 +543,24 @@ class Scheduler:
         """Stop a running attempt on request. The store decides first (`mark_cancelled`): once the
         attempt has begun publishing it is left to finish and the job ends succeeded with its
         version; otherwise the job is cancelled, then its task is killed, and it can no longer
-        publish (its lease is gone, so `begin_publish` refuses)."""
+        publish (its lease is gone, so `begin_publish` refuses). A job of a pack leaves its pack at
+        the pack's next step boundary; the other jobs go on."""
+        for pack in self.packs.values():
+            att = pack.members.get(job.id)
+            if att is None:
+                continue
+            elapsed = time.time() - att.started
+            cost = attempt_cost(self._attempt_progress(att), elapsed)
+            done = self.store.mark_cancelled(job.id, att.lease_id, f"cancelled on request: left pack {pack.pack_id}",
+                                             **cost)
+            if done is None:
+                return  # publishing (or no longer ours): the pack's outcome is recorded by _poll_pack
+            ray.get(pack.channel.leave.remote(job.id), timeout=30)
+            del pack.members[job.id]
+            self.store.note(job.id, f"left pack {pack.pack_id}: cancelled")
+            self._account(att, elapsed, "cancelled", cost["accelerator_seconds"], cost["tokens"])
+            self._joblog(job.id, f"cancelled: left pack {pack.pack_id} at its next step boundary, nothing published")
+            return
         for ref, att in list(self.inflight.items()):
             if att.job_id != job.id:
                 continue
@@ -409,6 +607,10 @@ class Scheduler:
     def _refresh_metrics(self) -> None:
         for state, n in self.store.counts().items():
             self.metrics.jobs.set(n, tags={"state": state})
+        self.metrics.packs.set(len(self.packs))
+        for pack in self.packs.values():
+            self.metrics.pack_jobs.set(len(pack.members), tags={"pack": pack.pack_id})
+            self.metrics.pack_occupancy.set(len(pack.members) / max(1, pack.limit), tags={"pack": pack.pack_id})
         for job in self.store.running(self.owner):
             tps = job.progress.get("tokens_per_s")
             if isinstance(tps, (int, float)):

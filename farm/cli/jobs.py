@@ -57,9 +57,16 @@ def _farm_up_message(info, started: bool) -> str:
     return f"farm {'started' if started else 'running'}: {where}, scheduler {info.namespace}/{info.scheduler}"
 
 
-def up() -> None:
+def up(
+    pack_max: Annotated[int | None, typer.Option("--pack-max", min=1, max=64, help="Jobs per pack (one shared base on one slot); 1 = every job alone. Default FARM_PACK_MAX, else 4 on CPU and derived from GPU memory on a GPU.")] = None,
+) -> None:
     """Start the farm: a local Ray head on 127.0.0.1 (or the cluster at RAY_ADDRESS) and the scheduler."""
+    import os
+
     from farm import cluster
+
+    if pack_max is not None:
+        os.environ["FARM_PACK_MAX"] = str(pack_max)  # read by cluster.scheduler_config
 
     info, started = cluster.up()
     console.print(_farm_up_message(info, started))
@@ -198,8 +205,9 @@ def status(
     events = store.events(job_id)
     info = cluster.read_state()
     dashboard = info.dashboard_url if info else None
+    run = f"farm-pack-{job.pack}" if job.pack else run_name(job.id)
     extra = {"eta_seconds": _eta(job), "queue_position": store.queue_positions().get(job.id),
-             "ray_task_name": run_name(job.id), "ray_train_run": run_name(job.id), "dashboard_url": dashboard,
+             "ray_task_name": run, "ray_train_run": run, "dashboard_url": dashboard,
              "events": [e.__dict__ for e in events]}
     if json_out:
         print_json({**job.to_dict(manifest=True), **extra})
@@ -214,11 +222,13 @@ def status(
                   f"accelerator-s, {job.tokens} tokens")
     if job.adapter_ref:
         console.print(f"  adapter {job.adapter_ref}")
+    if job.pack:
+        console.print(f"  pack {job.pack} (trained with other jobs on one shared base)")
     if job.last_error:
         console.print(f"  last error: {job.last_error}")
     if job.state is JobState.RETRYING and job.next_attempt_at:
         console.print(f"  next attempt in {max(0.0, job.next_attempt_at - time.time()):.0f} s")
-    console.print(f"  Ray: task and Train run {run_name(job.id)}" + (f" on {dashboard}" if dashboard else ""))
+    console.print(f"  Ray: task and Train run {run}" + (f" on {dashboard}" if dashboard else ""))
     for e in events:
         when = time.strftime("%H:%M:%S", time.localtime(e.at))
         console.print(f"  {when}  {e.from_state or '-'} -> {e.to_state}: {e.reason}")

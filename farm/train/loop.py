@@ -64,11 +64,11 @@ def _make_optimizer(name: str, params, lr: float, weight_decay: float, device: s
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
 
 
-def build_model(model_cfg: dict, lora_config, device: str):
-    """Quantized base + PEFT LoRA, ready to train. Returns (peft_model, info)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def build_base(model_cfg: dict, device: str):
+    """The frozen quantized base, prepared for k-bit training (packs share it). Returns (model, footprint)."""
+    from peft import prepare_model_for_kbit_training
 
-    from farm.modeling import Quantization, disable_cpu_repack, load_base_model
+    from farm.modeling import Quantization, load_base_model
 
     quant = Quantization(**model_cfg["quant"])
     base = load_base_model(
@@ -84,6 +84,16 @@ def build_model(model_cfg: dict, lora_config, device: str):
     if quant.mode != "none":
         # Gradient checkpointing trades compute for memory; worth it on GPU, only slows CPU runs.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=device == "cuda")
+    return base, footprint
+
+
+def build_model(model_cfg: dict, lora_config, device: str):
+    """Quantized base + PEFT LoRA, ready to train. Returns (peft_model, info)."""
+    from peft import get_peft_model
+
+    from farm.modeling import disable_cpu_repack
+
+    base, footprint = build_base(model_cfg, device)
     model = get_peft_model(base, lora_config)
     if device == "cpu":
         disable_cpu_repack(model)

@@ -115,9 +115,19 @@ class Fitted:
     """What `fit` hands to `publish`."""
 
     checkpoint: Any
-    """The Ray Train checkpoint of the finished run (FINAL marker inside)."""
+    """The Ray Train checkpoint of the finished run (FINAL marker inside), or a local folder of one
+    (a job of a pack: farm.train.pack_run)."""
     placement: WorkerPlacement
     history: list[dict]
+    lineage: dict = field(default_factory=dict)
+    """Extra farm.json fields (a packed job: {"pack": <pack id>})."""
+
+    def as_directory(self):
+        import contextlib
+
+        if isinstance(self.checkpoint, (str, Path)):
+            return contextlib.nullcontext(str(self.checkpoint))
+        return self.checkpoint.as_directory()
 
 
 def prepare(manifest: Manifest, job_id: str) -> Prepared:
@@ -238,7 +248,7 @@ def publish(job: Prepared, fitted: Fitted, *, catalog: Catalog | None = None,
 
         catalog = Catalog()
     m, job_id = job.manifest, job.job_id
-    with fitted.checkpoint.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="farm-publish-") as out:
+    with fitted.as_directory() as ckpt_dir, tempfile.TemporaryDirectory(prefix="farm-publish-") as out:
         ckpt = Path(ckpt_dir)
         if not (ckpt / FINAL_MARKER).exists():
             raise TrainingError(f"job {job_id}: the last checkpoint is not a finished adapter")
@@ -262,6 +272,7 @@ def publish(job: Prepared, fitted: Fitted, *, catalog: Catalog | None = None,
             gpus=fitted.placement.gpus,
             wall_seconds=time.time() - job.started,
         )
+        metadata.update(fitted.lineage)
         if before_publish is not None:
             before_publish()  # past this point the job ends published, whatever else is requested
         version = catalog.publish(m.customer, m.adapter, Path(out), metadata, idempotency_key=job_id)
