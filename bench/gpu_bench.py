@@ -162,6 +162,53 @@ def run_farm(path: Path, args, device: str) -> dict:
     return result
 
 
+def run_packed(path: Path, args, device: str, ks: list[int]) -> dict:
+    """Packed training (farm.train.pack_lora + pack_step, the pack worker's step) on one resident base:
+    K jobs, each its own LoRA (r=16 all-linear, its own seed), AdamW-family optimizer and batch, one
+    forward/backward for all. Aggregate tokens/s over the timed steps and peak memory, per K."""
+    from farm.train.loop import _make_optimizer, build_base
+    from farm.train.pack_lora import PackLoRA
+    from farm.train.pack_step import JobTrainer, pack_step
+
+    rows = []
+    for k in ks:
+        _cuda_reset()
+        quant = {"mode": "nf4", "double_quant": True, "compute_dtype": "auto"}
+        model, _ = build_base({"source": str(path), "task": "causal_lm", "quant": quant}, device)
+        pack = PackLoRA(model)
+        trainers = {}
+        for j in range(k):
+            job = f"job{j}"
+            params = pack.add_job(job, lora_config(), seed=j)
+            opt, _ = _make_optimizer("auto", params, 2e-4, 0.0, device)
+            sched = __import__("torch").optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
+            trainers[job] = JobTrainer(job, params, opt, sched, seed=j)
+        model.train()
+        streams = {job: batches(args.warmup + args.steps, args.batch_size, args.seq_len, args.vocab, seed=i)
+                   for i, job in enumerate(trainers)}
+        tokens, timed_s = 0, 0.0
+        for step in range(args.warmup + args.steps):
+            micro = {job: next(streams[job]) for job in trainers}
+            if device == "cuda":
+                __import__("torch").cuda.synchronize()
+            t0 = time.perf_counter()
+            pack_step(model, pack, trainers, micro, pad_token_id=0, device=device)
+            if device == "cuda":
+                __import__("torch").cuda.synchronize()
+            if step >= args.warmup:
+                timed_s += time.perf_counter() - t0
+                tokens += sum(b["input_ids"].numel() for b in micro.values())
+        rows.append({"k": k, "tokens": tokens, "train_s": round(timed_s, 3),
+                     "tokens_per_s": round(tokens / timed_s, 1), "peak_gib": _peak_gib()})
+        del model, pack, trainers
+        _cuda_reset()
+    out = {"rows": rows}
+    peaks = [r["peak_gib"] for r in rows]
+    if len(rows) > 1 and None not in peaks:
+        out["peak_gib_per_added_job"] = round((peaks[-1] - peaks[0]) / (rows[-1]["k"] - rows[0]["k"]), 3)
+    return out
+
+
 def run_baseline(path: Path, args) -> dict:
     """Plain transformers + PEFT + Trainer, the way a QLoRA notebook sets it up."""
     import torch
@@ -260,6 +307,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"base: Llama, {args.layers} layers, {results['base_params'] / 1e9:.3f}B params ({device})", flush=True)
         results["farm"] = run_farm(work / "base", args, device)
         print(f"farm:     {results['farm']['tokens_per_s']} tokens/s, peak {results['farm']['peak_gib']} GiB", flush=True)
+        ks = [1, 2] if args.cpu_smoke else [1, 4, 8]
+        results["packed"] = run_packed(work / "base", args, device, ks)
+        single = results["farm"]["tokens_per_s"]
+        for row in results["packed"]["rows"]:
+            row["over_single_tokens_per_s"] = round(row["tokens_per_s"] / single, 3)
+            print(f"packed K={row['k']}: {row['tokens_per_s']} tokens/s aggregate "
+                  f"(x{row['over_single_tokens_per_s']} the single job), peak {row['peak_gib']} GiB", flush=True)
+        if "peak_gib_per_added_job" in results["packed"]:
+            print(f"packed: {results['packed']['peak_gib_per_added_job']} GiB peak per added job", flush=True)
         if device == "cuda":
             results["baseline"] = run_baseline(work / "base", args)
             b = results["baseline"]

@@ -138,6 +138,17 @@ def _data_bars(r: dict) -> tuple[str, dict[str, float]]:
     return "MB added to peak RSS", bars
 
 
+def _pack_headline(r: dict) -> str:
+    return (f"packed / one run per job: jobs/hour x{_fmt(r.get('jobs_per_hour_ratio'))} (goal >= 3), "
+            f"tokens/s x{_fmt(r.get('tokens_per_s_ratio'))}, join latency {_fmt(r.get('join_latency_s'), '.2f', ' s')} "
+            f"(goal <= 2 s)")
+
+
+def _pack_bars(r: dict) -> tuple[str, dict[str, float]]:
+    bars = {"one run\nper job": _get(r, "single", "makespan_s"), "packed": _get(r, "packed", "makespan_s")}
+    return "makespan s (8 jobs)", {k: v for k, v in bars.items() if v is not None}
+
+
 BENCHES = [
     Bench("train_overhead", [], ["--steps", "20"], 1200, _train_headline, _train_bars),
     Bench("catalog", [], ["--quick"], 900, _catalog_headline, _catalog_bars, log_scale=True),
@@ -146,6 +157,7 @@ BENCHES = [
     Bench("serve", [], ["--requests", "64", "--baseline-requests", "16", "--no-routing", "--no-s3"],
           1200, _serve_headline, _serve_bars),
     Bench("data_rss", [], ["--scale", "20"], 600, _data_headline, _data_bars),
+    Bench("pack", [], ["--jobs", "4", "--steps", "10"], 1800, _pack_headline, _pack_bars),
 ]
 
 

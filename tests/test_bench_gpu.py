@@ -28,6 +28,12 @@ def test_gpu_bench_cpu_smoke(tmp_path):
     assert fp["weight_bits_per_param"] == 4.0  # NF4: two weights per byte
     # Double quant: 8-bit absmax per 64 weights + fp32 per 256 blocks, as in the QLoRA paper.
     assert abs(fp["bits_per_param_blockwise"] - fp["qlora_paper_bits_double_quant"]) < 0.01
+    # Packed training (the pack worker's step) at K jobs: aggregate tokens/s of K jobs' own tokens.
+    packed = r["packed"]["rows"]
+    assert [row["k"] for row in packed] == [1, 2]
+    for row in packed:
+        assert row["tokens"] == row["k"] * r["shape"]["steps"] * r["shape"]["batch_size"] * r["shape"]["seq_len"]
+        assert row["tokens_per_s"] > 0 and row["over_single_tokens_per_s"] > 0
     assert "skipped" in r["baseline"] and "skipped" in r["serve"]
     assert "skipped" in proc.stdout  # each skipped part says so, and why
 
