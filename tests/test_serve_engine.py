@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from farm.serve.engine import Engine, GenJob, inspect_adapter
+from farm.serve.engine import Engine, GenJob, inspect_adapter, keys_only
 from farm.serve.limits import ApiError
 from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
 from tests.test_serve_support import make_adapter, stock_greedy
@@ -57,6 +57,42 @@ def test_mixed_adapter_batch_equals_stock_peft_greedy(engine, adapters, tiny_lla
     for s in slots:
         engine.detach(s.name)
     assert set(engine.slots) <= engine._doomed  # PEFT keeps one adapter until the next attach
+
+
+def test_attach_leaves_the_packed_base_alone(engine, adapters, monkeypatch):
+    """An attach loads only the adapter's tensors: no 4-bit weight of the base is converted out of
+    bitsandbytes' CPU packing (PEFT's load_adapter would, through state_dict(); see keys_only)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    packed = engine._packed["causal_lm"].saved
+    if not packed:
+        pytest.skip("bitsandbytes packs 4-bit weights only on CPUs with AVX512-BF16")
+    first = engine.attach(adapters[0]).name  # the engine's PeftModel exists from here on
+    converted = []
+    real = bnb_modules._convert_weight_packed_for_cpu_inverse
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu_inverse",
+                        lambda *a, **k: converted.append(1) or real(*a, **k))
+    before = [(w, w.data_ptr()) for w, *_ in packed]
+    second = engine.attach(adapters[1]).name
+    engine.detach(first)
+    assert converted == []
+    assert all(w.data_ptr() == ptr and w.quant_state.packing_format_for_cpu for w, ptr in before)
+    engine.detach(second)
+
+
+def test_keys_only_names_every_adapter_key(engine, adapters):
+    """What PEFT's load_adapter reads from state_dict() (the adapter's keys) is the same with keys_only;
+    only bitsandbytes' quantization-state entries are left out."""
+    slot = engine.attach(adapters[2]).name
+    real = set(engine.peft.state_dict())
+    engine._packed["causal_lm"].restore()
+    with keys_only(engine.peft):
+        light = set(engine.peft.state_dict())
+    assert "state_dict" not in vars(engine.peft)
+    lora = {k for k in real if ".lora_" in k}
+    assert lora and lora == {k for k in light if ".lora_" in k}
+    assert real - light and all(".weight." in k for k in real - light), sorted(real - light)[:5]
+    engine.detach(slot)
 
 
 def test_seed_gives_same_sample_and_stop_strings_cut(engine, adapters):
