@@ -173,3 +173,43 @@ def test_grouped_lora_matches_peft_mixed_batch_and_falls_back_for_dora(engine, a
     assert engine.grouped.supports([slots[0]])
     for s in slots:
         engine.detach(s)
+
+
+def test_warm_up_leaves_the_base_bit_identical(tiny_llama):
+    """The zero adapter of the warm-up changes no logit: on the same model before and after it, and
+    between a replica started with warm-up and one without."""
+    import torch
+
+    from farm.serve.warmup import WARMUP, build_wrapper
+
+    cold = Engine(str(tiny_llama), max_waiting=4, warm_up=False)
+    batches = [torch.tensor([cold.tokenizer(p).input_ids] * 2) for p in PROMPTS]
+    with torch.inference_mode():
+        before = [cold._forward(["__base__"] * 2, input_ids=ids).logits for ids in batches]
+        peft, grouped = build_wrapper(cold.base, cold._warmup_ids)
+        cold._packed["causal_lm"].restore()
+        assert list(peft.peft_config) == [] and WARMUP not in grouped.index
+        after = [cold.base(input_ids=ids).logits for ids in batches]  # PEFT's own forward of the wrapped layer
+        with grouped.batch(["__base__"] * 2):
+            grouped_after = [cold.base(input_ids=ids).logits for ids in batches]
+        warm = Engine(str(tiny_llama), max_waiting=4)
+        assert warm.peft is not None and list(warm.peft.peft_config) == []
+        other = [warm._forward(["__base__"] * 2, input_ids=ids).logits for ids in batches]
+    for b, a, g, o in zip(before, after, grouped_after, other):
+        assert torch.equal(b, a) and torch.equal(b, g) and torch.equal(b, o)
+
+
+def test_first_attach_after_warm_up_equals_stock_peft(tiny_llama, adapters):
+    """A warmed replica's first adapter goes through load_adapter into the prebuilt wrapper and
+    answers as stock PEFT does, beside base rows in the same batch."""
+    warm = Engine(str(tiny_llama), max_batch_size=8, max_wait_ms=20, max_waiting=8)
+    slot = warm.attach(adapters[0]).name
+    rows = [(s, p) for s in (slot, None) for p in PROMPTS]
+
+    async def together():
+        return await asyncio.gather(*[_run(warm, s, p) for s, p in rows])
+
+    for (s, prompt), (done, _) in zip(rows, asyncio.run(together())):
+        want = stock_greedy(tiny_llama, adapters[0] if s else None, warm.tokenizer(prompt).input_ids, 12)
+        assert done["text"] == want, (s, prompt)
+    assert list(warm.peft.peft_config) == [slot]

@@ -199,6 +199,7 @@ class Engine:
         max_waiting: int = 64,
         threads: int | None = None,
         device: str = "cpu",
+        warm_up: bool = True,
     ):
         import torch
 
@@ -222,8 +223,13 @@ class Engine:
         self.hidden_size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
         self._warmup_ids = self.tokenizer("warm up").input_ids or [0]
         self._packed = {"causal_lm": PackedWeights(self.base, self._warmup_ids)}
-        self.peft = None  # PeftModel over self.base once the first causal adapter is attached
+        self.peft = None  # PeftModel over self.base: built at start (warm_up) or by the first causal attach
         self.grouped: GroupedLoRA | None = None  # stacked LoRA weights of self.peft's adapters
+        if warm_up:  # so that the first adapter load costs what every later one does (warmup.py)
+            from farm.serve.warmup import build_wrapper
+
+            self.peft, self.grouped = build_wrapper(self.base, self._warmup_ids)
+            self._packed["causal_lm"].restore()
         self.classifiers: dict[int, object] = {}  # num_labels -> seq_cls base (PeftModel once used)
         self.slots: dict[str, Slot] = {}
         self.max_batch_size = max_batch_size
@@ -262,6 +268,8 @@ class Engine:
                 else:
                     with keys_only(self.peft):
                         self.peft.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                    if self.peft.active_adapter not in self.peft.peft_config:  # the warm-up's, deleted
+                        self.peft.set_adapter(slot.name, inference_mode=True)  # as from_pretrained leaves it
                 self.grouped.add(slot.name)
             else:
                 model = self.classifiers.get(num_labels)
