@@ -59,6 +59,10 @@ class AdapterServer:
         self._resident: dict[str, Resident] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="farm-adapters-"))
         self.load_seconds: list[float] = []
+        try:  # open the catalog now: its client's imports (s3fs: ~1.4 s here) are not the first load's
+            self.catalog
+        except CatalogError:
+            pass  # a bad catalog URL is reported by the first load, as before
 
         async def load(vid: str) -> Resident:
             return await self._load(vid)
