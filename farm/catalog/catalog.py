@@ -28,6 +28,10 @@ class Catalog:
         self.customer = check_part("customer", customer) if customer is not None else None
         self.store: Store = open_store(self.url)
 
+    def connect(self) -> None:
+        """Set up the storage client now, without a request (see Store.connect)."""
+        self.store.connect()
+
     def __repr__(self) -> str:
         scope = f", customer={self.customer!r}" if self.customer else ""
         return f"Catalog({self.store.url!r}{scope})"

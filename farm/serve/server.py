@@ -59,8 +59,8 @@ class AdapterServer:
         self._resident: dict[str, Resident] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="farm-adapters-"))
         self.load_seconds: list[float] = []
-        try:  # open the catalog now: its client's imports (s3fs: ~1.4 s here) are not the first load's
-            self.catalog
+        try:  # open the catalog now: its client's set-up (S3: ~1.4 s here) is not the first load's
+            self.catalog.connect()
         except CatalogError:
             pass  # a bad catalog URL is reported by the first load, as before
 
