@@ -64,13 +64,15 @@ def test_publish_resolve_fetch_roundtrip(url, src, tmp_path):
     assert json.loads((out / "farm.json").read_text())["version"] == 1
 
 
-def test_connect_sends_no_request(url, src, tmp_path):
-    """A serving replica connects its catalog at start: that sets the client up, it asks nothing."""
+def test_connect_sends_no_request_and_ping_one(url, src, tmp_path):
+    """A serving replica connects its catalog at start (sets the client up, asks nothing) and pings it
+    (one read of a key no catalog holds)."""
     publisher = Catalog(url)
     publisher.publish("acme", "bot", src, {})
     cat = Catalog(url)
     cat.connect()
     assert cat.store.requests == 0
+    assert cat.ping() is False and cat.store.requests <= 1
     v = cat.resolve("acme/bot")
     assert (cat.fetch(v, tmp_path / "out") / "adapter_config.json").exists()
 
