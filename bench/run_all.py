@@ -112,7 +112,8 @@ def _queue_bars(r: dict) -> tuple[str, dict[str, float]]:
 
 def _serve_headline(r: dict) -> str:
     return (f"32 adapters / 1 adapter = {_fmt(r.get('a_spread_over_single'))} (goal >= 0.8); "
-            f"farm / PEFT-swap baseline = {_fmt(r.get('b_farm_over_baseline'))}x (goal >= 5)")
+            f"farm / PEFT-swap baseline = {_fmt(r.get('b_farm_over_baseline'))}x (goal >= 5); "
+            f"cold load p99 {_fmt(_get(r, 'cold_load_local', 'p99_ms'), '.0f', ' ms')} (goal <= 100)")
 
 
 def _serve_bars(r: dict) -> tuple[str, dict[str, float]]:

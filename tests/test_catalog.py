@@ -64,6 +64,19 @@ def test_publish_resolve_fetch_roundtrip(url, src, tmp_path):
     assert json.loads((out / "farm.json").read_text())["version"] == 1
 
 
+def test_connect_sends_no_request_and_ping_one(url, src, tmp_path):
+    """A serving replica connects its catalog at start (sets the client up, asks nothing) and pings it
+    (one read of a key no catalog holds)."""
+    publisher = Catalog(url)
+    publisher.publish("acme", "bot", src, {})
+    cat = Catalog(url)
+    cat.connect()
+    assert cat.store.requests == 0
+    assert cat.ping() is False and cat.store.requests <= 1
+    v = cat.resolve("acme/bot")
+    assert (cat.fetch(v, tmp_path / "out") / "adapter_config.json").exists()
+
+
 def test_racing_publishers_get_distinct_versions(url, tmp_path):
     n = 4
     srcs = [write_dummy_adapter(tmp_path / f"s{i}", seed=i) for i in range(n)]

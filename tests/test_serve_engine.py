@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from farm.serve.engine import Engine, GenJob, inspect_adapter
+from farm.serve.engine import Engine, GenJob, inspect_adapter, keys_only
 from farm.serve.limits import ApiError
 from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
 from tests.test_serve_support import make_adapter, stock_greedy
@@ -57,6 +57,42 @@ def test_mixed_adapter_batch_equals_stock_peft_greedy(engine, adapters, tiny_lla
     for s in slots:
         engine.detach(s.name)
     assert set(engine.slots) <= engine._doomed  # PEFT keeps one adapter until the next attach
+
+
+def test_attach_leaves_the_packed_base_alone(engine, adapters, monkeypatch):
+    """An attach loads only the adapter's tensors: no 4-bit weight of the base is converted out of
+    bitsandbytes' CPU packing (PEFT's load_adapter would, through state_dict(); see keys_only)."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    packed = engine._packed["causal_lm"].saved
+    if not packed:
+        pytest.skip("bitsandbytes packs 4-bit weights only on CPUs with AVX512-BF16")
+    first = engine.attach(adapters[0]).name  # the engine's PeftModel exists from here on
+    converted = []
+    real = bnb_modules._convert_weight_packed_for_cpu_inverse
+    monkeypatch.setattr(bnb_modules, "_convert_weight_packed_for_cpu_inverse",
+                        lambda *a, **k: converted.append(1) or real(*a, **k))
+    before = [(w, w.data_ptr()) for w, *_ in packed]
+    second = engine.attach(adapters[1]).name
+    engine.detach(first)
+    assert converted == []
+    assert all(w.data_ptr() == ptr and w.quant_state.packing_format_for_cpu for w, ptr in before)
+    engine.detach(second)
+
+
+def test_keys_only_names_every_adapter_key(engine, adapters):
+    """What PEFT's load_adapter reads from state_dict() (the adapter's keys) is the same with keys_only;
+    only bitsandbytes' quantization-state entries are left out."""
+    slot = engine.attach(adapters[2]).name
+    real = set(engine.peft.state_dict())
+    engine._packed["causal_lm"].restore()
+    with keys_only(engine.peft):
+        light = set(engine.peft.state_dict())
+    assert "state_dict" not in vars(engine.peft)
+    lora = {k for k in real if ".lora_" in k}
+    assert lora and lora == {k for k in light if ".lora_" in k}
+    assert real - light and all(".weight." in k for k in real - light), sorted(real - light)[:5]
+    engine.detach(slot)
 
 
 def test_seed_gives_same_sample_and_stop_strings_cut(engine, adapters):
@@ -137,3 +173,43 @@ def test_grouped_lora_matches_peft_mixed_batch_and_falls_back_for_dora(engine, a
     assert engine.grouped.supports([slots[0]])
     for s in slots:
         engine.detach(s)
+
+
+def test_warm_up_leaves_the_base_bit_identical(tiny_llama):
+    """The zero adapter of the warm-up changes no logit: on the same model before and after it, and
+    between a replica started with warm-up and one without."""
+    import torch
+
+    from farm.serve.warmup import WARMUP, build_wrapper
+
+    cold = Engine(str(tiny_llama), max_waiting=4, warm_up=False)
+    batches = [torch.tensor([cold.tokenizer(p).input_ids] * 2) for p in PROMPTS]
+    with torch.inference_mode():
+        before = [cold._forward(["__base__"] * 2, input_ids=ids).logits for ids in batches]
+        peft, grouped = build_wrapper(cold.base, cold._warmup_ids)
+        cold._packed["causal_lm"].restore()
+        assert list(peft.peft_config) == [] and WARMUP not in grouped.index
+        after = [cold.base(input_ids=ids).logits for ids in batches]  # PEFT's own forward of the wrapped layer
+        with grouped.batch(["__base__"] * 2):
+            grouped_after = [cold.base(input_ids=ids).logits for ids in batches]
+        warm = Engine(str(tiny_llama), max_waiting=4)
+        assert warm.peft is not None and list(warm.peft.peft_config) == []
+        other = [warm._forward(["__base__"] * 2, input_ids=ids).logits for ids in batches]
+    for b, a, g, o in zip(before, after, grouped_after, other):
+        assert torch.equal(b, a) and torch.equal(b, g) and torch.equal(b, o)
+
+
+def test_first_attach_after_warm_up_equals_stock_peft(tiny_llama, adapters):
+    """A warmed replica's first adapter goes through load_adapter into the prebuilt wrapper and
+    answers as stock PEFT does, beside base rows in the same batch."""
+    warm = Engine(str(tiny_llama), max_batch_size=8, max_wait_ms=20, max_waiting=8)
+    slot = warm.attach(adapters[0]).name
+    rows = [(s, p) for s in (slot, None) for p in PROMPTS]
+
+    async def together():
+        return await asyncio.gather(*[_run(warm, s, p) for s, p in rows])
+
+    for (s, prompt), (done, _) in zip(rows, asyncio.run(together())):
+        want = stock_greedy(tiny_llama, adapters[0] if s else None, warm.tokenizer(prompt).input_ids, 12)
+        assert done["text"] == want, (s, prompt)
+    assert list(warm.peft.peft_config) == [slot]

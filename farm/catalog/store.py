@@ -25,6 +25,10 @@ class Store:
     url: str
     requests: int = 0
 
+    def connect(self) -> None:
+        """Set up the client now, without a request (S3: its session and credentials), so that the
+        first request does not pay for it (a serving replica at start). Optional: no-op here."""
+
     def uri(self, key: str) -> str:
         """The fsspec URL of a key (for users and `AdapterVersion.uri`)."""
         return f"{self.url.rstrip('/')}/{key}" if key else self.url

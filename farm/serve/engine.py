@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import json
 import threading
@@ -74,10 +75,12 @@ class PackedWeights:
     """Keeps bitsandbytes' CPU-repacked 4-bit weights intact across adapter loads.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks each Linear4bit weight on its first inference
-    forward; any `state_dict()` call (PEFT's load_adapter/delete_adapter make them) converts it back,
-    lossily, and the next forward repacks the degraded weight: the base's outputs drift a little with
-    every adapter load. We warm the model up once, remember the packed tensors, and put them back
-    after every attach/detach. A no-op where nothing is packed (GPUs, other CPUs)."""
+    forward; any `state_dict()` call converts it back, lossily, and the next forward repacks the
+    degraded weight: the base's outputs would drift a little with every adapter load. The engine's
+    own attaches avoid the call (`keys_only`), but PeftModel.from_pretrained (a classifier base's
+    first adapter, or a replica started without warm-up) still makes one. We warm the model up once,
+    remember the packed tensors, and put them back after every attach/detach. A no-op where nothing
+    is packed (GPUs, other CPUs) or nothing was converted."""
 
     def __init__(self, model, warmup_ids: list[int]):
         import torch
@@ -97,6 +100,31 @@ class PackedWeights:
             if w.data is not data or not getattr(w.quant_state, "packing_format_for_cpu", False):
                 qs.__dict__.update(fields)
                 w.data, w.quant_state = data, qs
+
+
+@contextlib.contextmanager
+def keys_only(model):
+    """Within the block, `model.state_dict()` is the model's parameters and buffers by name, taken
+    without the modules' state-dict hooks.
+
+    PEFT's load_adapter calls `state_dict()` of the whole PeftModel only to learn the adapter's key
+    names (`_remap_adapter_state_dict_for_load`). bitsandbytes' hook on every Linear4bit converts a
+    CPU-packed weight back to the plain layout to save it, so each attach paid that conversion over
+    every 4-bit weight of the base (and PackedWeights then had to put the packed tensors back), a
+    cost that grows with the base while the adapter stays small. The dict here has every parameter
+    and buffer key (tied weights under each name) but not bitsandbytes' quantization-state entries
+    (`...weight.absmax` and the like), which no adapter key matches."""
+
+    def state_dict(*_args, **_kwargs):
+        out = {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
+        out.update((n, b.detach()) for n, b in model.named_buffers(remove_duplicate=False))
+        return out
+
+    model.state_dict = state_dict  # an instance attribute shadows nn.Module.state_dict
+    try:
+        yield
+    finally:
+        del model.state_dict
 
 
 def describe_base(model) -> dict[str, dict]:
@@ -171,6 +199,7 @@ class Engine:
         max_waiting: int = 64,
         threads: int | None = None,
         device: str = "cpu",
+        warm_up: bool = True,
     ):
         import torch
 
@@ -194,8 +223,13 @@ class Engine:
         self.hidden_size = int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 0))
         self._warmup_ids = self.tokenizer("warm up").input_ids or [0]
         self._packed = {"causal_lm": PackedWeights(self.base, self._warmup_ids)}
-        self.peft = None  # PeftModel over self.base once the first causal adapter is attached
+        self.peft = None  # PeftModel over self.base: built at start (warm_up) or by the first causal attach
         self.grouped: GroupedLoRA | None = None  # stacked LoRA weights of self.peft's adapters
+        if warm_up:  # so that the first adapter load costs what every later one does (warmup.py)
+            from farm.serve.warmup import build_wrapper
+
+            self.peft, self.grouped = build_wrapper(self.base, self._warmup_ids)
+            self._packed["causal_lm"].restore()
         self.classifiers: dict[int, object] = {}  # num_labels -> seq_cls base (PeftModel once used)
         self.slots: dict[str, Slot] = {}
         self.max_batch_size = max_batch_size
@@ -232,7 +266,10 @@ class Engine:
                     self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=slot.name).eval()
                     self.grouped = GroupedLoRA(self.peft)
                 else:
-                    self.peft.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                    with keys_only(self.peft):
+                        self.peft.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                    if self.peft.active_adapter not in self.peft.peft_config:  # the warm-up's, deleted
+                        self.peft.set_adapter(slot.name, inference_mode=True)  # as from_pretrained leaves it
                 self.grouped.add(slot.name)
             else:
                 model = self.classifiers.get(num_labels)
@@ -246,7 +283,8 @@ class Engine:
                     model = PeftModel.from_pretrained(base, str(path), adapter_name=slot.name).eval()
                     self.classifiers[num_labels] = model
                 else:
-                    model.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                    with keys_only(model):
+                        model.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
                 patch_module_copies(model)  # each row's own head, whichever adapter PEFT holds active
             self._packed["causal_lm" if task == "causal_lm" else num_labels].restore()
             self.slots[slot.name] = slot
