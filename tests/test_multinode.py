@@ -303,5 +303,11 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
     assert [h["step"] for h in versions[0].metadata["metrics_history"] if "loss" in h] == list(range(1, 25))
     fs = s3fs_for(s3_server)
     runs = two_nodes["prefix"].removeprefix("s3://") + "/runs"
-    assert fs.exists(f"{runs}/farm-{fault}/checkpoint_manager_snapshot.json")  # the run lives on S3
+    # The run lives on S3: a job alone as Ray Train run farm-<id>; a packed job (the default) keeps its
+    # own checkpoints under farm-pack-jobs/<id>/ beside its pack's run (farm.train.pack_loop).
+    if done.pack:
+        assert fs.exists(f"{runs}/farm-pack-jobs/{fault}/LATEST"), done.pack
+        assert fs.exists(f"{runs}/farm-pack-{done.pack}")
+    else:
+        assert fs.exists(f"{runs}/farm-{fault}/checkpoint_manager_snapshot.json")
     assert not (farm_home / "runs").exists() and not (farm_home / "catalog").exists()
