@@ -259,18 +259,21 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
         assert j.adapter_ref.endswith("@v1") and j.accelerator_seconds > 0
         assert j.tokens == j.progress["tokens"] > 0  # one attempt: its cost is the job's cumulative count
 
+    # Serve the adapter trained on B from a replica pinned to A. Deployed while no job trains: Serve
+    # gives its HTTP proxy 60 s to start (HTTP_PROXY_TIMEOUT) and kills it after, which a worker process
+    # starting on a 2-core node busy with training can miss.
+    on_b = next(j for j in jobs if where[j.id] == ids["b"])
+    port = free_ports(1)[0]
+    cfg = {"base_model": inputs["base_model"], "catalog_url": env["FARM_CATALOG"], "replicas": 1,
+           "max_adapters": 2, "port": port, "resolve_ttl_s": 1.0}
+    served = _driver_json(_driver("serve_main", two_nodes["address"], json.dumps(cfg), env=env), timeout=240)
+    assert served["replica_nodes"] == [ids["a"]], served
+
     # Fault: hold A's training slot so the next job trains on B, then lose B mid-job.
     holder = _driver("hold_main", two_nodes["address"], env=env, stdin=subprocess.PIPE)
     assert json.loads(holder.stdout.readline())["held_on"] == ids["a"]
     (fault,) = [j["id"] for j in json.loads(farm("submit", manifest(
         "fault", customer="acme", adapter="fault", steps=24, checkpoint_every=3, max_failures=1), "--json"))]
-
-    # Meanwhile, serve the adapter trained on B from a replica pinned to A.
-    on_b = next(j for j in jobs if where[j.id] == ids["b"])
-    port = free_ports(1)[0]
-    cfg = {"base_model": inputs["base_model"], "catalog_url": env["FARM_CATALOG"], "replicas": 1,
-           "max_adapters": 2, "port": port, "resolve_ttl_s": 1.0}
-    server = _driver("serve_main", two_nodes["address"], json.dumps(cfg), env=env)
 
     running_on_b = _wait(lambda: (p := job(fault).progress).get("node_id") == ids["b"] and p.get("step", 0) >= 4 and p,
                          180, "the fault job to checkpoint on node B")
@@ -278,8 +281,7 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
     holder.kill()  # ... and A's training slot frees up (the holder actor dies with its driver)
     holder.wait(30)
 
-    served = _driver_json(server, timeout=240)
-    assert served["replica_nodes"] == [ids["a"]], served
+    # The replica on A goes on serving B's adapter after B is gone.
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                    json={"model": on_b.adapter_ref.split("@")[0], "prompt": "Hello", "max_tokens": 4,
                          "temperature": 0})
