@@ -77,8 +77,9 @@ def _env_int(name: str, default: int | None) -> int | None:
     return value
 
 
-def scheduler_config():
-    """The scheduler's config from the environment (see the module docstring)."""
+def scheduler_config(*, pack_max: int | None = None):
+    """The scheduler's config from the environment (see the module docstring); `pack_max` given here
+    (`farm up --pack-max`) wins over FARM_PACK_MAX."""
     from farm.scheduler import DEFAULT_NAME, DEFAULT_NAMESPACE, DEFAULT_RUNNER, SchedulerConfig
 
     backoff = os.environ.get("FARM_BACKOFF_S")
@@ -92,7 +93,7 @@ def scheduler_config():
         runner=os.environ.get("FARM_RUNNER") or DEFAULT_RUNNER,
         cpu_slots=_env_int("FARM_CPU_SLOTS", 1) or 1,
         per_customer_limit=_env_int("FARM_CUSTOMER_LIMIT", None),
-        pack_max=_env_int("FARM_PACK_MAX", None),
+        pack_max=pack_max if pack_max is not None else _env_int("FARM_PACK_MAX", None),
         backoff_base_s=backoff_s,
     )
 
@@ -208,8 +209,9 @@ def use_running_farm() -> FarmInfo | None:
     return info
 
 
-def up(*, timeout_s: float = 90.0) -> tuple[FarmInfo, bool]:
-    """Make sure a farm is running: (info, started_something_now)."""
+def up(*, timeout_s: float = 90.0, pack_max: int | None = None) -> tuple[FarmInfo, bool]:
+    """Make sure a farm is running: (info, started_something_now). `pack_max` applies to a scheduler
+    started now; a running one keeps its own."""
     started = False
     address = os.environ.get("RAY_ADDRESS")
     info = running()
@@ -226,7 +228,7 @@ def up(*, timeout_s: float = 90.0) -> tuple[FarmInfo, bool]:
         started = True
     from farm import scheduler
 
-    cfg = scheduler_config()
+    cfg = scheduler_config(pack_max=pack_max)
     info.scheduler, info.namespace = cfg.name, cfg.namespace
     url = _connect(info.address, cfg.namespace)
     info.dashboard_url = info.dashboard_url or url

@@ -6,7 +6,11 @@ Three kinds of leftovers, each with its own rule (docs/operations.md, "Disk and 
   ended (succeeded, failed or cancelled in the queue) longer ago than the age. A run of a queued,
   running or retrying job is never touched. A run the queue does not know (a foreground `farm train`,
   a queue database that was replaced) goes when nothing in it changed for longer than the age.
-- **Temporary checkpoint folders** (`farm-ckpt-*`, `farm-publish-*` in this machine's temp dir): Ray
+  A pack's run `farm-pack-<pack id>` is judged by its jobs (kept while any is active, else the age
+  counts from the last to end); a packed job's own checkpoints `farm-pack-jobs/<job id>` like that
+  job's run.
+- **Temporary checkpoint folders** (`farm-ckpt-*`, `farm-publish-*` and a pack worker's
+  `farm-packckpt-*`, `farm-packpub-*`, `farm-packresume-*` in this machine's temp dir): Ray
   Train deletes a checkpoint folder once uploaded and publish deletes its own, so what is left is
   from killed workers; removed when nothing in it changed for longer than the age.
 - **Fetched adapter folders** (`$FARM_HOME/cache/adapters`, `farm adapters fetch` without --dest):
@@ -28,17 +32,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from farm.errors import FarmError, JobNotFound
-from farm.queue.job import check_job_id
+from farm.errors import FarmError
+from farm.queue.job import PACK_JOBS_FOLDER, PACK_RUN_PREFIX, check_job_id
 from farm.queue.lifecycle import ACTIVE, TERMINAL
 
 if TYPE_CHECKING:
+    from farm.queue.job import Job
     from farm.queue.store import SQLiteStore
     from farm.settings import Settings
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AGE_RULE = "a number and a unit s, m, h, d or w, e.g. 90m, 12h, 7d, 2w"
-TEMP_PREFIXES = ("farm-ckpt-", "farm-publish-")
+TEMP_PREFIXES = ("farm-ckpt-", "farm-publish-", "farm-packckpt-", "farm-packpub-", "farm-packresume-")
 RUN_PREFIX = "farm-"
 _AGE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", re.IGNORECASE)
 
@@ -167,20 +172,6 @@ def _fetched(cache: Path, now: float, age: float) -> tuple[list[Item], list[Item
 # ---- run storage ---------------------------------------------------------------------------------
 
 
-def _run_fs(storage: str):
-    import fsspec
-
-    from farm.settings import storage_options
-
-    if "://" not in storage:
-        storage = "file://" + str(Path(storage).expanduser().absolute())
-    options = storage_options(storage)
-    if storage.startswith("s3://"):
-        options.update(use_listings_cache=False, skip_instance_cache=True)
-    fs, root = fsspec.core.url_to_fs(storage, **options)
-    return fs, root.rstrip("/")
-
-
 def _mtime(info: dict) -> float | None:
     for key in ("mtime", "LastModified", "last_modified", "created"):
         v = info.get(key)
@@ -205,55 +196,76 @@ def _run_contents(fs, path: str) -> tuple[float | None, int]:
     return newest, size
 
 
+def _judge(item: Item, what: str, ended: list[Job], active: Job | None, newest: float | None,
+           now: float, age: float) -> bool:
+    """Whether a run folder is old enough to go (and item.why says why): kept while `active` (a job of
+    it still queued or running); else by the latest end time of its `ended` jobs; else (no job in the
+    queue knows it) by its newest file."""
+    if active is not None:
+        item.why = f"job {active.id} is {active.state.value}"
+        return False
+    if ended:
+        last = max(ended, key=lambda j: j.finished_at or j.updated_at)
+        item.age_s = now - (last.finished_at or last.updated_at)
+        item.why = f"job {last.id} {last.state.value} {_days(item.age_s)} ago"
+        return item.age_s > age
+    item.age_s = now - (newest if newest is not None else now)
+    verb = "nothing changed for" if item.age_s > age else "changed"
+    item.why = f"no {what} in the queue; {verb} {_days(item.age_s)}" + ("" if item.age_s > age else " ago")
+    return item.age_s > age
+
+
 def _runs(settings: Settings, store: SQLiteStore | None, now: float, age: float) -> tuple[list[Item], list[Item], Any]:
-    fs, root = _run_fs(settings.storage_path)
-    old, young = [], []
+    """Run storage: `farm-<job id>` (a job alone), `farm-pack-<pack id>` (a pack's Ray Train run, kept
+    while any of its jobs is active) and `farm-pack-jobs/<job id>` (a packed job's own checkpoints,
+    judged like that job's run)."""
+    from farm.settings import run_filesystem
+
+    fs, root = run_filesystem(settings.storage_path)
+    old: list[Item] = []
+    young: list[Item] = []
     try:
         entries = fs.ls(root, detail=True)
     except FileNotFoundError:
         return [], [], fs
+    jobs = {j.id: j for j in store.list()} if store is not None else {}
+    shown_root = settings.storage_path.rstrip("/") if "://" in settings.storage_path else None
+
+    def consider(info: dict, rel: str, what: str, members: list[Job]) -> None:
+        path = info["name"].rstrip("/")
+        newest, size = _run_contents(fs, path)
+        if newest is None:
+            newest = _mtime(info)  # an empty run folder counts as its own time
+        item = Item("run", f"{shown_root}/{rel}" if shown_root else path, 0.0, "", size, target=path)
+        active = next((j for j in members if j.state in ACTIVE), None)
+        ended = [j for j in members if j.state in TERMINAL]
+        (old if _judge(item, what, ended, active, newest, now, age) else young).append(item)
+
+    def job_id_of(name: str) -> str | None:
+        try:
+            return check_job_id(name)
+        except FarmError:
+            return None
+
     for info in sorted(entries, key=lambda i: i["name"]):
         name = info["name"].rstrip("/").rsplit("/", 1)[-1]
         if info.get("type") != "directory" or not name.startswith(RUN_PREFIX):
             continue
-        job_id = name[len(RUN_PREFIX):]
-        try:
-            check_job_id(job_id)
-        except FarmError:
+        if name == PACK_JOBS_FOLDER:
+            for sub in sorted(fs.ls(info["name"], detail=True), key=lambda i: i["name"]):
+                job_id = job_id_of(sub["name"].rstrip("/").rsplit("/", 1)[-1])
+                if sub.get("type") == "directory" and job_id is not None:
+                    consider(sub, f"{PACK_JOBS_FOLDER}/{job_id}", f"job {job_id}",
+                             [jobs[job_id]] if job_id in jobs else [])
+            continue
+        job_id = job_id_of(name[len(RUN_PREFIX):])
+        if job_id is None:
             continue  # not a farm run name
-        path = info["name"].rstrip("/")
-        job = None
-        if store is not None:
-            try:
-                job = store.get(job_id)
-            except JobNotFound:
-                job = None
-        newest, size = _run_contents(fs, path)
-        shown = f"{settings.storage_path.rstrip('/')}/{name}" if "://" in settings.storage_path else path
-        item = Item("run", shown, 0.0, "", size, target=path)
-        if job is not None and job.state in ACTIVE:
-            item.why = f"job {job_id} is {job.state.value}"
-            young.append(item)
-            continue
-        if job is not None and job.state in TERMINAL:
-            ended = job.finished_at or job.updated_at
-            item.age_s = now - ended
-            if item.age_s > age:
-                item.why = f"job {job_id} {job.state.value} {_days(item.age_s)} ago"
-                old.append(item)
-            else:
-                item.why = f"job {job_id} {job.state.value} {_days(item.age_s)} ago"
-                young.append(item)
-            continue
-        # Not in the queue: judge by the newest file (an empty run folder counts as its own time).
-        changed = newest if newest is not None else (_mtime(info) or now)
-        item.age_s = now - changed
-        if item.age_s > age:
-            item.why = f"no job {job_id} in the queue; nothing changed for {_days(item.age_s)}"
-            old.append(item)
+        if name.startswith(PACK_RUN_PREFIX) and job_id not in jobs:
+            pack_id = name[len(PACK_RUN_PREFIX):]
+            consider(info, name, f"job of pack {pack_id}", [j for j in jobs.values() if j.pack == pack_id])
         else:
-            item.why = f"no job {job_id} in the queue; changed {_days(item.age_s)} ago"
-            young.append(item)
+            consider(info, name, f"job {job_id}", [jobs[job_id]] if job_id in jobs else [])
     return old, young, fs
 
 

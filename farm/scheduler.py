@@ -48,6 +48,7 @@ from farm.costs import attempt_cost
 from farm.errors import DataError, ManifestError, ModelError, QueueError
 from farm.placement import head_resources, training_slots
 from farm.queue import Job, JobState, JobStore, job_log_path, open_store, run_name
+from farm.queue.job import pack_run_name
 
 log = logging.getLogger("farm.scheduler")
 
@@ -403,7 +404,7 @@ class Scheduler:
 
     def _start_pack(self, job: Job) -> None:
         """A new pack on a free slot, with `job` as its first member."""
-        from farm.train.pack_run import PackChannel, pack_run_name
+        from farm.train.pack_run import PackChannel
 
         pack_id = uuid.uuid4().hex[:10]
         limit = self.cfg.pack_max or 4
@@ -421,8 +422,6 @@ class Scheduler:
             self._held.append(job)
 
     def _offer(self, pack: _Pack, job: Job) -> bool:
-        from farm.train.pack_run import pack_run_name
-
         assert job.lease_id is not None
         entry = {"job_id": job.id, "lease_id": job.lease_id, "manifest": job.manifest, "attempt": job.attempts}
         if not ray.get(pack.channel.offer.remote(entry), timeout=30):

@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # What Ray processes started for the farm (the scheduler's actor and tasks, Ray Train's controller and
 # workers, Serve replicas) get from the process that starts them, so they see the same farm: its
@@ -109,3 +110,18 @@ def s3_endpoint() -> str | None:
 
 def storage_options(url: str) -> dict:
     return Settings.resolve().storage_options(url)
+
+
+def run_filesystem(storage: str) -> tuple[Any, str]:
+    """(fsspec filesystem, root) of run storage (FARM_STORAGE): a local path or any fsspec URL, S3 at
+    the configured endpoint. S3 without listing or instance caches: a resume reads what another node
+    (or attempt) just wrote and must never answer from a stale listing."""
+    import fsspec
+
+    if "://" not in storage:
+        storage = "file://" + str(Path(storage).expanduser().absolute())
+    options = storage_options(storage)
+    if storage.startswith("s3://"):
+        options.update(use_listings_cache=False, skip_instance_cache=True)
+    fs, root = fsspec.core.url_to_fs(storage, **options)
+    return fs, root.rstrip("/")

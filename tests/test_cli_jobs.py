@@ -165,3 +165,18 @@ def test_fresh_farm_survives_down_and_up_mid_job(tmp_path, farm_home):
 
     if ray.is_initialized():  # the shared test cluster of this session is untouched
         assert ray.cluster_resources().get("CPU")
+
+
+def test_pack_max_from_the_command_line_wins_over_the_environment(monkeypatch):
+    from farm import cluster
+    from farm.errors import ClusterError
+
+    monkeypatch.setenv("FARM_PACK_MAX", "5")
+    assert cluster.scheduler_config().pack_max == 5
+    assert cluster.scheduler_config(pack_max=2).pack_max == 2  # `farm up --pack-max 2`
+    assert "FARM_PACK_MAX" in os.environ and os.environ["FARM_PACK_MAX"] == "5"  # nothing written back
+    monkeypatch.delenv("FARM_PACK_MAX")
+    assert cluster.scheduler_config().pack_max is None  # derived by the scheduler (4 on CPU)
+    monkeypatch.setenv("FARM_PACK_MAX", "zero")
+    with pytest.raises(ClusterError, match="FARM_PACK_MAX='zero': must be a whole number"):
+        cluster.scheduler_config()

@@ -107,6 +107,52 @@ def test_gc_removes_by_age_and_keeps_active_jobs(farm_home, tmp_path):
     assert collect(7 * DAY, now=now, temp_root=temp).removed == []
 
 
+def test_gc_judges_packs_by_their_jobs(farm_home, tmp_path):
+    """A pack's run `farm-pack-<id>` stays while any job of the pack is active and goes AGE after its
+    last job ended; a packed job's own checkpoints `farm-pack-jobs/<job id>` go by that job alone."""
+    now = time.time()
+    clock = Clock(now - 30 * DAY)
+    store = SQLiteStore(farm_home / "queue.db", clock=clock)
+    ids = {name: store.submit(make_manifest("acme", name)).job_id for name in ("p1", "p2", "q1", "q2")}
+    leases = {}
+    for name, pack in (("p1", "aaaaaaaaaa"), ("p2", "aaaaaaaaaa"), ("q1", "bbbbbbbbbb"), ("q2", "bbbbbbbbbb")):
+        job = store.claim_next("s1", lease_ttl=100 * DAY)
+        assert job is not None and job.id == ids[name]
+        assert store.set_pack(job.id, job.lease_id, pack, f"joined pack {pack}")
+        leases[name] = job.lease_id
+    for name, ended in (("p1", 10 * DAY), ("p2", 9 * DAY), ("q1", 10 * DAY)):  # q2 still runs
+        clock.t = now - ended
+        assert store.succeed(ids[name], leases[name], adapter_ref=f"acme/{name}@v1") is not None
+    store.close()
+
+    runs = farm_home / "runs"
+
+    def folder(rel: str) -> Path:
+        return _aged(_mkfile(runs / rel / "ckpt-2" / "adapter_model.safetensors").parent, 20 * DAY, now)
+
+    pack_a, pack_b, pack_c = (folder(f"farm-pack-{p}") for p in ("aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"))
+    per_job = {name: folder(f"farm-pack-jobs/{ids[name]}") for name in ids}
+    temp = tmp_path / "tmp"
+    stale = _aged(_mkfile(temp / "farm-packckpt-x1" / "trainer_state.pt"), 8 * DAY, now)
+
+    report = collect(7 * DAY, now=now, temp_root=temp)
+    assert not report.errors
+    why = {Path(i.path): i.why for i in report.removed}
+    assert why == {
+        pack_a: f"job {ids['p2']} succeeded 9.0 d ago",  # the pack's last job to end
+        pack_c: "no job of pack cccccccccc in the queue; nothing changed for 20.0 d",
+        per_job["p1"]: f"job {ids['p1']} succeeded 10.0 d ago",
+        per_job["p2"]: f"job {ids['p2']} succeeded 9.0 d ago",
+        per_job["q1"]: f"job {ids['q1']} succeeded 10.0 d ago",
+        stale: "nothing changed for 8.0 d",  # a killed pack worker's local checkpoint folder
+    }
+    kept = {Path(i.path): i.why for i in report.kept}
+    assert kept[pack_b] == f"job {ids['q2']} is running"  # q1 ended long ago, q2 still trains
+    assert kept[per_job["q2"]] == f"job {ids['q2']} is running"
+    assert pack_b.exists() and per_job["q2"].exists() and (runs / "farm-pack-jobs").is_dir()
+    assert not any(p.exists() for p in why)
+
+
 def _mkfile(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"y" * 10)

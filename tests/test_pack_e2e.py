@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 import uuid
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from farm import scheduler
 from farm.manifest import Manifest, load_manifest
 from farm.queue import JobState, SQLiteStore
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -40,14 +40,9 @@ def _manifest(tiny_llama, customer: str, steps: int, **over) -> Manifest:
 
 
 def _wait(store, cond, what: str, timeout: float = 240.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}: " + str({j.id: (j.state.value, j.progress.get("step"),
-                                                                        j.last_error) for j in store.list()}))
+    """wait_for, with every job's state, step and last error in the message on a timeout."""
+    return wait_for(cond, timeout, what, every=0.2, detail=lambda: {
+        j.id: (j.state.value, j.progress.get("step"), j.last_error) for j in store.list()})
 
 
 def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_once(ray_cluster, farm_home, tiny_llama):

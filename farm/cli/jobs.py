@@ -61,15 +61,13 @@ def up(
     pack_max: Annotated[int | None, typer.Option("--pack-max", min=1, max=64, help="Jobs per pack (one shared base on one slot); 1 = every job alone. Default FARM_PACK_MAX, else 4 on CPU and derived from GPU memory on a GPU.")] = None,
 ) -> None:
     """Start the farm: a local Ray head on 127.0.0.1 (or the cluster at RAY_ADDRESS) and the scheduler."""
-    import os
-
     from farm import cluster
 
-    if pack_max is not None:
-        os.environ["FARM_PACK_MAX"] = str(pack_max)  # read by cluster.scheduler_config
-
-    info, started = cluster.up()
+    info, started = cluster.up(pack_max=pack_max)
     console.print(_farm_up_message(info, started))
+    if pack_max is not None and not started:
+        console.print(f"[yellow]the scheduler was already running and keeps its pack size; --pack-max {pack_max} "
+                      "applies from the next start (`farm down`, then `farm up --pack-max`)[/yellow]")
 
 
 def down() -> None:

@@ -111,3 +111,13 @@ def check_job_id(job_id: str) -> str:
 def run_name(job_id: str) -> str:
     """The name of a job's Ray task and Ray Train run (its run storage folder): `farm-<job id>`."""
     return f"farm-{check_job_id(job_id)}"
+
+
+PACK_RUN_PREFIX = "farm-pack-"
+PACK_JOBS_FOLDER = "farm-pack-jobs"
+"""Run storage folder of packed jobs' own checkpoints: `<storage>/farm-pack-jobs/<job id>/`."""
+
+
+def pack_run_name(pack_id: str) -> str:
+    """The name of a pack's Ray task and Ray Train run (its run storage folder): `farm-pack-<pack id>`."""
+    return f"{PACK_RUN_PREFIX}{pack_id}"

@@ -34,31 +34,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from farm.queue.job import PACK_JOBS_FOLDER
 from farm.train import checkpoint as ckpt_io
 from farm.train.loop import _batches_for_epoch, _make_optimizer, build_base, evaluate
 
 LATEST = "LATEST"
-JOBS_FOLDER = "farm-pack-jobs"
 
 
 # ---- per-job checkpoints in run storage ------------------------------------------------------------
 
 
-def _fs(storage: str):
-    import fsspec
-
-    from farm.settings import storage_options
-
-    options = storage_options(storage) if "://" in storage and not storage.startswith("file://") else {}
-    if storage.startswith("s3://"):
-        options.update(use_listings_cache=False, skip_instance_cache=True)
-    fs, root = fsspec.core.url_to_fs(storage, **options)
-    return fs, root.rstrip("/")
-
-
 def job_folder(storage: str, job_id: str) -> tuple[Any, str]:
-    fs, root = _fs(storage)
-    return fs, f"{root}/{JOBS_FOLDER}/{job_id}"
+    from farm.settings import run_filesystem
+
+    fs, root = run_filesystem(storage)
+    return fs, f"{root}/{PACK_JOBS_FOLDER}/{job_id}"
 
 
 def upload_checkpoint(storage: str, job_id: str, local: str, name: str) -> None:

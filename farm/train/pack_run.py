@@ -29,20 +29,14 @@ import queue
 import threading
 import time
 import traceback
-from typing import Any
-
-from typing import Protocol
+from typing import Any, Protocol
 
 from farm.costs import AttemptCost
 from farm.errors import DataError, ManifestError, ModelError
+from farm.queue.job import pack_run_name
 
 log = logging.getLogger("farm.pack")
 
-PACK_PREFIX = "farm-pack-"
-
-
-def pack_run_name(pack_id: str) -> str:
-    return f"{PACK_PREFIX}{pack_id}"
 
 
 class PackChannel:

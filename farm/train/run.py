@@ -63,17 +63,12 @@ def run_storage(path: str) -> tuple[str, Any]:
         return path, None
     if path.startswith("file://"):
         return path[len("file://"):], None
-    import fsspec
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from farm.settings import storage_options
+    from farm.settings import run_filesystem
 
-    options = storage_options(path)
-    if path.startswith("s3://"):
-        # Resume reads what another node (or attempt) wrote: never answer from a stale listing.
-        options.update(use_listings_cache=False, skip_instance_cache=True)
-    fs, root = fsspec.core.url_to_fs(path, **options)
-    return root.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+    fs, root = run_filesystem(path)
+    return root, PyFileSystem(FSSpecHandler(fs))
 
 
 def _drain(queue, on_progress: ProgressFn | None, stop: threading.Event, history: list, cost: AttemptCost) -> None:
