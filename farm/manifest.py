@@ -343,19 +343,25 @@ def _clean_paths(errors: list[dict]) -> list[dict]:
     return out
 
 
+def resolve_local_path(value: Any, base_dir: Path, *, model: bool = False) -> Any:
+    """A local path made absolute, relative to the config file's folder (`base_dir`); URLs, and for a
+    `model` hub ids (a relative name that is no folder there, e.g. "meta-llama/Llama-2-7b-hf"), untouched."""
+    if not isinstance(value, str) or not value or is_url(value):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    candidate = (base_dir / p).resolve()
+    if model and not candidate.exists() and not value.startswith((".", "/")):
+        return value  # a hub id
+    return str(candidate)
+
+
 def _resolve_paths(data: dict, base_dir: Path) -> dict:
     """Make local paths absolute, relative to the manifest's folder (URLs and hub ids untouched)."""
 
     def fix(value: Any, *, model: bool = False) -> Any:
-        if not isinstance(value, str) or not value or is_url(value):
-            return value
-        p = Path(value).expanduser()
-        if p.is_absolute():
-            return str(p)
-        candidate = (base_dir / p).resolve()
-        if model and not candidate.exists() and not value.startswith((".", "/")):
-            return value  # a hub id like "meta-llama/Llama-2-7b-hf"
-        return str(candidate)
+        return resolve_local_path(value, base_dir, model=model)
 
     out = dict(data)
     if "base_model" in out:

@@ -1,13 +1,79 @@
-"""Shared setup of the multi-base serving tests (no tests here): adapters for any tiny base, deploying
-an app and waiting for it to answer."""
+"""Shared setup of the serving tests (no tests here): adapters for any tiny base, API keys, deploying
+an app and waiting for it to answer, and publishing a new version under live traffic."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from tests.waiting import wait_for
+
+KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "admin": "admin-secret-key"}
+PROMPT = "Hello there, how are"
+
+
+def write_keys_file(home: Path) -> Path:
+    """keys.yaml with KEYS: acme and globex as customers, admin as the admin role."""
+    from farm.serve.auth import hash_key
+
+    keys_file = home / "keys.yaml"
+    keys_file.write_text(
+        "keys:\n"
+        f"  - sha256: {hash_key(KEYS['acme'])}\n    customer: acme\n"
+        f"  - sha256: {hash_key(KEYS['globex'])}\n    customer: globex\n"
+        f"  - sha256: {hash_key(KEYS['admin'])}\n    role: admin\n"
+    )
+    return keys_file
+
+
+@dataclass
+class Switch:
+    """What publish_under_traffic saw: (sent, received, model) per answer, and when things happened."""
+
+    seen: list[tuple[float, float, str]]
+    publishing: float  # publish() called
+    published: float  # publish() returned
+    first_new: float  # first answer from the new version received
+
+
+def publish_under_traffic(make_client: Callable[[], object], model: str, new_ref: str, publish: Callable[[], None],
+                          *, warm: int, after: int, timeout: float) -> Switch:
+    """Two threads send greedy completions to `model` while `publish()` puts a new version up. Waits on
+    events, not a clock: `warm` answers first, then an answer from `new_ref` to a request sent after the
+    publish returned, then `after` more answers to requests sent after that first new answer."""
+    stop = threading.Event()
+    seen: list[tuple[float, float, str]] = []
+
+    def traffic():
+        c = make_client()
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = c.completions.create(model=model, prompt=PROMPT, max_tokens=4, temperature=0)
+            seen.append((sent, time.monotonic(), r.model))
+
+    threads = [threading.Thread(target=traffic) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(seen) >= warm, timeout=timeout, what=f"traffic on {model}")
+        publishing = time.monotonic()
+        publish()
+        published = time.monotonic()
+        wait_for(lambda: any(m == new_ref and s > published for s, _, m in list(seen)), timeout=timeout,
+                 what=f"a {new_ref} answer to a request sent after the publish")
+        first_new = min(rcv for s, rcv, m in list(seen) if m == new_ref)
+        wait_for(lambda: sum(s > first_new for s, _, _ in list(seen)) >= after, timeout=timeout,
+                 what=f"requests sent after the first {new_ref} answer")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout)
+    return Switch(list(seen), publishing, published, first_new)
 
 # LoRA targets per tiny architecture (farm/tiny.py): Llama's projections, GPT-2's fused Conv1D layers.
 TARGETS = {"llama": [["q_proj", "v_proj", "o_proj", "up_proj"], ["q_proj", "k_proj", "down_proj"]],

@@ -8,37 +8,30 @@ local catalog; outputs are compared with stock PEFT's greedy generation.
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
-from farm.serve.auth import KeyStore, hash_key
+from farm.serve.auth import KeyStore
 from tests.ports import free_port
+from tests.serve_helpers import KEYS, PROMPT, publish_under_traffic, wait_healthy, write_keys_file
 from tests.test_serve_support import make_adapter, stock_greedy
-from tests.waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
-KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "admin": "admin-secret-key"}
-PROMPT = "Hello there, how are"
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_llama, tmp_path_factory):
+def served(ray_cluster, tiny_llama, tmp_path_factory, module_farm_home):
     from ray import serve
 
     from farm.catalog import Catalog
     from farm.serve.app import deploy
     from farm.serve.config import ServeConfig
 
-    home = tmp_path_factory.mktemp("serve_home")
-    old_home = os.environ.get("FARM_HOME")
-    os.environ["FARM_HOME"] = str(home)
+    home = module_farm_home
     url = (home / "catalog").as_uri()
     cat = Catalog(url)
     made = tmp_path_factory.mktemp("made")
@@ -54,13 +47,7 @@ def served(ray_cluster, tiny_llama, tmp_path_factory):
         customer, adapter = name.split("/")
         meta = {"task": "seq_cls", "label_names": ["neg", "neu", "pos"]} if adapter == "sentiment" else {}
         cat.publish(customer, adapter, d, meta)
-    keys_file = home / "keys.yaml"
-    keys_file.write_text(
-        "keys:\n"
-        f"  - sha256: {hash_key(KEYS['acme'])}\n    customer: acme\n"
-        f"  - sha256: {hash_key(KEYS['globex'])}\n    customer: globex\n"
-        f"  - sha256: {hash_key(KEYS['admin'])}\n    role: admin\n"
-    )
+    keys_file = write_keys_file(home)
     cfg = ServeConfig(
         base_model=str(tiny_llama), catalog_url=url, replicas=1, max_adapters=2, max_batch_size=8,
         max_wait_ms=10, max_waiting=8, max_tokens_cap=64, max_body_bytes=32 * 1024, port=free_port(),
@@ -68,20 +55,10 @@ def served(ray_cluster, tiny_llama, tmp_path_factory):
     )
     base = deploy(cfg, KeyStore.load(cfg.keys_file), name="farm-test")
 
-    def healthy():
-        try:
-            return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, timeout=120, what="the deployment's /healthz", every=0.5)
+    wait_healthy(base, timeout=120)
     yield SimpleNamespace(base=base, url=f"{base}/v1", cat=cat, dirs=dirs, made=made, cfg=cfg, tiny=tiny_llama)
     serve.delete("farm-test")
     serve.shutdown()
-    if old_home is None:
-        os.environ.pop("FARM_HOME", None)
-    else:
-        os.environ["FARM_HOME"] = old_home
 
 
 def client(served, who: str) -> openai.OpenAI:
@@ -244,39 +221,15 @@ def test_lru_with_k2_evicts_and_reloads(served):
 def test_publishing_v2_under_traffic_switches_to_v2(served, capsys):
     """Requests running while v2 is published: v1 before, then v2 once the resolve TTL lapses, and
     never v1 again. Waits on the event (a v2 answer to a request sent after publish), not on a clock."""
-    stop = threading.Event()
-    seen: list[tuple[float, float, str]] = []  # (sent, received, model)
-
-    def traffic():
-        c = client(served, "acme")
-        while not stop.is_set():
-            sent = time.monotonic()
-            r = c.completions.create(model="acme/fresh", prompt=PROMPT, max_tokens=4, temperature=0)
-            seen.append((sent, time.monotonic(), r.model))
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(lambda: len(seen) >= 4, timeout=60, what="traffic on v1")
-        v2_dir = make_adapter(served.tiny, served.made / "fresh2", seed=6)
-        publishing = time.monotonic()
-        served.cat.publish("acme", "fresh", v2_dir, {})
-        published = time.monotonic()
-        wait_for(lambda: any(m.endswith("@v2") and s > published for s, _, m in seen), timeout=60,
-                 what="a request sent after publish answered by v2")
-        first_v2 = min(rcv for s, rcv, m in seen if m == "acme/fresh@v2")
-        # keep traffic going after the switch: a few more answers, all of them sent after it
-        wait_for(lambda: sum(s > first_v2 for s, _, _ in seen) >= 6, timeout=60, what="traffic after the switch")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
+    v2_dir = make_adapter(served.tiny, served.made / "fresh2", seed=6)
+    sw = publish_under_traffic(lambda: client(served, "acme"), "acme/fresh", "acme/fresh@v2",
+                               lambda: served.cat.publish("acme", "fresh", v2_dir, {}), warm=4, after=6, timeout=60)
     with capsys.disabled():
-        print(f"\ntime-to-fresh: {first_v2 - published:.2f}s ({len(seen)} requests; resolve TTL {served.cfg.resolve_ttl_s}s)")
+        print(f"\ntime-to-fresh: {sw.first_new - sw.published:.2f}s ({len(sw.seen)} requests; "
+              f"resolve TTL {served.cfg.resolve_ttl_s}s)")
     # a request sent while publish() runs may already see v2: only answers from before it started must be v1
-    assert {m for s, r, m in seen if r < publishing} == {"acme/fresh@v1"}
-    assert {m for s, r, m in seen if s > first_v2} == {"acme/fresh@v2"}
+    assert {m for s, r, m in sw.seen if r < sw.publishing} == {"acme/fresh@v1"}
+    assert {m for s, r, m in sw.seen if s > sw.first_new} == {"acme/fresh@v2"}
     assert client(served, "acme").completions.create(model="acme/fresh@v1", prompt=PROMPT, max_tokens=2).model == "acme/fresh@v1"
 
 

@@ -29,7 +29,7 @@ N_LOAD_ADAPTERS = 50
 
 
 @pytest.fixture(scope="module")
-def farm2(ray_cluster, tiny_llama, tiny_gpt2, tmp_path_factory):
+def farm2(ray_cluster, tiny_llama, tiny_gpt2, tmp_path_factory, module_farm_home):
     from ray import serve
 
     from farm.catalog import Catalog
@@ -37,9 +37,7 @@ def farm2(ray_cluster, tiny_llama, tiny_gpt2, tmp_path_factory):
     from farm.serve.app import deploy
     from farm.serve.config_file import load_serve_config
 
-    home = tmp_path_factory.mktemp("serve2_home")
-    old_home = os.environ.get("FARM_HOME")
-    os.environ["FARM_HOME"] = str(home)
+    home = module_farm_home
     cat = Catalog((home / "catalog").as_uri())
     made = tmp_path_factory.mktemp("made2")
     llama = {f"acme/l{i}": make_lora(tiny_llama, made / f"l{i}", seed=i, arch="llama") for i in range(6)}
@@ -83,10 +81,6 @@ def farm2(ray_cluster, tiny_llama, tiny_gpt2, tmp_path_factory):
                           tiny={"tiny-llama": tiny_llama, "tiny-gpt2": tiny_gpt2}, start_s=start_s)
     serve.delete("farm-load")
     serve.shutdown()
-    if old_home is None:
-        os.environ.pop("FARM_HOME", None)
-    else:
-        os.environ["FARM_HOME"] = old_home
 
 
 def _body(model: str, max_tokens: int) -> dict:

@@ -10,25 +10,20 @@ than slots in flight, base requests mixed in.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import threading
-import time
 from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
 
-from farm.serve.auth import KeyStore, hash_key
+from farm.serve.auth import KeyStore
 from farm.serve.engines.base import vllm_python
 from tests.ports import free_port
+from tests.serve_helpers import KEYS, PROMPT, publish_under_traffic, wait_healthy, write_keys_file
 from tests.test_serve_support import make_adapter
-from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make vllm-env)")]
 
-KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "admin": "admin-secret-key"}
-PROMPT = "Hello there, how are"
 # Seeds of the test adapters (tests/test_serve_support.make_adapter). Their LoRA B is scaled up 40x
 # so that they change the greedy argmax; with such large deltas bf16 rounding differences between
 # vLLM's and PEFT's kernels can flip a late token, so these seeds are ones checked to agree for 8 tokens.
@@ -76,16 +71,14 @@ def big_rank_adapter(base, dest):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, tiny_llama, tmp_path_factory):
+def served(ray_cluster, tiny_llama, tmp_path_factory, module_farm_home):
     from ray import serve
 
     from farm.catalog import Catalog
     from farm.serve.app import deploy
     from farm.serve.config import ServeConfig
 
-    home = tmp_path_factory.mktemp("vllm_home")
-    old_home = os.environ.get("FARM_HOME")
-    os.environ["FARM_HOME"] = str(home)
+    home = module_farm_home
     url = (home / "catalog").as_uri()
     cat = Catalog(url)
     made = tmp_path_factory.mktemp("made")
@@ -96,13 +89,7 @@ def served(ray_cluster, tiny_llama, tmp_path_factory):
     for name, d in dirs.items():
         customer, adapter = name.split("/")
         cat.publish(customer, adapter, d, {})
-    keys_file = home / "keys.yaml"
-    keys_file.write_text(
-        "keys:\n"
-        f"  - sha256: {hash_key(KEYS['acme'])}\n    customer: acme\n"
-        f"  - sha256: {hash_key(KEYS['globex'])}\n    customer: globex\n"
-        f"  - sha256: {hash_key(KEYS['admin'])}\n    role: admin\n"
-    )
+    keys_file = write_keys_file(home)
     cfg = ServeConfig(
         base_model=str(tiny_llama), catalog_url=url, replicas=1, engine="vllm", quantization="none",
         max_adapters=4, lora_slots=2, max_lora_rank=8, max_batch_size=8, max_waiting=48, max_tokens_cap=64,
@@ -110,23 +97,13 @@ def served(ray_cluster, tiny_llama, tmp_path_factory):
         cpus_per_replica=1,
     )
     base = deploy(cfg, KeyStore.load(cfg.keys_file), name="farm-vllm-test")
-    def healthy():
-        try:
-            return httpx.get(f"{base}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(healthy, timeout=300, what="the vLLM deployment's /healthz", every=0.5)
+    wait_healthy(base, timeout=300)
     from farm.modeling import load_tokenizer
 
     tok = load_tokenizer(str(tiny_llama))
     yield SimpleNamespace(base=base, url=f"{base}/v1", cat=cat, dirs=dirs, made=made, cfg=cfg, tiny=tiny_llama, tok=tok)
     serve.delete("farm-vllm-test")
     serve.shutdown()
-    if old_home is None:
-        os.environ.pop("FARM_HOME", None)
-    else:
-        os.environ["FARM_HOME"] = old_home
 
 
 def client(served, who: str, retries: int = 0) -> openai.OpenAI:
@@ -233,35 +210,10 @@ def test_adapter_pressure_every_answer_is_its_own_adapter(served):
 
 
 def test_publishing_v2_under_traffic_switches_to_v2_on_vllm(served):
-    stop = threading.Event()
-    seen: list[tuple[float, float, str]] = []
-
-    def traffic():
-        c = client(served, "acme")
-        while not stop.is_set():
-            sent = time.monotonic()
-            r = c.completions.create(model="acme/fresh", prompt=PROMPT, max_tokens=4, temperature=0)
-            seen.append((sent, time.monotonic(), r.model))
-
-    threads = [threading.Thread(target=traffic) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
-        wait_for(lambda: len(seen) >= 2, timeout=120, what="v1 traffic")
-        v2_dir = make_adapter(served.tiny, served.made / "fresh2", seed=9)
-        publishing = time.monotonic()
-        served.cat.publish("acme", "fresh", v2_dir, {})
-        published = time.monotonic()
-        # Observable events, not a stopwatch (how fast v2 shows up is bench/serve.py's business):
-        # a request sent after the publish is answered by v2, then a few more after the first v2.
-        wait_for(lambda: any(m.endswith("@v2") and s > published for s, _, m in list(seen)), timeout=120,
-                 what="a v2 answer to a request sent after the publish")
-        first_v2 = min(rcv for s, rcv, m in list(seen) if m == "acme/fresh@v2")
-        wait_for(lambda: sum(s > first_v2 for s, _, _ in list(seen)) >= 4, timeout=120,
-                 what="requests sent after the first v2 answer")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(120)
-    assert {m for s, r, m in seen if r < publishing} == {"acme/fresh@v1"}
-    assert {m for s, r, m in seen if s > first_v2} == {"acme/fresh@v2"}
+    # Observable events, not a stopwatch (how fast v2 shows up is bench/serve.py's business): a request
+    # sent after the publish is answered by v2, then a few more after the first v2.
+    v2_dir = make_adapter(served.tiny, served.made / "fresh2", seed=9)
+    sw = publish_under_traffic(lambda: client(served, "acme"), "acme/fresh", "acme/fresh@v2",
+                               lambda: served.cat.publish("acme", "fresh", v2_dir, {}), warm=2, after=4, timeout=120)
+    assert {m for s, r, m in sw.seen if r < sw.publishing} == {"acme/fresh@v1"}
+    assert {m for s, r, m in sw.seen if s > sw.first_new} == {"acme/fresh@v2"}

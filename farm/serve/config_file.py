@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from farm.errors import ServeConfigError
-from farm.manifest import is_url, read_yaml, schema_problems
+from farm.manifest import read_yaml, resolve_local_path, schema_problems
 from farm.serve.config import ServeConfig
 
 BASE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -96,19 +96,6 @@ class ServeFile(_Section):
                             **b.model_dump(exclude={"name", "model"})) for b in self.bases]
 
 
-def _fix(value: Any, base_dir: Path, *, model: bool = False) -> Any:
-    """A local path relative to the config file's folder; URLs (and hub ids for `model`) untouched."""
-    if not isinstance(value, str) or not value or is_url(value):
-        return value
-    p = Path(value).expanduser()
-    if p.is_absolute():
-        return str(p)
-    candidate = (base_dir / p).resolve()
-    if model and not candidate.exists() and not value.startswith((".", "/")):
-        return value  # a hub id like "Qwen/Qwen2.5-0.5B"
-    return str(candidate)
-
-
 def parse_serve_config(data: Any, source: str = "<serve config>", base_dir: Path | None = None) -> ServeFile:
     """Validate a mapping as a serve config; ServeConfigError lists every problem."""
     if not isinstance(data, dict):
@@ -116,10 +103,10 @@ def parse_serve_config(data: Any, source: str = "<serve config>", base_dir: Path
     if base_dir is not None:
         data = dict(data)
         for key in ("keys", "catalog"):
-            data[key] = _fix(data.get(key), base_dir)
+            data[key] = resolve_local_path(data.get(key), base_dir)
         if isinstance(data.get("bases"), list):
-            data["bases"] = [{**b, "model": _fix(b.get("model"), base_dir, model=True)} if isinstance(b, dict) else b
-                             for b in data["bases"]]
+            data["bases"] = [{**b, "model": resolve_local_path(b.get("model"), base_dir, model=True)}
+                             if isinstance(b, dict) else b for b in data["bases"]]
     try:
         return ServeFile.model_validate(data)
     except ValidationError as exc:

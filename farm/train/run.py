@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 from farm.costs import AttemptCost
 from farm.errors import FarmError, TrainingError
 from farm.manifest import Manifest
-from farm.placement import HEAD_RESOURCE, TRAIN_RESOURCE, training_capacity  # noqa: F401 - re-exported
 from farm.queue.job import check_job_id, run_name
 from farm.train.checkpoint import ADAPTER_FILES, FINAL_MARKER, check_identity, read_state
 
