@@ -44,7 +44,7 @@ def test_relative_paths_are_relative_to_the_file(tmp_path):
 def test_every_problem_at_once_with_path_value_and_allowed():
     data = {"port": 0, "hots": "x", "bases": [
         {"name": "a/b", "model": "m", "engine": "tgi", "replicas": 0},
-        {"name": "ok", "model": "m", "max_adapter": 3},
+        {"name": "ok", "model": "m", "max_adapter": 3, "dtype": "fp8"},
         {"model": "m"},
     ]}
     with pytest.raises(ServeConfigError) as e:
@@ -53,6 +53,7 @@ def test_every_problem_at_once_with_path_value_and_allowed():
     for want in ("port:", "(got 0)", "hots: unknown key 'hots'; did you mean 'host'?",
                  "bases.0.name:", "'a/b'", "bases.0.engine: must be one of 'auto', 'farm', 'vllm'", "'tgi'",
                  "bases.0.replicas:", "bases.1.max_adapter: unknown key 'max_adapter'; did you mean 'max_adapters'?",
+                 "bases.1.dtype: must be one of 'auto', 'bf16', 'fp16', 'fp32'", "'fp8'",
                  "bases.2.name: required field is missing"):
         assert want in text, (want, text)
     assert e.value.source == "s.yaml" and len(e.value.problems) >= 7
@@ -75,11 +76,12 @@ def test_flags_build_the_same_config_as_a_one_base_file(tmp_path):
 
     (tmp_path / "m").mkdir()
     f = tmp_path / "s.yaml"
-    f.write_text("port: 9000\nbases:\n  - name: m\n    model: m\n    replicas: 2\n    max_adapters: 3\n")
+    f.write_text("port: 9000\nbases:\n  - name: m\n    model: m\n    replicas: 2\n    max_adapters: 3\n"
+                 "    dtype: fp32\n")
     from_file = load_serve_config(f).to_configs()[0]
     from_flags = _one_base(str(tmp_path / "m"), None, "nf4", 2, 3, "affinity", 32, None, "127.0.0.1", 9000, 0.0,
-                           "auto", None, 16)
-    assert from_file.to_dict() == from_flags.to_dict()
+                           "auto", None, 16, "fp32")
+    assert from_file.to_dict() == from_flags.to_dict() and from_file.dtype == "fp32"
 
 
 def test_cli_refuses_config_with_base_flags_and_reports_file_errors(tmp_path):

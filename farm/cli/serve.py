@@ -22,6 +22,7 @@ def serve_cmd(
     routing: Annotated[str, typer.Option(help="affinity (adapter-aware, default) or spread.")] = "affinity",
     max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Rows per forward pass.")] = 32,
     quantization: Annotated[str, typer.Option(help="nf4 | fp4 | int8 | none.")] = "nf4",
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32: what the base computes in (auto: farm engine bf16 on GPU, fp32 on CPU; vllm bf16).")] = "auto",
     catalog: Annotated[str | None, typer.Option(help="Catalog URL (default FARM_CATALOG or $FARM_HOME/catalog).")] = None,
     gpus_per_replica: Annotated[float, typer.Option("--gpus-per-replica", help="GPUs per replica; > 0 loads the base on CUDA.")] = 0.0,
     engine: Annotated[str, typer.Option(help="farm | vllm | auto (vllm on GPU replicas when vLLM is installed, else farm).")] = "auto",
@@ -48,7 +49,7 @@ def serve_cmd(
                 c.catalog_url = catalog
     else:
         cfgs = [_one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host,
-                          port, gpus_per_replica, engine, lora_slots, max_lora_rank)]
+                          port, gpus_per_replica, engine, lora_slots, max_lora_rank, dtype)]
     cfg = cfgs[0]
     # The OpenAI fine-tuning API on the same service; training defaults from the demo manifest.
     cfg.extra.update(serve_extra(cfg.served_name, default_policy(cfg.base_model)))
@@ -85,7 +86,7 @@ def serve_cmd(
 
 
 def _one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host, port,
-              gpus_per_replica, engine, lora_slots, max_lora_rank):
+              gpus_per_replica, engine, lora_slots, max_lora_rank, dtype="auto"):
     """The flags' one-base config (the same ServeConfig a one-entry --config file builds)."""
     from farm.serve.config import ServeConfig
 
@@ -93,6 +94,7 @@ def _one_base(base_model, catalog, quantization, replicas, max_adapters, routing
         base_model=base_model,
         catalog_url=catalog,
         quantization=quantization,
+        dtype=dtype,
         replicas=replicas,
         max_adapters=max_adapters,
         routing=routing,

@@ -30,6 +30,9 @@ def check_bind(host: str, n_keys: int) -> None:
         )
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
 @dataclass
 class ServeConfig:
     base_model: str
@@ -37,7 +40,10 @@ class ServeConfig:
     catalog_url: str | None = None
     """Adapter catalog URL; None = FARM_CATALOG or $FARM_HOME/catalog."""
     quantization: str = "nf4"
-    """nf4 | fp4 | int8 | none (the vllm engine: nf4 = vLLM's bitsandbytes, CUDA only, or none = bf16)."""
+    """nf4 | fp4 | int8 | none (the vllm engine: nf4 = vLLM's bitsandbytes, CUDA only, or none)."""
+    dtype: str = "auto"
+    """auto | bf16 | fp16 | fp32: what the base computes in. auto: the farm engine bf16 on GPUs that
+    support it (fp16 on older ones) and fp32 on CPU; the vllm engine bf16 (vLLM's --dtype)."""
     engine: str = "auto"
     """farm | vllm | auto (vllm on GPU replicas when a vLLM environment is installed, farm otherwise)."""
     lora_slots: int | None = None
@@ -97,6 +103,8 @@ class ServeConfig:
             problems.append(f"lora_slots must be >= 1, got {self.lora_slots}")
         if not 1 <= self.max_lora_rank <= 512:
             problems.append(f"max_lora_rank must be in 1..512, got {self.max_lora_rank}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype must be {'|'.join(DTYPES)}, got {self.dtype!r}")
         if self.quantization not in ("nf4", "fp4", "int8", "none"):
             problems.append(f"quantization must be nf4|fp4|int8|none, got {self.quantization!r}")
         if problems:

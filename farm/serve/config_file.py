@@ -33,7 +33,9 @@ class BaseSpec(_Section):
     engine: Literal["auto", "farm", "vllm"] = "auto"
     """farm (transformers + grouped LoRA), vllm (vLLM's AsyncLLM), auto (vllm on GPU replicas with a vLLM env)."""
     quantization: Literal["nf4", "fp4", "int8", "none"] = "nf4"
-    """Base precision (the vllm engine: nf4 on CUDA only, or none = bf16)."""
+    """Base precision (the vllm engine: nf4 on CUDA only, or none)."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """What the base computes in; auto: farm engine bf16 on GPU (fp16 on older GPUs), fp32 on CPU; vllm engine bf16."""
     replicas: int = Field(1, ge=1)
     """Model replicas of this base; each holds the base once."""
     max_adapters: int = Field(8, ge=1)

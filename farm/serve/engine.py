@@ -194,6 +194,7 @@ class Engine:
         base_model: str,
         *,
         quantization: str = "nf4",
+        dtype: str = "auto",
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
         max_waiting: int = 64,
@@ -208,7 +209,7 @@ class Engine:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.base_model = base_model
-        self.quant = Quantization(mode=quantization)
+        self.quant = Quantization(mode=quantization, compute_dtype=dtype)
         self.tokenizer = load_tokenizer(base_model)
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("gpus_per_replica > 0 but this replica sees no CUDA device")

@@ -86,6 +86,7 @@ def create(cfg) -> ServingEngine:
             cfg.base_model,
             python=vllm_python(),
             quantization=cfg.quantization,
+            dtype=cfg.dtype,
             device=device,
             lora_slots=cfg.lora_slots or cfg.max_adapters,
             max_adapters=cfg.max_adapters,
@@ -99,6 +100,7 @@ def create(cfg) -> ServingEngine:
     return FarmEngine(
         cfg.base_model,
         quantization=cfg.quantization,
+        dtype=cfg.dtype,
         max_batch_size=cfg.max_batch_size,
         max_wait_ms=cfg.max_wait_ms,
         max_waiting=cfg.max_waiting,

@@ -40,14 +40,17 @@ try:
 except Exception:
     pass
 """
+# ServeConfig.dtype -> vLLM's --dtype. auto is bf16 (as vLLM serves on GPUs); on a CPU without
+# AVX512-BF16 vLLM's bf16 kernels round differently from torch's, so exact comparisons use fp32.
+VLLM_DTYPES = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "TOKENIZERS_PARALLELISM": "false"}
 
 
 class VllmEngine:
     kind = "vllm"
 
-    def __init__(self, base_model: str, *, python: str, quantization: str = "none", device: str = "cpu",
-                 lora_slots: int = 8, max_adapters: int = 8, max_lora_rank: int = 16, max_batch_size: int = 32,
+    def __init__(self, base_model: str, *, python: str, quantization: str = "none", dtype: str = "auto",
+                 device: str = "cpu", lora_slots: int = 8, max_adapters: int = 8, max_lora_rank: int = 16, max_batch_size: int = 32,
                  max_waiting: int = 64, threads: int | None = None, start_timeout_s: float = 900.0):
         import httpx
 
@@ -61,7 +64,7 @@ class VllmEngine:
         self.max_lora_rank = vllm_rank(max_lora_rank)
         self.dir = Path(tempfile.mkdtemp(prefix="farm-vllm-"))
         worker_cfg = {
-            "model": str(path), "dtype": "bfloat16", "enforce_eager": device == "cpu",
+            "model": str(path), "dtype": VLLM_DTYPES[dtype], "enforce_eager": device == "cpu",
             "quantization": "bitsandbytes" if quantization == "nf4" else None,
             "max_loras": self.lora_slots, "max_cpu_loras": max(max_adapters, self.lora_slots),
             "max_lora_rank": self.max_lora_rank, "max_num_seqs": max_batch_size,
