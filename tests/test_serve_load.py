@@ -18,13 +18,12 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from tests.serve_helpers import make_lora, wait_healthy
 from tests.ports import free_port
+from tests.serve_helpers import PROMPT, make_lora, wait_healthy
 from tests.test_serve_support import stock_greedy
 
 pytestmark = pytest.mark.ray
 
-PROMPT = "Hello there, how are"
 N_LOAD_ADAPTERS = 50
 
 
