@@ -78,6 +78,18 @@ def hold_main(address: str) -> None:
     sys.stdin.read()
 
 
+def serve_start_main(address: str, port: str) -> None:
+    """Start Serve's controller and its one HTTP proxy (on the head) while the cluster is idle: Serve
+    gives the proxy 60 s to start (HTTP_PROXY_TIMEOUT) and kills it after, which a worker process
+    starting on a 2-core node busy with training can miss (it did on CI). Prints {"started": true}."""
+    _connect(address)
+    from ray import serve
+
+    # Two nodes share one host: one HTTP proxy (on the head), not one per node on the same port.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": int(port)})
+    print(json.dumps({"started": True}), flush=True)
+
+
 def serve_main(address: str, config: str) -> None:
     """Deploy farm.serve's app (ingress + AdapterServer) with its replica pinned to node A; print where
     the replicas run. Mirrors farm.serve.app.build_app, plus the `node_a` resource."""
@@ -98,8 +110,7 @@ def serve_main(address: str, config: str) -> None:
         name="AdapterServer", num_replicas=cfg.replicas, ray_actor_options={"num_cpus": cfg.cpus_per_replica, **pin})
     ingress = Ingress.options(ray_actor_options={"num_cpus": 0, **pin})
     app = ingress.bind(cfg.to_dict(), KeyStore().entries(), server.bind(cfg.to_dict()))
-    # Two nodes share one host: one HTTP proxy (on the head), not one per node on the same port.
-    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})  # started already
     serve.run(app, name="farm-mn", route_prefix="/", blocking=False)
     replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
                 if "AdapterServer" in (a.class_name or "")]
@@ -247,6 +258,8 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
         assert j.state is JobState.SUCCEEDED, f"{j.state}: {j.last_error}\n{log_of(job_id)}"
         return j
 
+    port = free_ports(1)[0]
+    assert _driver_json(_driver("serve_start_main", two_nodes["address"], str(port), env=env), timeout=120)["started"]
     # The scheduler on the two-node cluster: pinned to the head (farm_head), 2 training slots.
     farm("up")
     one = manifest("one", customer="acme", adapter="left", steps=4, checkpoint_every=2)
@@ -259,21 +272,17 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
         assert j.adapter_ref.endswith("@v1") and j.accelerator_seconds > 0
         assert j.tokens == j.progress["tokens"] > 0  # one attempt: its cost is the job's cumulative count
 
-    # Serve the adapter trained on B from a replica pinned to A. Deployed while no job trains: Serve
-    # gives its HTTP proxy 60 s to start (HTTP_PROXY_TIMEOUT) and kills it after, which a worker process
-    # starting on a 2-core node busy with training can miss.
-    on_b = next(j for j in jobs if where[j.id] == ids["b"])
-    port = free_ports(1)[0]
-    cfg = {"base_model": inputs["base_model"], "catalog_url": env["FARM_CATALOG"], "replicas": 1,
-           "max_adapters": 2, "port": port, "resolve_ttl_s": 1.0}
-    served = _driver_json(_driver("serve_main", two_nodes["address"], json.dumps(cfg), env=env), timeout=240)
-    assert served["replica_nodes"] == [ids["a"]], served
-
     # Fault: hold A's training slot so the next job trains on B, then lose B mid-job.
     holder = _driver("hold_main", two_nodes["address"], env=env, stdin=subprocess.PIPE)
     assert json.loads(holder.stdout.readline())["held_on"] == ids["a"]
     (fault,) = [j["id"] for j in json.loads(farm("submit", manifest(
         "fault", customer="acme", adapter="fault", steps=24, checkpoint_every=3, max_failures=1), "--json"))]
+
+    # Meanwhile, serve the adapter trained on B from a replica pinned to A (Serve's proxy started above).
+    on_b = next(j for j in jobs if where[j.id] == ids["b"])
+    cfg = {"base_model": inputs["base_model"], "catalog_url": env["FARM_CATALOG"], "replicas": 1,
+           "max_adapters": 2, "port": port, "resolve_ttl_s": 1.0}
+    server = _driver("serve_main", two_nodes["address"], json.dumps(cfg), env=env)
 
     running_on_b = _wait(lambda: (p := job(fault).progress).get("node_id") == ids["b"] and p.get("step", 0) >= 4 and p,
                          180, "the fault job to checkpoint on node B")
@@ -281,7 +290,9 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
     holder.kill()  # ... and A's training slot frees up (the holder actor dies with its driver)
     holder.wait(30)
 
-    # The replica on A goes on serving B's adapter after B is gone.
+    # The replica on A serves B's adapter after B is gone.
+    served = _driver_json(server, timeout=240)
+    assert served["replica_nodes"] == [ids["a"]], served
     r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
                    json={"model": on_b.adapter_ref.split("@")[0], "prompt": "Hello", "max_tokens": 4,
                          "temperature": 0})

@@ -168,10 +168,17 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
             ray.get(channel.put_events.remote(list(outbox)))
             outbox.clear()
 
+    def roster(what: str) -> None:
+        # The worker's log (the Ray dashboard shows it with the Train run): which jobs the pack holds.
+        # Ray Train V2 has no run metadata to carry this (TorchTrainer(metadata=) is deprecated).
+        print(f"pack {pack_id}: {what}; jobs now: {', '.join(sorted(members)) or 'none'}", flush=True)
+
     def release(job_id: str) -> None:
-        members.pop(job_id, None)
+        was_member = members.pop(job_id, None) is not None
         if job_id in pack.jobs:
             pack.remove_job(job_id)
+        if was_member:
+            roster(f"job {job_id} left")
 
     def checkpoint(m: _Member, final: bool) -> None:
         tmp = tempfile.mkdtemp(prefix="farm-packckpt-")
@@ -228,6 +235,7 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
             return
         m.batches = _batches_for_epoch(len(train_rows["input_ids"]), opt["batch_size"], opt["seed"], m.state["epoch"])
         members[job_id] = m
+        roster(f"job {job_id} joined" + (f" (resumed from step {m.resumed_from})" if m.resumed_from else ""))
         send(job_id, {"event": "admitted", "resumed_from": m.resumed_from})
         if m.state.pop("final", False):
             send(job_id, {"event": "done", "final_metrics": m.state.get("final_metrics", {})})
