@@ -359,19 +359,15 @@ def resolve_local_path(value: Any, base_dir: Path, *, model: bool = False) -> An
 
 def _resolve_paths(data: dict, base_dir: Path) -> dict:
     """Make local paths absolute, relative to the manifest's folder (URLs and hub ids untouched)."""
-
-    def fix(value: Any, *, model: bool = False) -> Any:
-        return resolve_local_path(value, base_dir, model=model)
-
     out = dict(data)
     if "base_model" in out:
-        out["base_model"] = fix(out["base_model"], model=True)
+        out["base_model"] = resolve_local_path(out["base_model"], base_dir, model=True)
     ds = out.get("dataset")
     if isinstance(ds, dict):
         ds = dict(ds)
         for key in ("train", "eval"):
             if key in ds:
-                ds[key] = fix(ds[key])
+                ds[key] = resolve_local_path(ds[key], base_dir)
         out["dataset"] = ds
     return out
 

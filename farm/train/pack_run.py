@@ -38,7 +38,6 @@ from farm.queue.job import pack_run_name
 log = logging.getLogger("farm.pack")
 
 
-
 class PackChannel:
     """The pack's mailbox (a small Ray actor, wrapped by the scheduler). Plain, synchronous methods:
     every state change is atomic, so a job offered while the pack closes is refused, never lost."""

@@ -50,8 +50,9 @@ class VllmEngine:
     kind = "vllm"
 
     def __init__(self, base_model: str, *, python: str, quantization: str = "none", dtype: str = "auto",
-                 device: str = "cpu", lora_slots: int = 8, max_adapters: int = 8, max_lora_rank: int = 16, max_batch_size: int = 32,
-                 max_waiting: int = 64, threads: int | None = None, start_timeout_s: float = 900.0):
+                 device: str = "cpu", lora_slots: int = 8, max_adapters: int = 8, max_lora_rank: int = 16,
+                 max_batch_size: int = 32, max_waiting: int = 64, threads: int | None = None,
+                 start_timeout_s: float = 900.0):
         import httpx
 
         from farm.modeling import load_config, materialize
