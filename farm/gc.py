@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import FarmError
-from farm.queue.job import PACK_JOBS_FOLDER, PACK_RUN_PREFIX, check_job_id
+from farm.names import PACK_JOBS_FOLDER, PACK_RUN_PREFIX, check_job_id
 from farm.queue.lifecycle import ACTIVE, TERMINAL
 
 if TYPE_CHECKING:

@@ -37,18 +37,19 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
 from farm.autoscale import TrainNodeRequests
 from farm.costs import attempt_cost
 from farm.errors import DataError, ManifestError, ModelError, QueueError
+from farm.names import job_log_path, pack_run_name, run_name
 from farm.placement import head_resources, training_slots
-from farm.queue import Job, JobState, JobStore, job_log_path, open_store, run_name
-from farm.queue.job import pack_run_name
+from farm.queue import Job, JobState, JobStore, open_store
 
 log = logging.getLogger("farm.scheduler")
 

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from farm.cli._common import console, err_console, print_json
-from farm.queue import JobState, run_name
+from farm.names import pack_run_name, run_name
+from farm.queue import JobState
 
 if TYPE_CHECKING:
     from farm.queue import Job
@@ -203,7 +204,7 @@ def status(
     events = store.events(job_id)
     info = cluster.read_state()
     dashboard = info.dashboard_url if info else None
-    run = f"farm-pack-{job.pack}" if job.pack else run_name(job.id)
+    run = pack_run_name(job.pack) if job.pack else run_name(job.id)
     extra = {"eta_seconds": _eta(job), "queue_position": store.queue_positions().get(job.id),
              "ray_task_name": run, "ray_train_run": run, "dashboard_url": dashboard,
              "events": [e.__dict__ for e in events]}
@@ -237,7 +238,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
 ) -> None:
     """Print a job's log: its attempts, progress, errors with tracebacks, scheduler notes."""
-    from farm.queue import job_log_path
+    from farm.names import job_log_path
 
     store = _store()
     job = store.get(job_id)

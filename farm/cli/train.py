@@ -22,7 +22,7 @@ def train(
     Runs on the cluster at RAY_ADDRESS, else the farm `farm up` started, else a local Ray of its own."""
     from farm.cluster import use_running_farm
     from farm.manifest import load_manifest
-    from farm.queue import check_job_id
+    from farm.names import check_job_id
 
     manifest = load_manifest(file)  # invalid manifests fail before anything heavy is imported
     if job_id is not None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from farm.queue.job import PACK_JOBS_FOLDER
+from farm.names import PACK_JOBS_FOLDER
 from farm.train import checkpoint as ckpt_io
 from farm.train.loop import _batches_for_epoch, _make_optimizer, build_base, evaluate
 
@@ -148,7 +148,7 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
     kind = "cuda" if device.type == "cuda" else "cpu"
     if kind == "cpu":
         torch.set_num_threads(config.get("cpu_threads") or len(os.sched_getaffinity(0)))
-    storage, gpus, pack_id = config["storage"], config.get("gpus", 0), config["pack_id"]
+    storage, pack_id = config["storage"], config["pack_id"]
     base_cfg = config["model"]
     model, footprint = build_base(base_cfg, kind)
     pack = PackLoRA(model)

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
 import tempfile
-import queue
 import threading
 import time
 import traceback
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from farm.costs import AttemptCost
 from farm.errors import DataError, ManifestError, ModelError
-from farm.queue.job import pack_run_name
+from farm.names import pack_run_name
 
 log = logging.getLogger("farm.pack")
 

@@ -5,7 +5,7 @@ farm.json to the catalog).
 `run_job` is what `farm train` calls in the foreground and what the scheduler calls inside a Ray
 task; `prepare`, `fit` and `publish` are its three steps, usable on their own (packed training
 prepares several jobs, fits them together and publishes each). The Ray Train run is named
-`farm-<job id>` (farm.queue.run_name) under the farm's run storage, so running the same job id again
+`farm-<job id>` (farm.names.run_name) under the farm's run storage, so running the same job id again
 resumes from its last checkpoint (the checkpoint names its job, so another job's storage is refused),
 and the catalog publish uses the job id as idempotency key, so a job publishes at most once.
 """
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from farm.costs import AttemptCost
 from farm.errors import FarmError, TrainingError
 from farm.manifest import Manifest
-from farm.queue.job import check_job_id, run_name
+from farm.names import check_job_id, run_name
 from farm.train.checkpoint import ADAPTER_FILES, FINAL_MARKER, check_identity, read_state
 
 if TYPE_CHECKING:
