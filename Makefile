@@ -1,4 +1,5 @@
 # Every target sets itself up on a fresh machine (no GPU, no model hub needed):
+#   make lint   - ruff check and the import contracts (lint-imports) of pyproject.toml; fast, no models
 #   make test   - install into .venv, build the tiny models, run the whole test suite
 #   make demo   - install, build the tiny models, train customer_x's adapter through the farm, generate
 #   make bench  - run the benchmarks under bench/
@@ -36,7 +37,7 @@ VLLM_LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/serve-
 # Their PyPI builds do not load beside the CPU torch and vLLM then fails at import: never locked.
 VLLM_NO_EMIT := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: test demo bench install models clean lock vllm-env
+.PHONY: lint test demo bench install models clean lock vllm-env
 
 install: $(STAMP)
 
@@ -72,6 +73,11 @@ $(VLLM_STAMP): $(STAMP) $(VLLM_LOCK)
 	@touch $@
 
 vllm-env: $(VLLM_STAMP)
+
+# `ruff check --fix` repairs import order and pyupgrade findings; docs/architecture.md explains the layers.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) $(MODELS) $(VLLM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

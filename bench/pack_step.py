@@ -83,14 +83,15 @@ def main() -> None:
             trainers[f"j{i}"] = JobTrainer(f"j{i}", params, opt, sched, seed=i)
         micro = {f"j{i}": data[i] for i in range(k)}
 
-        def seq_step():
+        # Defaults bind this round's models: the closures must not see the next round's (or deleted) names.
+        def seq_step(singles=singles, dev=dev):
             for (m, params, opt), b in zip(singles, dev):
                 m(**b).loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-        def packed_step():
+        def packed_step(model=model, pack=pack, trainers=trainers, micro=micro):
             pack_step(model, pack, trainers, micro, 0, device=device)
 
         def timed(fn) -> float:
@@ -115,7 +116,7 @@ def main() -> None:
         results.append(row)
         print(f"K={k}: sequential {seq_tps:8.0f} tok/s   packed {pack_tps:8.0f} tok/s   ratio {pack_tps / seq_tps:.2f}x",
               flush=True)
-        del singles, model, pack, trainers
+        del singles, model, pack, trainers, seq_step, packed_step
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"device": device, "threads": torch.get_num_threads(), "batch": args.batch, "seq": args.seq,

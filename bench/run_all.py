@@ -28,8 +28,9 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 
@@ -251,8 +252,9 @@ def plot(benches: list[Bench], outcomes: list[Outcome], path: Path, title: str) 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import textwrap
+
+    import matplotlib.pyplot as plt
 
     n = len(outcomes)
     cols = 2 if n > 1 else 1

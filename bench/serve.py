@@ -327,6 +327,8 @@ def serving(args, results: dict, base: str, cat, dirs: dict, names: list[str]) -
     import ray
     from ray import serve
 
+    from tests.ports import free_port
+
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     port = free_port()  # Serve's proxy keeps the port of the first deploy; every app uses it
     try:

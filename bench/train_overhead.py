@@ -95,7 +95,7 @@ def _manifest(tmp: Path, steps: int) -> Path:
 
 def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     wall = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:3])} failed:\n{proc.stderr[-3000:]}")

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from farm.queue import JobState
 from farm.placement import TRAIN_RESOURCE, training_capacity
+from farm.queue import JobState
 
 log = logging.getLogger("farm.autoscale")
 

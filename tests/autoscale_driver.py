@@ -77,9 +77,9 @@ def main(farm_home: str) -> None:
     from ray._private.parameter import RayParams
 
     from farm import scheduler
-    from tests.ports import free_ports
     from farm.cluster import _processes_under
     from farm.queue import SQLiteStore
+    from tests.ports import free_ports
     from tests.queue_runners import make_manifest
 
     temp_dir = tempfile.mkdtemp(prefix="farm-as-", dir="/tmp")  # short: Ray's unix sockets live here

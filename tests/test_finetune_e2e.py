@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 import uuid
 from types import SimpleNamespace

@@ -76,8 +76,8 @@ def gcs_refuses_unauthenticated(host: str, port: int) -> bool:
 def farm_up(tmp_path_factory):
     """`farm up` with its own FARM_HOME and Ray head, plus a Serve HTTP proxy started the way
     `farm serve` starts it (its default host, which it keeps when there are no API keys)."""
-    from tests.ports import free_ports
     from farm.serve.config import ServeConfig
+    from tests.ports import free_ports
 
     addresses = own_addresses()
     if not addresses:

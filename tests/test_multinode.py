@@ -27,12 +27,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from tests.waiting import wait_for
 import yaml
 
 from tests.ports import free_ports
 from tests.test_s3_e2e import s3fs_for, tiny_manifest, upload_inputs
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

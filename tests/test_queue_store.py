@@ -9,7 +9,14 @@ import pytest
 
 from farm.errors import JobNotFound, QueueError
 from farm.queue import (
-    TRANSITIONS, Candidate, JobState, SQLiteStore, check_transition, fair_order, open_store, parse_state,
+    TRANSITIONS,
+    Candidate,
+    JobState,
+    SQLiteStore,
+    check_transition,
+    fair_order,
+    open_store,
+    parse_state,
     pick_next,
 )
 from tests.queue_runners import make_manifest

@@ -282,13 +282,13 @@ def test_lru_churn_with_module_copies_every_answer_is_stock_peft(served):
 
 
 def test_poisoned_folder_refused_at_import_and_attach_base_unchanged(served, tmp_path, monkeypatch):
+    import shutil
+
     import torch
     from safetensors.torch import load_file, save_file
 
     import farm.catalog.peft_folder as peft_folder
     from farm.errors import CatalogError
-
-    import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(served.dirs["acme/support"], bad)

@@ -15,8 +15,8 @@ import json
 import threading
 from typing import Any
 
-from farm.manifest import check_name
 from farm.finetune.errors import bad_request
+from farm.manifest import check_name
 
 
 def default_root() -> str:

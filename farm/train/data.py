@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 from farm.errors import DataError
 from farm.train import sources
 from farm.train.checks import (
-    Labels, Problems, check_messages, check_str, detect_format, parse_messages, required_columns,
+    Labels,
+    Problems,
+    check_messages,
+    check_str,
+    detect_format,
+    parse_messages,
+    required_columns,
 )
 from farm.train.sources import storage_options  # noqa: F401 - kept for callers that import it from here
 

@@ -148,7 +148,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from farm.train.data import Collator, load_worker_data
 
-    ctx = ray.train.get_context()
     device = ray.train.torch.get_device()
     kind = "cuda" if device.type == "cuda" else "cpu"
     if kind == "cpu":

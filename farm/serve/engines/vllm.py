@@ -146,7 +146,7 @@ class VllmEngine:
                 lid = self._lora_id.pop(n, None)
                 self.counters["evictions"] += 1
                 gone[gone.index(n)] = (n, lid)
-        for n, lid in gone:
+        for _name, lid in gone:
             if lid is None:
                 continue
             try:

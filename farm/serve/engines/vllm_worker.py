@@ -141,7 +141,6 @@ def build_api(engine, cfg: dict, base_lora):
     @api.get("/metrics")
     async def metrics():
         from prometheus_client import generate_latest
-
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 
         return PlainTextResponse(generate_latest(get_prometheus_registry()).decode())
@@ -223,7 +222,6 @@ async def _watch_parent(parent: int, engine) -> None:
 
 async def main(cfg: dict, ready_file: str) -> None:
     import uvicorn
-
     from vllm.v1.engine.async_llm import AsyncLLM
 
     parent = os.getppid()
