@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from farm.serve.engine import Engine, GenJob, inspect_adapter, keys_only
+from farm.serve.engine import Engine, inspect_adapter, keys_only
+from farm.serve.engines.base import GenJob
 from farm.serve.limits import ApiError
 from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
 from tests.test_serve_support import make_adapter, stock_greedy

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from farm.catalog.adapter_rules import check_adapter
-from farm.serve.engine import Engine, GenJob
+from farm.serve.engine import Engine
+from farm.serve.engines.base import GenJob
 from farm.serve.limits import ApiError
 from farm.serve.sampling import Sampler
 from tests.test_serve_support import make_adapter, stock_greedy

@@ -24,51 +24,16 @@ import itertools
 import json
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from farm.serve import metrics
+from farm.serve.engines.base import GenJob, Slot  # the interface owns its types
 from farm.serve.limits import ApiError, overloaded
 from farm.serve.lora import GroupedLoRA, patch_module_copies
-from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
+from farm.serve.sampling import find_stop, safe_prefix_len
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-@dataclass
-class Slot:
-    """An attached adapter: `name` is its PEFT adapter name on this replica (unique per load)."""
-
-    name: str
-    task: str  # causal_lm | seq_cls
-    num_labels: int | None = None
-    labels: list[str] | None = None
-
-
-@dataclass
-class GenJob:
-    prompt_ids: list[int]
-    max_tokens: int
-    sampler: Sampler
-    stops: list[str] = field(default_factory=list)
-    slot: str | None = None
-    tag: str = "base"  # metrics label
-    stream: bool = False
-    # filled in by the engine
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
-    submitted: float = 0.0
-    first_token_at: float | None = None
-    cancelled: bool = False
-    out_ids: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of text already streamed
-
-    def emit(self, event: dict) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the caller's loop is gone (client went away)
-            self.cancelled = True
 
 
 class PackedWeights:

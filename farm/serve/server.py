@@ -25,8 +25,7 @@ from ray import serve
 from farm.errors import CatalogError
 from farm.serve import metrics
 from farm.serve.config import ServeConfig
-from farm.serve.engine import GenJob, Slot
-from farm.serve.engines.base import create
+from farm.serve.engines.base import GenJob, Slot, create
 from farm.serve.limits import ApiError
 from farm.serve.resolver import catalog_error
 from farm.serve.sampling import Sampler

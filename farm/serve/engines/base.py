@@ -6,18 +6,59 @@ engine it has. No heavy imports here: choosing an engine must not load torch or 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import sys
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from farm.errors import FarmError
-from farm.serve.engine import GenJob, Slot
+
+if TYPE_CHECKING:
+    from farm.serve.sampling import Sampler
 
 ENGINES = ("auto", "farm", "vllm")
 REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class Slot:
+    """An attached adapter: `name` is its PEFT adapter name on this replica (unique per load)."""
+
+    name: str
+    task: str  # causal_lm | seq_cls
+    num_labels: int | None = None
+    labels: list[str] | None = None
+
+
+@dataclass
+class GenJob:
+    """One generation request as every engine takes it; the engine fills in the fields below "filled in"."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: Sampler
+    stops: list[str] = field(default_factory=list)
+    slot: str | None = None
+    tag: str = "base"  # metrics label
+    stream: bool = False
+    # filled in by the engine
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    cancelled: bool = False
+    out_ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of text already streamed
+
+    def emit(self, event: dict) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the caller's loop is gone (client went away)
+            self.cancelled = True
 
 
 @runtime_checkable

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from farm.serve.engine import Engine, Slot
+from farm.serve.engine import Engine
+from farm.serve.engines.base import Slot
 
 
 class FarmEngine(Engine):

@@ -26,7 +26,8 @@ import uuid
 from pathlib import Path
 
 from farm.serve import metrics
-from farm.serve.engine import GenJob, Slot, inspect_adapter
+from farm.serve.engine import inspect_adapter
+from farm.serve.engines.base import GenJob, Slot
 from farm.serve.engines.vllm_support import unsupported, vllm_rank
 from farm.serve.limits import ApiError
 
