@@ -10,17 +10,34 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from farm.finetune.policy import TrainingPolicy, default_policy
+from farm.finetune.policy import TrainingPolicy, default_policy, policy_from_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_policy_comes_from_the_demo_manifest(tmp_path):
+def test_default_policy_has_the_demo_manifests_training_settings(tmp_path):
+    from farm.manifest import load_manifest
+
     p = default_policy(str(tmp_path))
     assert p.base_model == str(tmp_path.resolve())
     assert (p.default_batch_size, p.learning_rate, p.max_seq_len) == (16, 3e-3, 64)
     assert p.lora.r == 16 and p.lora.modules_to_save == ["lm_head"]
     assert p.checkpoint_every == 50 and p.gpus == 1
+    # the package's defaults and the shipped demo manifest do not drift apart
+    demo = policy_from_manifest(load_manifest(ROOT / "jobs" / "customer_x.yaml"), str(tmp_path.resolve()))
+    assert p == demo
+
+
+def test_default_policy_needs_no_checkout_as_in_an_installed_wheel(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "farm", tmp_path / "site" / "farm", ignore=shutil.ignore_patterns("__pycache__"))
+    code = (f"import farm.finetune.policy as p; assert p.__file__.startswith({str(tmp_path)!r}); "
+            "print(p.default_policy('org/base', max_epochs=4).max_epochs)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "4"
 
 
 def test_policy_is_a_standalone_schema_a_serve_config_can_embed():

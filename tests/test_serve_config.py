@@ -99,6 +99,39 @@ def test_cli_refuses_config_with_base_flags_and_reports_file_errors(tmp_path):
     assert r.exit_code == 1 and "bases.0.engine" in r.output
 
 
+def test_training_policy_section_overrides_the_package_defaults(tmp_path):
+    from farm.finetune.policy import PACKAGE_DEFAULTS, serve_policy
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "train-copy").mkdir()
+    f = tmp_path / "s.yaml"
+    f.write_text("bases:\n  - name: m\n    model: m\n"
+                 "training_policy:\n  base_model: train-copy\n  max_epochs: 4\n  max_concurrent_jobs: 1\n")
+    sc = load_serve_config(f)
+    policy = serve_policy(sc.bases[0].model, sc.training_policy, str(f))
+    assert (policy.max_epochs, policy.max_concurrent_jobs) == (4, 1)
+    assert policy.base_model == str(tmp_path / "train-copy")  # relative to the file, like the bases
+    assert policy.learning_rate == PACKAGE_DEFAULTS["learning_rate"]  # what the file leaves out
+    without = serve_policy(sc.bases[0].model, None, str(f))
+    assert without.base_model == str(tmp_path / "m") and without.max_epochs == 10
+
+
+def test_bad_training_policy_is_reported_with_its_yaml_path_by_validate_and_serve(tmp_path):
+    from farm.cli import app
+
+    (tmp_path / "m").mkdir()
+    f = tmp_path / "s.yaml"
+    f.write_text("bases:\n  - name: m\n    model: m\n"
+                 "training_policy:\n  max_epochs: 0\n  lora: {r: 0}\n  max_epoch: 3\n")
+    r = CliRunner().invoke(app, ["validate", str(f)])
+    assert r.exit_code == 1
+    for want in ("training_policy.max_epochs:", "(got 0)", "training_policy.lora.r:",
+                 "training_policy.max_epoch: unknown key 'max_epoch'"):
+        assert want in r.output, (want, r.output)
+    r = CliRunner().invoke(app, ["serve", "--config", str(f)])
+    assert r.exit_code != 0 and "training_policy.max_epochs" in (r.output + str(r.exception))
+
+
 def test_config_file_module_stays_light():
     code = "import sys, farm.serve.config_file; print(any(m in sys.modules for m in ('torch', 'ray', 'transformers')))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -18,6 +18,7 @@ def validate(
     """Check job manifests and what they point at (dataset files, base model folder, s3:// objects),
     and serve configs (`farm serve --config`); print every problem of every file, or a one-line
     summary per valid file."""
+    from farm.finetune.policy import serve_policy
     from farm.manifest import read_yaml
     from farm.preflight import load_checked
     from farm.serve.config_file import is_serve_config, load_serve_config
@@ -27,6 +28,7 @@ def validate(
         try:
             if is_serve_config(read_yaml(f)):
                 sc = load_serve_config(f)
+                serve_policy(sc.bases[0].model, sc.training_policy, str(f))
                 bases = ", ".join(f"{b.name} ({b.replicas}x {b.engine})" for b in sc.bases)
                 console.print(f"[green]✓[/] {f}: serve config, {sc.host}:{sc.port}, bases: {bases}")
                 continue

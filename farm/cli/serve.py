@@ -31,7 +31,7 @@ def serve_cmd(
 ) -> None:
     """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, the farm `farm up` started, or a local one; Ctrl-C stops."""
     from farm.finetune.config import serve_extra
-    from farm.finetune.policy import default_policy
+    from farm.finetune.policy import serve_policy
     from farm.serve.auth import KeyStore
     from farm.serve.config import check_bind
 
@@ -43,16 +43,19 @@ def serve_cmd(
         if given:
             raise typer.BadParameter(f"--config {config} sets the bases; drop {', '.join('--' + g.replace('_', '-') for g in given)} "
                                      "(only --catalog may be added)", param_hint="--config")
-        cfgs = load_serve_config(config).to_configs()
+        serve_file = load_serve_config(config)
+        cfgs = serve_file.to_configs()
+        policy_section, policy_source = serve_file.training_policy, str(config)
         if catalog:
             for c in cfgs:
                 c.catalog_url = catalog
     else:
+        policy_section, policy_source = None, "farm serve"
         cfgs = [_one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host,
                           port, gpus_per_replica, engine, lora_slots, max_lora_rank, dtype)]
     cfg = cfgs[0]
-    # The OpenAI fine-tuning API on the same service; training defaults from the demo manifest.
-    cfg.extra.update(serve_extra(cfg.served_name, default_policy(cfg.base_model)))
+    # The OpenAI fine-tuning API on the same service: the package's policy defaults, then the file's.
+    cfg.extra.update(serve_extra(cfg.served_name, serve_policy(cfg.base_model, policy_section, policy_source)))
     store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
     check_bind(cfg.host, len(store))
     for c in cfgs:

@@ -105,14 +105,42 @@ def policy_from_manifest(manifest: Manifest, base_model: str | None = None, **ov
     return TrainingPolicy.model_validate(fields)
 
 
-def demo_manifest_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "jobs" / "customer_x.yaml"
+# The package's defaults for `farm serve`: the training settings of the shipped demo manifest
+# (jobs/customer_x.yaml), so the tiny random demo base learns out of the box. Part of the package, not
+# read from jobs/ (which an installed wheel does not have); tests/test_finetune_policy.py keeps the two
+# equal. An operator's serve config (`training_policy:`) overrides any of them.
+PACKAGE_DEFAULTS: dict[str, Any] = {
+    "quantization": "nf4",
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
+    "default_batch_size": 16,
+    "max_batch_size": 64,
+    "learning_rate": 3e-3,
+    "max_seq_len": 64,
+    "eval_every": 50,
+    "checkpoint_every": 50,
+    "gpus": 1,
+    "max_failures": 1,
+}
 
 
-def default_policy(base_model: str, **overrides: Any) -> TrainingPolicy:
-    """`farm serve --base-model X`: the shipped demo manifest's settings, training base X."""
-    from farm.manifest import load_manifest
-
+def default_policy(base_model: str, /, **overrides: Any) -> TrainingPolicy:
+    """`farm serve`'s policy for base X: PACKAGE_DEFAULTS, then `overrides` (the operator's serve config
+    `training_policy`; a key given replaces the default whole). Raises pydantic's ValidationError."""
+    base_model = overrides.pop("base_model", None) or base_model
     if Path(base_model).is_dir():  # the trainer's tasks run elsewhere: a local base needs its full path
         base_model = str(Path(base_model).resolve())
-    return policy_from_manifest(load_manifest(demo_manifest_path()), base_model, **overrides)
+    return TrainingPolicy.model_validate({**PACKAGE_DEFAULTS, **overrides, "base_model": base_model})
+
+
+def serve_policy(base_model: str, section: dict[str, Any] | None, source: str) -> TrainingPolicy:
+    """The policy of a serve config file: its `training_policy` section over PACKAGE_DEFAULTS, for the
+    file's first base. Raises ServeConfigError listing every bad field with its YAML path."""
+    from pydantic import ValidationError
+
+    from farm.errors import ServeConfigError
+    from farm.manifest import schema_problems
+
+    try:
+        return default_policy(base_model, **(section or {}))
+    except ValidationError as exc:
+        raise ServeConfigError(source, [f"training_policy.{p}" for p in schema_problems(exc, TrainingPolicy)]) from None

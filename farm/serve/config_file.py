@@ -80,6 +80,9 @@ class ServeFile(_Section):
     """How long a customer/adapter -> version resolution is reused."""
     bases: list[BaseSpec] = Field(min_length=1)
     """The base models served, each with its own replicas; adapters go to the base they were trained on."""
+    training_policy: dict[str, Any] | None = None
+    """The OpenAI fine-tuning API's policy for jobs on the first base (fields of TrainingPolicy, docs/api.md),
+    over the package defaults; checked by farm.finetune.policy.serve_policy (serve does not import finetune)."""
 
     @model_validator(mode="after")
     def _unique(self) -> ServeFile:
@@ -106,6 +109,9 @@ def parse_serve_config(data: Any, source: str = "<serve config>", base_dir: Path
         data = dict(data)
         for key in ("keys", "catalog"):
             data[key] = resolve_local_path(data.get(key), base_dir)
+        policy = data.get("training_policy")
+        if isinstance(policy, dict) and isinstance(policy.get("base_model"), str):
+            data["training_policy"] = {**policy, "base_model": resolve_local_path(policy["base_model"], base_dir, model=True)}
         if isinstance(data.get("bases"), list):
             data["bases"] = [{**b, "model": resolve_local_path(b.get("model"), base_dir, model=True)}
                              if isinstance(b, dict) else b for b in data["bases"]]
