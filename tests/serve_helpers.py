@@ -107,3 +107,33 @@ def wait_healthy(base_url: str, timeout: float = 180) -> None:
             return False
 
     wait_for(healthy, timeout=timeout, what="the deployment's /healthz", every=0.5)
+
+
+def peft_initializers() -> list[dict]:
+    """adapter_config.json overrides naming each initializer the installed PEFT offers (read from
+    LoraConfig's annotation, so a new PEFT's additions are covered), plus lora_ga and KaSA, which
+    the annotation does not list, and each initializer's own config."""
+    import typing
+
+    from peft import LoraConfig
+
+    hint = typing.get_type_hints(LoraConfig)["init_lora_weights"]
+    names = [v for arg in typing.get_args(hint) for v in typing.get_args(arg) if isinstance(v, str)]
+    assert len(names) >= 8, f"no initializer names in LoraConfig's annotation {hint}"
+    names = [("pissa_niter_4" if "[" in n else n) for n in names if n != "gaussian"]
+    out = [{"init_lora_weights": n} for n in dict.fromkeys(names + ["lora_ga"])]
+    out += [{"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}},
+            {"eva_config": {"rho": 2.0}}, {"corda_config": {"corda_method": "kpm"}}, {"lora_ga_config": {}},
+            {"kasa_config": {}}]
+    return out
+
+
+def with_config(src: Path, dest: Path, **overrides) -> Path:
+    """A copy of adapter folder `src` whose adapter_config.json has `overrides` applied."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "adapter_config.json").read_text())
+    (dest / "adapter_config.json").write_text(json.dumps({**cfg, **overrides}))
+    return dest

@@ -417,6 +417,43 @@ def test_pickle_files_are_refused(url, tmp_path, bad):
     assert cat.list() == [] and cat.store.children("acme/bot") == []  # nothing written
 
 
+@pytest.mark.parametrize("link", ["notes.txt", "extra", "extra/deep/key.pem"])
+def test_symlinks_are_refused_naming_the_path(url, tmp_path, link):
+    """A link to a host file (or a folder of them) is never published: the import names it, writes nothing."""
+    secret = tmp_path / "host" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    folder = write_dummy_adapter(tmp_path / "a")
+    (folder / link).parent.mkdir(parents=True, exist_ok=True)
+    (folder / link).symlink_to(secret.parent if link == "extra" else secret)
+    cat = Catalog(url)
+    for attempt in (lambda: cat.import_adapter(folder, "acme/bot"), lambda: cat.publish("acme", "bot", folder, {})):
+        with pytest.raises(CatalogError, match=f"{link} is a symbolic link .*plain files only"):
+            attempt()
+    assert cat.list() == [] and cat.store.children("acme/bot") == []
+
+
+def test_a_file_swapped_for_a_symlink_after_the_scan_is_not_read(url, tmp_path, monkeypatch):
+    import farm.catalog.publish as publish
+
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    folder = write_dummy_adapter(tmp_path / "a", extra=True)
+    scan = publish.scan_folder
+
+    def scan_then_swap(src):
+        files = scan(src)
+        (folder / "README.md").unlink()
+        (folder / "README.md").symlink_to(secret)
+        return files
+
+    monkeypatch.setattr(publish, "scan_folder", scan_then_swap)
+    cat = Catalog(url)
+    with pytest.raises(CatalogError, match="README.md: cannot be read as a plain file"):
+        cat.import_adapter(folder, "acme/bot")
+    assert cat.list() == []
+
+
 def test_non_peft_and_fake_safetensors_are_refused(url, tmp_path):
     cat = Catalog(url)
     folder = write_dummy_adapter(tmp_path / "a")

@@ -105,6 +105,17 @@ def test_real_cli_prints_one_line_and_exits_2(farm_home, tmp_path):
     assert "refusing pickle weight file(s) adapter_model.bin" in proc.stderr
 
 
+def test_real_cli_refuses_a_symlinked_file_naming_it(farm_home, tmp_path):
+    folder = write_dummy_adapter(tmp_path / "linked")
+    (tmp_path / "secret").write_text("host file")
+    (folder / "README.md").symlink_to(tmp_path / "secret")
+    proc = subprocess.run([sys.executable, "-c", "from farm.cli import main; main()", "adapters", "import",
+                           str(folder), "acme/bot"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "FARM_HOME": str(farm_home), "COLUMNS": "300"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "README.md is a symbolic link" in proc.stderr and Catalog().list() == []
+
+
 @pytest.mark.s3
 def test_cli_on_s3_catalog(s3_env, monkeypatch, src, tmp_path, farm_home):
     monkeypatch.setenv("FARM_CATALOG", s3_env)

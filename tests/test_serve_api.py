@@ -16,7 +16,8 @@ import pytest
 
 from farm.serve.auth import KeyStore
 from tests.ports import free_port
-from tests.serve_helpers import KEYS, PROMPT, publish_under_traffic, wait_healthy, write_keys_file
+from tests.serve_helpers import (KEYS, PROMPT, peft_initializers, publish_under_traffic, wait_healthy, with_config,
+                                 write_keys_file)
 from tests.test_serve_support import make_adapter, stock_greedy
 
 pytestmark = pytest.mark.ray
@@ -310,6 +311,35 @@ def test_poisoned_folder_refused_at_import_and_attach_base_unchanged(served, tmp
         c.completions.create(model="acme/poison", **ask)
     assert key in refused.value.message and "shared base" in refused.value.message
     assert c.completions.create(model=base_name, **ask).choices[0].text == base_before
+    assert base_before == stock_greedy(served.tiny, None, _ids(served, PROMPT), 12)
+    assert c.completions.create(model="acme/support", **ask).choices[0].text == support_before
+
+
+def test_initializer_adapters_are_422_and_the_base_answers_as_before(served, tmp_path, monkeypatch):
+    """Every initializer PEFT offers, named by a stored adapter (one stored before the rule existed,
+    or written around the catalog): 422 naming the option, and the bare base and another tenant's
+    adapter answer exactly as before."""
+    import farm.catalog.peft_folder as peft_folder
+    from farm.errors import CatalogError
+
+    overrides = peft_initializers()
+    bad = [with_config(served.dirs["acme/support"], tmp_path / f"init{i}", **o) for i, o in enumerate(overrides)]
+    with pytest.raises(CatalogError, match="adapter refused: init_lora_weights 'olora'"):
+        served.cat.import_adapter(bad[overrides.index({"init_lora_weights": "olora"})], "acme/init")
+    monkeypatch.setattr(peft_folder, "check_config", lambda cfg: [])
+    for i, folder in enumerate(bad):
+        served.cat.import_adapter(folder, f"acme/init{i}")
+    c = client(served, "acme")
+    ask = dict(prompt=PROMPT, max_tokens=12, temperature=0)
+    base_name = served.cfg.served_name
+    base_before = c.completions.create(model=base_name, **ask).choices[0].text
+    support_before = c.completions.create(model="acme/support", **ask).choices[0].text
+    for i, override in enumerate(overrides):
+        option = next((k for k in override if k != "init_lora_weights"), "init_lora_weights")
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            c.completions.create(model=f"acme/init{i}", **ask)
+        assert option in refused.value.message and "shared base weights" in refused.value.message, override
+        assert c.completions.create(model=base_name, **ask).choices[0].text == base_before, override
     assert base_before == stock_greedy(served.tiny, None, _ids(served, PROMPT), 12)
     assert c.completions.create(model="acme/support", **ask).choices[0].text == support_before
 

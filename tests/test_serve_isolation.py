@@ -17,6 +17,7 @@ from farm.serve.engine import Engine
 from farm.serve.engines.base import GenJob
 from farm.serve.limits import ApiError
 from farm.serve.sampling import Sampler
+from tests.serve_helpers import peft_initializers, with_config
 from tests.test_serve_support import make_adapter, stock_greedy
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over"]
@@ -156,6 +157,45 @@ def test_poisoned_adapters_are_refused_at_import_and_attach(engine, folders, tmp
     assert exc.value.status == 422 and named in exc.value.message
     with torch.inference_mode():
         assert torch.equal(engine._forward(["__base__"], input_ids=ids).logits, before)
+
+
+def _base_logits(engine):
+    import torch
+
+    ids = torch.tensor([engine.tokenizer(PROMPTS[1]).input_ids])
+    with torch.inference_mode():
+        return engine._forward(["__base__"], input_ids=ids).logits.clone()
+
+
+@pytest.fixture(scope="module")
+def plain_engine(tiny_llama):
+    """An unquantized base: PiSSA/CorDA refuse to initialize on NF4, but rewrite an fp32 base."""
+    return Engine(str(tiny_llama), quantization="none", max_batch_size=4)
+
+
+@pytest.mark.parametrize("override", peft_initializers(), ids=lambda o: json.dumps(o))
+def test_initializers_are_refused_and_never_run_even_past_the_allow_list(engine, plain_engine, folders, want,
+                                                                         tmp_path, monkeypatch, override):
+    import torch
+
+    import farm.catalog.adapter_rules as rules
+
+    bad = with_config(folders["p1"], tmp_path / "bad", **override)
+    for e in (engine, plain_engine):
+        before = _base_logits(e)
+        with pytest.raises(ApiError) as exc:
+            e.attach(bad)
+        assert exc.value.status == 422 and "shared base weights" in exc.value.message
+        assert torch.equal(_base_logits(e), before)
+    # an option the allow-list missed: PEFT still builds the layers with every initializer off
+    monkeypatch.setattr(rules, "check_config", lambda cfg: [])
+    for e in (engine, plain_engine):
+        before = _base_logits(e)
+        slot = e.attach(bad).name
+        assert torch.equal(_base_logits(e), before)
+        if e is engine:  # the adapter itself answers as its weights say (stock PEFT, default init)
+            assert _answers(e, [(slot, PROMPTS[0]), (None, PROMPTS[0])]) == [want["p1", PROMPTS[0]], want[None, PROMPTS[0]]]
+        e.detach(slot)
 
 
 def test_allow_list_shapes_need_the_served_base(engine, folders):

@@ -13,7 +13,12 @@ hold exactly:
   `score` for SEQ_CLS): `<module>.<param>` where <module> is, or ends with, a declared name;
 
 and its config may not use `bias` other than "none", `layer_replication`, `trainable_token_indices`,
-`target_parameters`, or a PEFT type other than LORA. With the base known (the replica), the module
+`target_parameters`, or a PEFT type other than LORA. Nor may it name an initializer: PEFT runs
+`init_lora_weights` when it builds the LoRA layers, and olora, pissa, corda, loftq (and lora_ga,
+and the KaSA variant) rewrite the base weights they wrap; only true, false and "gaussian" (which
+touch the new LoRA weights alone) are accepted, and no initializer config (`INITIALIZER_OPTIONS`).
+The replica also loads every adapter through `inert_config`, so an option this list misses still
+cannot run an initializer. With the base known (the replica), the module
 must exist in it and every shape must fit.
 
 No torch import: the catalog checks with the keys of a safetensors header; the replica passes a
@@ -42,6 +47,11 @@ REFUSED_OPTIONS = (
     ("megatron_config", "Megatron-parallel LoRA layers are not served"),
 )
 ALLOWED_BIAS = ("none",)
+# init_lora_weights values that touch only the new LoRA weights (True: PEFT's default, B = 0).
+ALLOWED_INIT = (True, False, "gaussian")
+# Configs of PEFT 0.21's initializers, and of the KaSA variant, whose init truncates the base weight
+# with an SVD. A saved adapter has them null (loftq_config: {}); any value is refused.
+INITIALIZER_OPTIONS = ("loftq_config", "eva_config", "corda_config", "lora_ga_config", "kasa_config")
 
 
 def effective_modules_to_save(config: Mapping[str, Any]) -> list[str]:
@@ -67,7 +77,31 @@ def check_config(config: Mapping[str, Any]) -> list[str]:
     for option, why in REFUSED_OPTIONS:
         if config.get(option):
             problems.append(f"{option} is set: {why}")
+    init = config.get("init_lora_weights", True)
+    if not any(init is ok or (isinstance(ok, str) and init == ok) for ok in ALLOWED_INIT):
+        problems.append(
+            f"init_lora_weights {init!r}: PEFT runs this initializer when the adapter is attached, and "
+            "initializers other than the default rewrite the shared base weights; only true, false or 'gaussian' "
+            "are accepted (a trained PiSSA/OLoRA/CorDA/LoftQ adapter must be converted to plain LoRA first, as "
+            "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...) does)"
+        )
+    for option in INITIALIZER_OPTIONS:
+        value = config.get(option)
+        if value is not None and not (option == "loftq_config" and value == {}):  # {}: PEFT's saved default
+            problems.append(
+                f"{option} is set: it configures an initializer that rewrites the shared base weights; "
+                f"only adapters without {option} (null) are accepted"
+            )
     return problems
+
+
+def inert_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """adapter_config.json's options with every initializer switched off: init_lora_weights false
+    (PEFT then only creates the LoRA layers, which the saved weights fill) and no initializer
+    config. What the replica builds its LoraConfig from, whatever the allow-list let through."""
+    out = {k: v for k, v in config.items() if k not in INITIALIZER_OPTIONS and k != "runtime_config"}
+    out["init_lora_weights"] = False
+    return out
 
 
 def _is_copy(module: str, modules_to_save: Sequence[str]) -> bool:

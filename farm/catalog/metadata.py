@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,8 @@ def hash_file(path: Path) -> tuple[str, int]:
     """(sha256 hex, size) of a local file, streamed."""
     h = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
+    # O_NOFOLLOW: a file swapped for a symlink after the folder was scanned fails here, not hashes a host file
+    with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NOFOLLOW)) as f:
         while chunk := f.read(2**20):
             h.update(chunk)
             size += len(chunk)

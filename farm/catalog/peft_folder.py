@@ -7,6 +7,7 @@ which is also how a pickle renamed to `.safetensors` is caught.
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,26 @@ MAX_HEADER = 100 * 2**20
 
 
 def scan_folder(src: Path) -> dict[str, Path]:
-    """Every file to publish, keyed by its '/'-joined name; refuses unsafe names and pickle files."""
+    """Every file to publish, keyed by its '/'-joined name; refuses unsafe names, pickle files and
+    anything but plain files and folders (a symlink would publish whatever it points at on this host)."""
     src = Path(src)
     if not src.is_dir():
         raise CatalogError(f"adapter folder {str(src)!r} does not exist or is not a directory")
     found: dict[str, Path] = {}
     pickles = []
-    for p in sorted(src.rglob("*")):
-        if p.is_dir():
+    for p in sorted(src.rglob("*")):  # rglob lists a symlinked folder but does not descend into it
+        mode = p.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            raise CatalogError(
+                f"{src}: {p.relative_to(src).as_posix()} is a symbolic link (to {str(p.readlink())!r}); an adapter "
+                "folder must hold plain files only, or the link's target on this machine would be published. "
+                "Import a copy with the links replaced by their files (cp -rL)"
+            )
+        if stat.S_ISDIR(mode):
             continue
         name = p.relative_to(src).as_posix()
+        if not stat.S_ISREG(mode):
+            raise CatalogError(f"{src}: {name} is not a regular file (a device, pipe or socket); refusing to publish it")
         if p.suffix.lower() in PICKLE_SUFFIXES:
             pickles.append(name)
             continue

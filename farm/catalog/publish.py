@@ -77,6 +77,13 @@ def _previous(store: Store, customer: str, adapter: str, key: str) -> tuple[Adap
     return None, tag
 
 
+def _hash(path: Path) -> tuple[str, int]:
+    try:
+        return hash_file(path)  # never through a symlink (scan_folder refused them; this catches a swap since)
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot be read as a plain file ({exc.strerror}); refusing to publish it") from None
+
+
 def publish(
     store: Store,
     customer: str,
@@ -101,7 +108,7 @@ def publish(
         done, key_tag = _previous(store, customer, adapter, idempotency_key)
         if done is not None:
             return done
-    hashed = {name: hash_file(path) for name, path in files.items()}
+    hashed = {name: _hash(path) for name, path in files.items()}
 
     n = claim_version(store, customer, adapter, {"idempotency_key": idempotency_key})
     vkey = layout.version_key(customer, adapter, n)
@@ -109,7 +116,7 @@ def publish(
         store.upload(f"{vkey}/{name}", path)
     # Verify nothing changed under us between hashing and upload (a trainer still writing, say).
     for name, path in files.items():
-        if hash_file(path) != hashed[name]:
+        if _hash(path) != hashed[name]:
             raise CatalogError(f"{path} changed while it was being published; v{n} left unpublished")
 
     if idempotency_key:

@@ -10,6 +10,8 @@ a row whose sampling or text handling fails gets its own error and leaves, the o
 
 Every adapter folder passes the allow-list of farm/catalog/adapter_rules.py (keys, options and, here
 where the base is known, shapes) before PEFT loads it, so an adapter cannot write the shared base.
+PEFT builds the adapter's layers from `inert_lora_config`, never from the file's own options, so no
+initializer (olora, pissa, ... which rewrite base weights) can run even if the allow-list missed one.
 
 Adapters are attached and detached only under the model lock, between batches; a detach requested
 while queued or running requests still use the slot waits until they are done.
@@ -151,6 +153,44 @@ def inspect_adapter(path: Path, base: dict[str, dict] | None = None, hidden: int
     return task, num_labels
 
 
+def inert_lora_config(path: Path):
+    """The adapter's LoraConfig with every initializer switched off (adapter_rules.inert_config).
+
+    PEFT runs `init_lora_weights` (and the KaSA variant's init) when it creates an adapter's layers,
+    before the saved weights are loaded into them; some initializers rewrite the base weights they
+    wrap. With init_lora_weights=False and no initializer config, PEFT's update_layer only creates
+    the LoRA A/B modules (peft 0.21 tuners/lora/layer.py), which the saved tensors then fill."""
+    from peft import PeftConfig
+
+    from farm.catalog.adapter_rules import inert_config
+
+    try:
+        cfg = PeftConfig.from_peft_type(**inert_config(json.loads((path / "adapter_config.json").read_text())))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ApiError(422, f"adapter_config.json cannot be loaded: {exc}", "adapter_error") from None
+    cfg.inference_mode = True
+    return cfg
+
+
+def load_lora(model, path: Path, name: str):
+    """Load the adapter folder into `model` under `name` from its inert config: a transformers model
+    gets wrapped (returns the new PeftModel), a PeftModel gets one more adapter (returns it)."""
+    from peft import PeftModel
+
+    cfg = inert_lora_config(path)
+    if not isinstance(model, PeftModel):
+        return PeftModel.from_pretrained(model, str(path), adapter_name=name, config=cfg).eval()
+    try:
+        with keys_only(model):
+            model.add_adapter(name, cfg)  # load_adapter then reads weights only: the config is never re-read
+            model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    except Exception:
+        if name in model.peft_config:  # leave no half-loaded adapter behind
+            model.delete_adapter(name)
+        raise
+    return model
+
+
 class Engine:
     """The model side of one replica. Thread-safe; async entry points run on the replica's loop."""
 
@@ -220,8 +260,6 @@ class Engine:
     # ---- adapters -------------------------------------------------------------------------
     def attach(self, path: Path, labels: list[str] | None = None) -> Slot:
         """Attach the adapter folder under a fresh slot name (blocking; call from a thread)."""
-        from peft import PeftModel
-
         task, num_labels = inspect_adapter(Path(path), self.base_modules, self.hidden_size)
         slot = Slot(name=f"s{next(self._names)}", task=task, num_labels=num_labels)
         if task == "seq_cls":
@@ -229,11 +267,10 @@ class Engine:
         with self._model_lock:
             if task == "causal_lm":
                 if self.peft is None:
-                    self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=slot.name).eval()
+                    self.peft = load_lora(self.base, path, slot.name)
                     self.grouped = GroupedLoRA(self.peft)
                 else:
-                    with keys_only(self.peft):
-                        self.peft.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                    load_lora(self.peft, path, slot.name)
                     if self.peft.active_adapter not in self.peft.peft_config:  # the warm-up's, deleted
                         self.peft.set_adapter(slot.name, inference_mode=True)  # as from_pretrained leaves it
                 self.grouped.add(slot.name)
@@ -246,11 +283,10 @@ class Engine:
                         self.base_model, task="seq_cls", num_labels=num_labels, quant=self.quant, device=self.device
                     ).eval()
                     self._packed[num_labels] = PackedWeights(base, self._warmup_ids)
-                    model = PeftModel.from_pretrained(base, str(path), adapter_name=slot.name).eval()
+                    model = load_lora(base, path, slot.name)
                     self.classifiers[num_labels] = model
                 else:
-                    with keys_only(model):
-                        model.load_adapter(str(path), adapter_name=slot.name, is_trainable=False)
+                    load_lora(model, path, slot.name)
                 patch_module_copies(model)  # each row's own head, whichever adapter PEFT holds active
             self._packed["causal_lm" if task == "causal_lm" else num_labels].restore()
             self.slots[slot.name] = slot
