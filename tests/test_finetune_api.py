@@ -440,3 +440,26 @@ def test_result_files_are_rendered_on_read_and_reads_write_nothing(api):
     with pytest.raises(openai.NotFoundError):
         api.client("globex").files.retrieve(rid)
     assert {(p, p.stat().st_mtime_ns) for p in stored.rglob("*")} == before  # the GETs wrote nothing
+
+
+def test_an_upload_whose_write_fails_gives_its_reservation_back(api, monkeypatch):
+    from farm.finetune.store import FinetuneStore
+
+    real, failed = FinetuneStore._write_bytes, []
+
+    def once(self, path, data):
+        if path.endswith(".jsonl") and not failed:
+            failed.append(path)
+            raise OSError("injected write failure")
+        return real(self, path, data)
+
+    monkeypatch.setattr(FinetuneStore, "_write_bytes", once)
+    r = api.http.post("/v1/files", files={"file": ("t.jsonl", jsonl(CHAT))}, data={"purpose": "fine-tune"},
+                      headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 500 and failed
+    store = FinetuneStore(api.cfg.files_url)
+    assert store.usage("acme") == {"files": 0, "bytes": 0}
+    f = upload(api.client("acme"), jsonl(CHAT))
+    assert store.usage("acme") == {"files": 1, "bytes": f.bytes + len("train.jsonl")}
+    api.client("acme").files.delete(f.id)
+    assert store.usage("acme") == {"files": 0, "bytes": 0}
