@@ -61,3 +61,15 @@ class TrainingError(FarmError):
 
 class ClusterError(FarmError):
     """The local Ray head or the farm's scheduler could not be started, reached or stopped."""
+
+
+class QuotaExceeded(QueueError):
+    """A submit would take a customer past its limit of active jobs (checked in the submit's transaction)."""
+
+    def __init__(self, customer: str, active: int, limit: int):
+        self.customer, self.active, self.limit = customer, active, limit
+        super().__init__(f"{customer} has {active} jobs queued or running, the limit is {limit}")
+
+
+class IdempotencyMismatch(QueueError):
+    """An idempotency key was used before with a different request."""

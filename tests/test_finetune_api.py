@@ -46,7 +46,7 @@ def api(farm_home, tiny_llama):
         return openai.OpenAI(base_url="http://testserver/v1", api_key=KEYS[who], http_client=http, max_retries=0)
 
     return type("Api", (), {"client": staticmethod(client), "http": http, "queue": open_store(farm_home / "queue.db"),
-                            "home": farm_home, "policy": policy})
+                            "home": farm_home, "policy": policy, "cfg": cfg, "keys": keys})
 
 
 def upload(c: openai.OpenAI, data: bytes, name: str = "train.jsonl"):
@@ -264,3 +264,202 @@ def test_submit_time_checks_guard_api_jobs(api, tmp_path):
     assert job.status == "failed" and job.error.param == "model"
     assert "base_model" in job.error.message and str(gone) in job.error.message
     assert api.queue.list() == []
+
+
+def test_uploads_are_parsed_off_the_event_loop_with_a_part_limit(api, monkeypatch):
+    """A hostile multipart body must not stall other tenants: while one upload is being parsed (held
+    here), another tenant's request on the same server completes."""
+    import threading
+
+    from farm.finetune import multipart
+    from tests.test_finetune_replicas import Replica
+
+    other_done, seen_loop = threading.Event(), []
+    real = multipart.parse
+
+    def held(*args, **kwargs):
+        import asyncio
+
+        try:
+            asyncio.get_running_loop()
+            seen_loop.append(True)
+        except RuntimeError:
+            seen_loop.append(False)
+        other_done.wait(60)  # if this ran on the event loop, the other request could never finish
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(multipart, "parse", held)
+    server = Replica(api.cfg, api.keys, (api.home / "catalog").as_uri())
+    try:
+        acme, globex = server.client(KEYS["acme"]), server.client(KEYS["globex"])
+        done = []
+        t = threading.Thread(target=lambda: done.append(upload(acme, jsonl(CHAT))))
+        t.start()
+        while not seen_loop:
+            other_done.wait(0.05)
+        assert globex.files.list().data == [] and not done  # answered while acme's body was held
+        other_done.set()
+        t.join(60)
+        assert done and done[0].status == "processed" and seen_loop == [False]
+    finally:
+        server.stop()
+
+
+def test_a_body_of_many_tiny_parts_is_refused_at_the_part_limit(api):
+    part = b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\ny\r\n'
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n\r\n' + jsonl(CHAT)
+            + b'\r\n--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            + part * 1000 + b"--b--\r\n")
+    r = api.http.post("/v1/files", content=body, headers={"Authorization": f"Bearer {KEYS['acme']}",
+                                                          "Content-Type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and "more than 8 parts" in r.json()["error"]["message"], r.text
+    assert api.client("acme").files.list().data == []
+
+
+def test_an_upload_completes_while_another_tenants_create_tokenizes(api, monkeypatch):
+    import threading
+
+    from farm.finetune.mapping import Jobs
+
+    tokenizing, uploaded, upload_seen = threading.Event(), threading.Event(), []
+    real = Jobs._count_tokens
+
+    def held(self, *args, **kwargs):
+        tokenizing.set()
+        upload_seen.append(uploaded.wait(60))  # on a store-wide lock the upload waits for this: False
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Jobs, "_count_tokens", held)
+    acme, globex = api.client("acme"), api.client("globex")
+    f = upload(acme, jsonl(CHAT))
+    created = []
+    t = threading.Thread(target=lambda: created.append(acme.fine_tuning.jobs.create(model="tiny-llama",
+                                                                                    training_file=f.id)))
+    t.start()
+    assert tokenizing.wait(60)
+    assert upload(globex, jsonl(CHAT)).status == "processed"
+    uploaded.set()
+    t.join(120)
+    assert upload_seen == [True]  # the upload went through while the create was tokenizing
+    assert created and created[0].status == "queued"
+
+
+BIG_METADATA = json.dumps({"model": "tiny-llama", "training_file": "file-x", "metadata": {"a": "x" * 100_000}})
+
+
+@pytest.mark.parametrize("raw, status, words", [
+    (b'{"model": "tiny-llama", "training_file": "file-x", "hyperparameters": {"n_epochs": NaN}}', 400, "NaN"),
+    (b'{"model": "tiny-llama", "training_file": "file-x", "hyperparameters": {"batch_size": Infinity}}', 400,
+     "Infinity"),
+    (b'{"model": "tiny-llama", "training_file": "file-x", "hyperparameters": {"n_epochs": 1e999}}', 400,
+     "out of range"),
+    (b'{"model": "tiny-llama", "metadata": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", 400, "nested deeper"),
+    (BIG_METADATA.encode(), 413, "65536-byte limit"),
+])
+def test_malformed_or_oversized_create_bodies_are_4xx_not_500(api, raw, status, words):
+    r = api.http.post("/v1/fine_tuning/jobs", content=raw,
+                      headers={"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json"})
+    assert r.status_code == status and words in r.json()["error"]["message"], r.text
+    assert api.queue.list() == []
+
+
+def test_file_names_are_bounded_and_count_toward_stored_bytes(api):
+    acme = api.client("acme")
+    with pytest.raises(openai.BadRequestError) as exc:
+        upload(acme, jsonl(CHAT), name="n" * 1000 + ".jsonl")
+    assert exc.value.body["param"] == "file" and "255" in exc.value.message
+    assert acme.files.list().data == []
+    row = jsonl(CHAT[:1])
+    upload(acme, row * (3900 // len(row)), name="a" * 240 + ".jsonl")
+    rest = row * ((6000 - 3900 // len(row) * len(row) - 240 - 6) // len(row))  # fits only with a short name
+    with pytest.raises(openai.RateLimitError):
+        upload(acme, rest, name="b" * 240 + ".jsonl")
+    upload(acme, rest, name="b.jsonl")
+
+
+@pytest.mark.parametrize("fault", ["files store write", "queue transaction"])
+def test_a_create_that_fails_at_one_write_leaves_nothing_or_one_visible_job(api, monkeypatch, fault):
+    """A write failing once inside create, then the client's retry: one job, visible to the API."""
+    from farm.finetune.store import FinetuneStore
+    from farm.queue.store import SQLiteStore
+
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    target, name = (FinetuneStore, "_write_bytes") if fault == "files store write" else (SQLiteStore, "_event")
+    real, failed = getattr(target, name), []
+
+    def once(self, *args, **kwargs):
+        if not failed:
+            failed.append(name)
+            raise OSError("injected write failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(target, name, once)
+    h = {"Authorization": f"Bearer {KEYS['acme']}", "Idempotency-Key": "one-job"}
+    body = {"model": "tiny-llama", "training_file": f.id}
+    first = api.http.post("/v1/fine_tuning/jobs", json=body, headers=h)
+    second = api.http.post("/v1/fine_tuning/jobs", json=body, headers=h)
+    assert second.status_code == 200, second.text
+    if first.status_code == 200:
+        assert first.json()["id"] == second.json()["id"]
+    queued = [j.id for j in api.queue.list(customer="acme")]
+    assert queued == [second.json()["id"].removeprefix("ftjob-")]
+    assert [j.id for j in acme.fine_tuning.jobs.list().data] == [second.json()["id"]]
+
+
+def test_deleting_a_file_an_active_job_reads_is_409_until_the_job_ends(api):
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+    with pytest.raises(openai.ConflictError) as exc:
+        acme.files.delete(f.id)
+    assert job.id in exc.value.message and exc.value.body["code"] == "file_in_use"
+    assert acme.files.content(f.id).read() == jsonl(CHAT)
+    acme.fine_tuning.jobs.cancel(job.id)
+    assert acme.files.delete(f.id).deleted is True
+
+
+def test_result_files_are_rendered_on_read_and_reads_write_nothing(api):
+    acme = api.client("acme")
+    f = upload(acme, jsonl(CHAT))
+    job = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+    run = api.queue.claim_next("test-scheduler", lease_ttl=60)
+    api.queue.record_progress(run.id, run.lease_id, {"step": 2, "total_steps": 2, "loss": 1.25, "eval_loss": 1.5,
+                                                     "tokens": 40})
+    api.queue.succeed(run.id, run.lease_id, adapter_ref="acme/ft-job-x@v1", tokens=40)
+    stored = api.home / "finetune"
+    before = {(p, p.stat().st_mtime_ns) for p in stored.rglob("*")}
+    got = acme.fine_tuning.jobs.retrieve(job.id)
+    assert got.status == "succeeded" and len(got.result_files) == 1
+    assert [j.result_files for j in acme.fine_tuning.jobs.list().data] == [got.result_files]
+    rid = got.result_files[0]
+    meta = acme.files.retrieve(rid)
+    assert meta.purpose == "fine-tune-results" and meta.filename == f"{job.id}-metrics.csv"
+    csv = acme.files.content(rid).read()
+    assert csv.splitlines() == [b"step,train_loss,valid_loss,tokens", b"2,1.25,1.5,40"] and meta.bytes == len(csv)
+    with pytest.raises(openai.NotFoundError):
+        api.client("globex").files.retrieve(rid)
+    assert {(p, p.stat().st_mtime_ns) for p in stored.rglob("*")} == before  # the GETs wrote nothing
+
+
+def test_an_upload_whose_write_fails_gives_its_reservation_back(api, monkeypatch):
+    from farm.finetune.store import FinetuneStore
+
+    real, failed = FinetuneStore._write_bytes, []
+
+    def once(self, path, data):
+        if path.endswith(".jsonl") and not failed:
+            failed.append(path)
+            raise OSError("injected write failure")
+        return real(self, path, data)
+
+    monkeypatch.setattr(FinetuneStore, "_write_bytes", once)
+    r = api.http.post("/v1/files", files={"file": ("t.jsonl", jsonl(CHAT))}, data={"purpose": "fine-tune"},
+                      headers={"Authorization": f"Bearer {KEYS['acme']}"})
+    assert r.status_code == 500 and failed
+    store = FinetuneStore(api.cfg.files_url)
+    assert store.usage("acme") == {"files": 0, "bytes": 0}
+    f = upload(api.client("acme"), jsonl(CHAT))
+    assert store.usage("acme") == {"files": 1, "bytes": f.bytes + len("train.jsonl")}
+    api.client("acme").files.delete(f.id)
+    assert store.usage("acme") == {"files": 0, "bytes": 0}

@@ -343,7 +343,50 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
     job_id = s.submit(make_manifest()).job_id
     assert s.get(job_id).publish_started_at is None
     assert s.get(job_id).pack is None and s.get(job_id).pack_key is not None  # version 3's columns too
+    checked = s.submit_checked(make_manifest("acme", "x"), idempotency=("k", "sha"), record={"a": 1})  # version 4
+    assert s.client_record(checked.job_id) == {"a": 1} and s.idempotent("acme", "k") == (checked.job_id, "sha")
     s.close()
+
+
+def test_submit_checked_admits_atomically_across_store_instances(tmp_path):
+    """Two stores on one file (two processes' connections): a quota of 2 with one job queued admits
+    exactly one of four racing submits; one idempotency key gives one job; the record is the job's."""
+    import threading
+
+    from farm.errors import IdempotencyMismatch, QuotaExceeded
+
+    stores = [SQLiteStore(tmp_path / "q.db") for _ in range(2)]
+    stores[0].submit_checked(make_manifest("acme", "first"), max_active=2)
+
+    def race(call) -> list:
+        barrier, out = threading.Barrier(4), []
+
+        def run(i: int) -> None:
+            barrier.wait()
+            try:
+                out.append(call(stores[i % 2], i))
+            except QueueError as exc:
+                out.append(exc)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return out
+
+    got = race(lambda st, i: st.submit_checked(make_manifest("acme", f"j{i}"), max_active=2, record={"i": i}))
+    made = [g for g in got if not isinstance(g, Exception)]
+    assert len(made) == 1 and sum(isinstance(g, QuotaExceeded) for g in got) == 3
+    assert stores[1].client_record(made[0].job_id)["i"] in range(4)
+    got = race(lambda st, i: st.submit_checked(make_manifest("globex", "j"), idempotency=("key", "sha")))
+    assert len({g.job_id for g in got}) == 1 and sum(g.created for g in got) == 1
+    with pytest.raises(IdempotencyMismatch):
+        stores[0].submit_checked(make_manifest("globex", "j"), idempotency=("key", "other"))
+    assert len(stores[0].list(customer="globex")) == 1
+    assert stores[0].remember("globex", "key", "sha", "globex-failed") == (got[0].job_id, "sha")  # first wins
+    for st in stores:
+        st.close()
 
 
 def test_sqlite_store_implements_the_jobstore_protocol():

@@ -14,7 +14,8 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type_ or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                              413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+                              409: "invalid_request_error", 413: "invalid_request_error",
+                              429: "rate_limit_error"}.get(status, "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 
-from farm.finetune.errors import ApiError, bad_request, not_found, quota
+from farm.finetune.errors import ApiError, bad_request, not_found
 from farm.finetune.store import FinetuneStore
 from farm.finetune.validate import check_file
 from farm.serve.auth import Principal
@@ -28,39 +28,39 @@ def owner_of(principal: Principal) -> str:
     return principal.customer
 
 
+MAX_FILENAME_BYTES = 255  # a name is stored and charged to the quota: bounded like a file system's
+
+
 def upload(store: FinetuneStore, principal: Principal, filename: str, purpose: str, data: bytes, *,
-           max_file_bytes: int, max_stored_bytes: int) -> dict:
+           max_file_bytes: int, max_stored_bytes: int, max_files: int) -> dict:
     customer = owner_of(principal)
     if purpose not in PURPOSES:
         raise bad_request(f"purpose {purpose!r} is not supported here (allowed: {', '.join(PURPOSES)})", "purpose")
     if len(data) > max_file_bytes:
         raise ApiError(413, f"file of {len(data)} bytes is over the {max_file_bytes}-byte limit", param="file",
                        code="file_too_large")
-    with store.lock:
-        used = store.stored_bytes(customer)
-        if used + len(data) > max_stored_bytes:
-            raise quota(f"stored bytes quota: {customer} keeps {used} bytes in files, the limit is "
-                        f"{max_stored_bytes}; this {len(data)}-byte file does not fit (delete files first)")
-        check = check_file(data)
-        meta = {
-            "id": f"file-{secrets.token_hex(12)}", "object": "file", "bytes": len(data),
-            "created_at": int(time.time()), "filename": filename or "upload.jsonl", "purpose": purpose,
-            "status": "processed" if check.ok else "error", "status_details": check.details, "expires_at": None,
-            "customer": customer, "format": check.format, "lines": check.lines, "text_chars": check.text_chars,
-        }
-        store.put_file(customer, meta, data)
+    filename = filename or "upload.jsonl"
+    if len(filename.encode()) > MAX_FILENAME_BYTES or any(ord(ch) < 32 for ch in filename):
+        raise bad_request(f"filename must be at most {MAX_FILENAME_BYTES} UTF-8 bytes without control characters "
+                          f"(got {len(filename.encode())} bytes)", "file")
+    check = check_file(data)
+    meta = {
+        "id": f"file-{secrets.token_hex(12)}", "object": "file", "bytes": len(data),
+        "created_at": int(time.time()), "filename": filename, "purpose": purpose,
+        "status": "processed" if check.ok else "error", "status_details": check.details, "expires_at": None,
+        "customer": customer, "format": check.format, "lines": check.lines, "text_chars": check.text_chars,
+    }
+    store.put_file(customer, meta, data, max_stored_bytes=max_stored_bytes, max_files=max_files)
     return meta
 
 
-def put_result(store: FinetuneStore, customer: str, file_id: str, filename: str, data: bytes) -> dict:
-    """A file the farm writes for a customer (a job's metrics CSV)."""
-    meta = {
-        "id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename,
+def result_meta(customer: str, file_id: str, filename: str, data: bytes, created_at: float) -> dict:
+    """The file object of a job's metrics CSV (rendered from the job on read, never stored)."""
+    return {
+        "id": file_id, "object": "file", "bytes": len(data), "created_at": int(created_at), "filename": filename,
         "purpose": "fine-tune-results", "status": "processed", "status_details": None, "expires_at": None,
         "customer": customer, "format": "csv", "lines": data.count(b"\n"), "text_chars": 0,
     }
-    store.put_file(customer, meta, data)
-    return meta
 
 
 def find(store: FinetuneStore, principal: Principal, file_id: str, param: str | None = None) -> dict:

@@ -3,6 +3,11 @@ submitted like `farm submit` does), and the OpenAI job object, events and checkp
 the queue record, its event log and progress, and the published version's metrics.
 
 Job ids are `ftjob-<queue job id>`; the queue id already names the customer (`acme-1a2b3c4d`).
+
+The queue row is the truth: the API's record of a queued job is written with it, in the submit's
+transaction (`submit_checked`, which also checks the concurrent-jobs quota and the Idempotency-Key
+there), so a create that fails anywhere leaves no job or one visible job. Only a job that fails
+validation, and so never reaches the queue, keeps its record in the files store.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import secrets
 import time
 from typing import Any
 
-from farm.errors import JobNotFound, ManifestError, QueueError
+from farm.errors import IdempotencyMismatch, JobNotFound, ManifestError, QueueError, QuotaExceeded
 from farm.finetune import files as files_api
 from farm.finetune.config import FinetuneConfig
 from farm.finetune.errors import ApiError, bad_request, not_found, quota
@@ -24,6 +29,7 @@ from farm.finetune.store import FinetuneStore
 from farm.serve.auth import Principal
 
 PREFIX = "ftjob-"
+RESULT_PREFIX = "file-results-"  # + queue id: a job's metrics CSV, rendered on read
 SUFFIX_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 OPERATOR_ONLY = ("priority", "base_model", "dataset", "resources", "training", "lora", "customer", "adapter")
 STATUS = {"queued": "queued", "retrying": "queued", "running": "running", "succeeded": "succeeded",
@@ -57,13 +63,21 @@ class Jobs:
         customer = qid.rsplit("-", 1)[0] if "-" in qid else ""
         record = None
         if customer and principal.may_use(customer):
-            try:
-                record = self.store.job(customer, qid)
-            except ApiError:
-                record = None
+            record = self._record(customer, qid)
         if record is None:
             raise not_found("fine-tuning job", job_id)
         return record
+
+    def _record(self, customer: str, qid: str) -> dict | None:
+        """The API record of a job: the queue's (written with the job), else the files store's (a job
+        that failed validation, or one created by an older version)."""
+        record = self.queue.client_record(qid)
+        if record is not None:
+            return {**record, "queue_id": qid} if record.get("customer") == customer else None
+        try:
+            return self.store.job(customer, qid)
+        except ApiError:
+            return None
 
     def _queue_job(self, record: dict):
         if record.get("final"):
@@ -80,13 +94,11 @@ class Jobs:
             raise bad_request("the request body must be a JSON object")
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         key = hashlib.sha256(idempotency_key.encode()).hexdigest() if idempotency_key else None
-        with self.store.lock:
-            again = self._repeat(customer, key, digest, retry_count)
-            if again is not None:
-                return self.render(again)
-            record = self._create(customer, body, digest)
-            if key:
-                self.store.remember(customer, key, {"queue_id": record["queue_id"], "request_sha256": digest})
+        # A fast answer for a repeat; the authoritative check is in the submit's transaction.
+        again = self._repeat(customer, key, digest, retry_count)
+        if again is not None:
+            return self.render(again)
+        record = self._create(customer, body, digest, key)
         self._wake()
         return self.render(record)
 
@@ -94,16 +106,18 @@ class Jobs:
         """The job an earlier delivery of this request created: same Idempotency-Key, or a client
         retry (x-stainless-retry-count > 0) of the same body within the retry window."""
         if key:
-            seen = self.store.idempotent(customer, key)
+            seen = self.queue.idempotent(customer, key)
+            if seen is None:
+                old = self.store.idempotent(customer, key)  # kept by an older version
+                seen = (old["queue_id"], old.get("request_sha256")) if old else None
             if seen is not None:
-                if seen.get("request_sha256") != digest:
-                    raise bad_request("this Idempotency-Key was used with a different request body",
-                                      code="idempotency_key_reused")
-                return self.store.job(customer, seen["queue_id"])
+                if seen[1] != digest:
+                    raise _key_reused()
+                return self._record(customer, seen[0])
             return None
         if retry_count > 0:
             cutoff = time.time() - self.cfg.retry_window_s
-            same = [r for r in self.store.jobs(customer)
+            same = [r for r in self.records(Principal(customer=customer))
                     if r.get("request_sha256") == digest and r.get("created_at", 0) >= cutoff]
             if same:
                 return max(same, key=lambda r: r["created_at"])
@@ -128,7 +142,7 @@ class Jobs:
                               "purpose=fine-tune", param)
         return meta
 
-    def _create(self, customer: str, body: dict, digest: str) -> dict:
+    def _create(self, customer: str, body: dict, digest: str, key: str | None) -> dict:
         principal = Principal(customer=customer)
         for name in OPERATOR_ONLY:
             if name in body:
@@ -155,9 +169,8 @@ class Jobs:
         if body.get("validation_file") is not None:
             valid = self._file(principal, body["validation_file"], "validation_file")
         active = [j for j in self.queue.list(customer=customer) if not j.done]
-        if len(active) >= policy.max_concurrent_jobs:
-            raise quota(f"concurrent jobs quota: {customer} has {len(active)} jobs queued or running, the limit "
-                        f"is {policy.max_concurrent_jobs}; wait for one to finish or cancel one")
+        if len(active) >= policy.max_concurrent_jobs:  # early, before tokenizing; enforced at submit
+            raise _over_quota(customer, len(active), policy.max_concurrent_jobs)
 
         tag = secrets.token_hex(4)
         qid = f"{customer}-{tag}"
@@ -168,7 +181,7 @@ class Jobs:
             "created_at": time.time(), "request_sha256": digest, "hyperparameters": hp,
             "training_file": train["id"], "validation_file": valid["id"] if valid else None,
             "suffix": suffix, "seed": seed if seed is not None else 0, "metadata": metadata,
-            "checkpoint_every": policy.checkpoint_every,
+            "checkpoint_every": policy.checkpoint_every, "idempotency_key": key,
         }
         # validating_files: the files were checked at upload; a bad one fails the job here, by name.
         for param, meta in (("training_file", train), ("validation_file", valid)):
@@ -190,16 +203,45 @@ class Jobs:
                 f"{where}.n_epochs={hp['n_epochs']} x {tokens} tokens in training_file {train['id']} = "
                 f"{hp['n_epochs'] * tokens} tokens, over the policy's max_training_tokens of "
                 f"{policy.max_training_tokens}", f"{where}.n_epochs", code="too_many_tokens")
-        submitted = self.queue.submit(manifest, max_attempts=policy.max_attempts, force=True)
-        record["queue_id"] = submitted.job_id
-        self.store.put_job(customer, record)
-        return record
+        stored = {k: v for k, v in record.items() if k != "queue_id"}  # the queue names the job
+        try:
+            submitted = self.queue.submit_checked(manifest, max_attempts=policy.max_attempts,
+                                                  max_active=policy.max_concurrent_jobs,
+                                                  idempotency=(key, digest) if key else None, record=stored)
+        except QuotaExceeded as exc:
+            raise _over_quota(customer, exc.active, exc.limit) from None
+        except IdempotencyMismatch:
+            raise _key_reused() from None
+        found = self._record(customer, submitted.job_id)
+        if found is None:  # pragma: no cover - a key's job is written in the same transaction
+            raise ApiError(500, f"the job {submitted.job_id} of this Idempotency-Key has no record")
+        return found
 
     def _failed(self, record: dict, code: str, param: str, message: str) -> dict:
+        """A job that fails validation: no queue row, its record in the files store; with a key, the
+        first writer of the key wins (a racing replica's repeat answers with that job)."""
         record["final"] = {"status": "failed", "error": {"code": code, "message": message, "param": param},
                            "finished_at": time.time()}
         self.store.put_job(record["customer"], record)
+        key = record.get("idempotency_key")
+        if key:
+            winner, sha = self.queue.remember(record["customer"], key, record["request_sha256"], record["queue_id"])
+            if sha != record["request_sha256"]:
+                raise _key_reused()
+            if winner != record["queue_id"]:
+                return self._record(record["customer"], winner) or record
         return record
+
+    def check_unused(self, meta: dict) -> None:
+        """Refuse (409) to delete a file that a queued or running job still reads."""
+        customer = meta["customer"]
+        url = self.store.file_url(customer, meta["id"])
+        for job in self.queue.list(customer=customer):
+            data = job.manifest.get("dataset") or {}
+            if not job.done and url in (data.get("train"), data.get("eval")):
+                raise ApiError(409, f"file {meta['id']} is the data of job {PREFIX}{job.id}, which is "
+                               f"{job.state.value}: delete it after the job ends (or cancel the job)",
+                               param="file_id", code="file_in_use")
 
     def _manifest(self, record: dict, policy: TrainingPolicy, train: dict, valid: dict | None):
         from farm.manifest import Manifest, parse_manifest
@@ -244,7 +286,9 @@ class Jobs:
                     texts.append("\n".join(m["content"] for m in obj["messages"]))
                 else:
                     texts.append(obj["prompt"] + obj["completion"])
-        ids = tok(texts, truncation=True, max_length=policy.max_seq_len)["input_ids"] if texts else []
+        # No truncation argument: it would make the shared tokenizer mutate its settings per call,
+        # which fails ("Already borrowed") when two creates tokenize at once; min() below caps instead.
+        ids = tok(texts)["input_ids"] if texts else []
         return sum(min(len(x) + 8, policy.max_seq_len) for x in ids)  # + template/eos tokens
 
     def _wake(self) -> None:
@@ -272,8 +316,12 @@ class Jobs:
         return self.render(self._load(principal, job_id))
 
     def records(self, principal: Principal) -> list[dict]:
-        customers = self.store.customers() if principal.admin else [files_api.owner_of(principal)]
-        recs = [r for c in customers for r in self.store.jobs(c)]
+        customer = None if principal.admin else files_api.owner_of(principal)
+        recs = {qid: {**r, "queue_id": qid} for qid, r in self.queue.client_records(customer).items()}
+        for c in self.store.customers() if principal.admin else [customer]:
+            for r in self.store.jobs(c):
+                recs.setdefault(r["queue_id"], r)
+        recs = list(recs.values())
         return sorted(recs, key=lambda r: (r["created_at"], r["queue_id"]), reverse=True)  # newest first
 
     def cancel(self, principal: Principal, job_id: str) -> dict:
@@ -339,10 +387,21 @@ class Jobs:
         return [p] if p.get("step") else []
 
     def _result_file(self, record: dict, job) -> str | None:
-        """The metrics CSV of a succeeded job, written once (a deterministic id) on first view."""
-        fid = "file-" + hashlib.sha256(record["queue_id"].encode()).hexdigest()[:24]
-        if self.store.file(record["customer"], fid) is not None:
-            return fid
+        """The id of a succeeded job's metrics CSV (None without metrics). Rendered on read: a GET
+        writes nothing."""
+        return RESULT_PREFIX + record["queue_id"] if self._history(job) else None
+
+    def result_file(self, principal: Principal, file_id: str) -> tuple[dict, bytes] | None:
+        """(file object, CSV bytes) of a job's result file, or None when file_id names none the caller may see."""
+        if not file_id.startswith(RESULT_PREFIX):
+            return None
+        try:
+            record = self._load(principal, PREFIX + file_id[len(RESULT_PREFIX):])
+        except ApiError:
+            return None
+        job = self._queue_job(record)
+        if job is None or job.state.value != "succeeded":
+            return None
         history = self._history(job)
         if not history:
             return None
@@ -350,9 +409,9 @@ class Jobs:
         for h in history:
             cells = [h.get("step"), h.get("loss"), h.get("eval_loss"), h.get("tokens")]
             lines.append(",".join("" if c is None else f"{c:g}" if isinstance(c, float) else str(c) for c in cells))
-        files_api.put_result(self.store, record["customer"], fid, f"{PREFIX}{record['queue_id']}-metrics.csv",
-                             ("\n".join(lines) + "\n").encode())
-        return fid
+        data = ("\n".join(lines) + "\n").encode()
+        name = f"{PREFIX}{record['queue_id']}-metrics.csv"
+        return files_api.result_meta(record["customer"], file_id, name, data, job.finished_at or time.time()), data
 
     def events(self, principal: Principal, job_id: str) -> list[dict]:
         """Newest first: the queue's state changes (messages) and per-step metrics."""
@@ -415,3 +474,12 @@ class Jobs:
 def _event(job_id: str, seq: int, at: float, level: str, message: str, type_: str = "message", data=None) -> dict:
     return {"id": f"ftevent-{job_id[len(PREFIX):]}-{seq}", "object": "fine_tuning.job.event",
             "created_at": int(at), "level": level, "message": message, "type": type_, "data": data, "_seq": seq}
+
+
+def _over_quota(customer: str, active: int, limit: int) -> ApiError:
+    return quota(f"concurrent jobs quota: {customer} has {active} jobs queued or running, the limit "
+                 f"is {limit}; wait for one to finish or cancel one")
+
+
+def _key_reused() -> ApiError:
+    return bad_request("this Idempotency-Key was used with a different request body", code="idempotency_key_reused")

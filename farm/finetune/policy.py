@@ -52,7 +52,9 @@ class TrainingPolicy(BaseModel):
     max_file_bytes: int = Field(16 * MiB, ge=1)
     """Largest file a customer may upload."""
     max_stored_bytes: int = Field(256 * MiB, ge=1)
-    """Bytes a customer may keep in uploaded files."""
+    """Bytes a customer may keep in uploaded files (contents and file names)."""
+    max_files: int = Field(1000, ge=1)
+    """Files a customer may keep at once."""
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of the training file held out for eval when no validation_file is given."""
     eval_every: int | None = Field(None, ge=1)

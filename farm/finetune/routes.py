@@ -5,8 +5,9 @@ serve ingress mounts (`extension`). Every error is OpenAI's `{"error": {...}}` b
 
 from __future__ import annotations
 
-from email.parser import BytesParser
-from email.policy import HTTP
+import asyncio
+import json
+import math
 from typing import Any
 from urllib.parse import unquote
 
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from farm.finetune import files as files_api
+from farm.finetune import multipart
 from farm.finetune.config import FinetuneConfig
 from farm.finetune.errors import ApiError, bad_request, not_found
 from farm.finetune.mapping import Jobs
@@ -24,6 +26,48 @@ from farm.serve.auth import KeyStore, Principal
 
 PREFIXES = ("/v1/files", "/v1/fine_tuning/", "/v1/models/")
 MAX_LIMIT = 100
+MAX_JSON_BYTES = 64 * 1024  # a create request is a few hundred bytes; metadata at most ~10 KiB
+MAX_JSON_DEPTH = 16  # the deepest create body is method.supervised.hyperparameters.<name>
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (use a finite number)")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body as JSON: a 400 (never a 500) for bad JSON, NaN/Infinity, or nesting deeper than
+    MAX_JSON_DEPTH (which would otherwise overflow the recursion of json/pydantic code downstream)."""
+    try:
+        doc = json.loads(raw or b"null", parse_constant=_reject_constant)
+    except RecursionError:
+        raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise bad_request(f"the request body is not JSON: {exc}") from None
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise bad_request(f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+        elif isinstance(node, float) and not math.isfinite(node):  # 1e999 parses to inf
+            raise bad_request(f"the request body holds a number out of range ({node})")
+    return doc
+
+
+async def read_capped(request: Request, cap: int, what: str, param: str | None = None) -> list[bytes]:
+    """The body's chunks, refusing (413) a declared or streamed length over `cap` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, f"{what} of {declared} bytes is over the {cap}-byte limit", param=param,
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, f"{what} is over the {cap}-byte limit", param=param, code="request_too_large")
+        chunks.append(chunk)
+    return chunks
 
 
 def _page(items: list[dict], after: str | None, limit: int, extra: bool = False) -> dict:
@@ -49,26 +93,6 @@ def _limit(request: Request, default: int = 20, most: int = MAX_LIMIT) -> int:
     return int(raw)
 
 
-def _multipart(content_type: str, body: bytes) -> tuple[dict[str, str], tuple[str, bytes] | None]:
-    """Form fields and the (filename, bytes) of the `file` part. The stdlib parser keeps the
-    service free of an extra dependency; the openai client's multipart is standard RFC 7578."""
-    if not content_type.lower().startswith("multipart/form-data"):
-        raise bad_request("POST /v1/files takes multipart/form-data with 'file' and 'purpose'")
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
-    if not msg.is_multipart():
-        raise bad_request("malformed multipart body")
-    fields: dict[str, str] = {}
-    upload = None
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True) or b""
-        if name == "file":
-            upload = (part.get_filename() or "upload.jsonl", payload)
-        elif name:
-            fields[name] = payload.decode("utf-8", "replace")
-    return fields, upload
-
-
 def build(cfg: FinetuneConfig, keys: KeyStore, catalog_url: str) -> FastAPI:
     from farm.catalog import Catalog
     from farm.queue import open_store
@@ -79,6 +103,7 @@ def build(cfg: FinetuneConfig, keys: KeyStore, catalog_url: str) -> FastAPI:
     # Files are capped by the largest per-file limit of any offered base; quotas by the strictest.
     max_file = max(p.max_file_bytes for p in cfg.bases.values())
     max_stored = min(p.max_stored_bytes for p in cfg.bases.values())
+    max_files = min(p.max_files for p in cfg.bases.values())
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, exc: ApiError):
@@ -110,38 +135,28 @@ def build(cfg: FinetuneConfig, keys: KeyStore, catalog_url: str) -> FastAPI:
             raise ApiError(401, "missing or unknown API key (Authorization: Bearer <key>)", code="invalid_api_key")
         return p
 
-    def json_body(raw: bytes) -> Any:
-        import json
-
-        try:
-            return json.loads(raw or b"null")
-        except ValueError:
-            raise bad_request("the request body is not JSON") from None
-
     # ---- files ----------------------------------------------------------------------------------
     @app.post("/v1/files")
     async def upload(request: Request):
         principal = who(request)
-        declared = request.headers.get("content-length")
-        cap = max_file + 64 * 1024
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise ApiError(413, f"upload of {declared} bytes is over the {max_file}-byte file limit", param="file",
-                           code="file_too_large")
-        raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > cap:
-                raise ApiError(413, f"upload is over the {max_file}-byte file limit", param="file", code="file_too_large")
-        fields, part = _multipart(request.headers.get("content-type", ""), bytes(raw))
-        if part is None:
-            raise bad_request("the multipart body has no 'file' part", "file")
-        if "purpose" not in fields:
-            raise bad_request("purpose is required (fine-tune)", "purpose")
-        import asyncio
+        cap = max_file + 64 * 1024  # the file and the multipart framing around it
+        try:
+            chunks = await read_capped(request, cap, "upload", "file")
+        except ApiError as exc:
+            raise ApiError(413, f"{exc.message} (the file limit is {max_file} bytes)", param="file",
+                           code="file_too_large") from None
+        content_type = request.headers.get("content-type", "")
 
-        meta = await asyncio.to_thread(files_api.upload, store, principal, part[0], fields["purpose"], part[1],
-                                       max_file_bytes=max_file, max_stored_bytes=max_stored)
-        return files_api.public(meta)
+        def parse_and_store() -> dict:
+            form = multipart.parse(content_type, chunks)
+            if form.data is None:
+                raise bad_request("the multipart body has no 'file' part", "file")
+            if "purpose" not in form.fields:
+                raise bad_request("purpose is required (fine-tune)", "purpose")
+            return files_api.upload(store, principal, form.filename, form.fields["purpose"], form.data,
+                                    max_file_bytes=max_file, max_stored_bytes=max_stored, max_files=max_files)
+
+        return files_api.public(await asyncio.to_thread(parse_and_store))
 
     @app.get("/v1/files")
     def list_files(request: Request):
@@ -156,30 +171,41 @@ def build(cfg: FinetuneConfig, keys: KeyStore, catalog_url: str) -> FastAPI:
 
     @app.get("/v1/files/{file_id}")
     def get_file(file_id: str, request: Request):
-        return files_api.public(files_api.find(store, who(request), file_id))
+        principal = who(request)
+        result = jobs.result_file(principal, file_id)
+        return files_api.public(result[0] if result else files_api.find(store, principal, file_id))
 
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str, request: Request):
-        meta = files_api.find(store, who(request), file_id)
+        principal = who(request)
+        result = jobs.result_file(principal, file_id)
+        if result is not None:
+            return Response(result[1], media_type="application/octet-stream")
+        meta = files_api.find(store, principal, file_id)
         return Response(store.file_bytes(meta["customer"], file_id), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str, request: Request):
-        meta = files_api.find(store, who(request), file_id)
-        store.delete_file(meta["customer"], file_id)
+        principal = who(request)
+        if jobs.result_file(principal, file_id) is not None:
+            raise bad_request(f"{file_id} is a job's result file, rendered from the job: there is nothing to delete")
+        meta = files_api.find(store, principal, file_id)
+        jobs.check_unused(meta)
+        store.delete_file(meta["customer"], meta)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ---- jobs -----------------------------------------------------------------------------------
     @app.post("/v1/fine_tuning/jobs")
     async def create_job(request: Request):
-        import asyncio
-
         principal = who(request)
-        body = json_body(await request.body())
+        raw = b"".join(await read_capped(request, MAX_JSON_BYTES, "the request body"))
         retry = request.headers.get("x-stainless-retry-count", "0")
-        return await asyncio.to_thread(jobs.create, principal, body,
-                                       idempotency_key=request.headers.get("idempotency-key"),
-                                       retry_count=int(retry) if retry.isdigit() else 0)
+
+        def create() -> dict:
+            return jobs.create(principal, parse_json(raw), idempotency_key=request.headers.get("idempotency-key"),
+                               retry_count=int(retry) if retry.isdigit() else 0)
+
+        return await asyncio.to_thread(create)
 
     @app.get("/v1/fine_tuning/jobs")
     def list_jobs(request: Request):

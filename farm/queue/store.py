@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from farm.errors import JobNotFound, QueueError
+from farm.errors import IdempotencyMismatch, JobNotFound, QueueError, QuotaExceeded
 from farm.queue.fairness import Candidate, fair_order, pick_next
 from farm.queue.job import Event, Job, Submitted
 from farm.queue.lifecycle import ACTIVE, TERMINAL, JobState, check_transition, retry_delay
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from farm.manifest import Manifest
 
 DEFAULT_MAX_ATTEMPTS = 3
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -77,6 +77,24 @@ CREATE TABLE IF NOT EXISTS customers (
     dispatched INTEGER NOT NULL DEFAULT 0
 );
 """
+# A submitter's own record of a job (the fine-tuning API's job object), written in the submit's
+# transaction, and the idempotency keys of submit requests: API replicas share them through here.
+_CLIENT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS client_records (
+    job_id TEXT PRIMARY KEY,
+    customer TEXT NOT NULL,
+    record TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS client_records_customer ON client_records(customer);
+CREATE TABLE IF NOT EXISTS idempotency (
+    customer TEXT NOT NULL,
+    key TEXT NOT NULL,
+    request_sha256 TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (customer, key)
+);
+"""
 
 # A job flagged for cancel runs again only to finish a publish it had begun (see begin_publish).
 _ELIGIBLE = ("(cancel_requested = 0 OR publish_started_at IS NOT NULL) "
@@ -84,8 +102,10 @@ _ELIGIBLE = ("(cancel_requested = 0 OR publish_started_at IS NOT NULL) "
 # Schema upgrades, from version N-1 to N.
 # 3: packed training (farm.pack_key): the job's compatibility key (NULL: runs alone; jobs queued
 # before the upgrade run alone) and the pack it runs or ran in.
+# 4: submit admission across processes (submit_checked): client records and idempotency keys.
 _MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN publish_started_at REAL;",
-               3: "ALTER TABLE jobs ADD COLUMN pack_key TEXT; ALTER TABLE jobs ADD COLUMN pack TEXT;"}
+               3: "ALTER TABLE jobs ADD COLUMN pack_key TEXT; ALTER TABLE jobs ADD COLUMN pack TEXT;",
+               4: _CLIENT_SCHEMA}
 
 
 class JobStore(Protocol):
@@ -93,6 +113,13 @@ class JobStore(Protocol):
 
     def submit(self, manifest: Manifest, *, priority: int | None = None, max_attempts: int = ...,
                force: bool = False) -> Submitted: ...
+    def submit_checked(self, manifest: Manifest, *, max_attempts: int = ..., max_active: int | None = None,
+                       idempotency: tuple[str, str] | None = None,
+                       record: dict[str, Any] | None = None) -> Submitted: ...
+    def idempotent(self, customer: str, key: str) -> tuple[str, str] | None: ...
+    def remember(self, customer: str, key: str, request_sha256: str, job_id: str) -> tuple[str, str]: ...
+    def client_record(self, job_id: str) -> dict[str, Any] | None: ...
+    def client_records(self, customer: str | None = None) -> dict[str, dict[str, Any]]: ...
     def get(self, job_id: str) -> Job: ...
     def list(self, *, customer: str | None = None, state: JobState | None = None) -> list[Job]: ...
     def events(self, job_id: str) -> list[Event]: ...
@@ -144,7 +171,7 @@ class SQLiteStore:
                 )
             if version == 0:
                 self._conn.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN IMMEDIATE; {_SCHEMA} {_CLIENT_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
             elif version < SCHEMA_VERSION:
                 steps = " ".join(_MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
@@ -244,23 +271,99 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None:
                     return Submitted(row["id"], created=False)
-            now = self.clock()
-            for _ in range(10):
-                # The customer in the id puts it in every Ray dashboard name derived from the id.
-                job_id = f"{manifest.customer}-{secrets.token_hex(4)}"
-                try:
-                    c.execute(
-                        "INSERT INTO jobs (id, customer, adapter, manifest, manifest_hash, priority, state, "
-                        "max_attempts, created_at, updated_at, pack_key) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-                        (job_id, manifest.customer, manifest.adapter, doc, digest, prio, max_attempts, now, now, key),
-                    )
-                    break
-                except sqlite3.IntegrityError:
-                    continue
-            else:  # pragma: no cover - 10 collisions of 32 random bits
-                raise QueueError("could not allocate a unique job id")
-            self._event(c, job_id, None, JobState.QUEUED.value, f"submitted with priority {prio}")
+            job_id = self._insert(c, manifest, doc, digest, key, prio, max_attempts)
             return Submitted(job_id, created=True)
+
+    def _insert(self, c: sqlite3.Connection, manifest: Manifest, doc: str, digest: str, key: str | None,
+                prio: int, max_attempts: int) -> str:
+        now = self.clock()
+        for _ in range(10):
+            # The customer in the id puts it in every Ray dashboard name derived from the id.
+            job_id = f"{manifest.customer}-{secrets.token_hex(4)}"
+            try:
+                c.execute(
+                    "INSERT INTO jobs (id, customer, adapter, manifest, manifest_hash, priority, state, "
+                    "max_attempts, created_at, updated_at, pack_key) VALUES (?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (job_id, manifest.customer, manifest.adapter, doc, digest, prio, max_attempts, now, now, key),
+                )
+                break
+            except sqlite3.IntegrityError:
+                continue
+        else:  # pragma: no cover - 10 collisions of 32 random bits
+            raise QueueError("could not allocate a unique job id")
+        self._event(c, job_id, None, JobState.QUEUED.value, f"submitted with priority {prio}")
+        return job_id
+
+    def submit_checked(self, manifest: Manifest, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                       max_active: int | None = None, idempotency: tuple[str, str] | None = None,
+                       record: dict[str, Any] | None = None) -> Submitted:
+        """Enqueue with the admission checks in the insert's own write transaction, so processes
+        sharing this database (API replicas) cannot race past them. `idempotency` = (key, request
+        digest): a key seen before returns that job (created=False; IdempotencyMismatch when its
+        digest differs). `max_active` caps the customer's queued/running/retrying jobs
+        (QuotaExceeded). `record`, the submitter's own view of the job, is stored with it, never
+        without it (read it back with `client_record`). Identical manifests are not merged."""
+        if not 1 <= max_attempts <= 100:
+            raise QueueError(f"max_attempts: must be 1..100 (got {max_attempts})")
+        from farm.pack_key import pack_key
+
+        doc = json.dumps(manifest.model_dump(mode="json"), sort_keys=True)
+        with self._tx() as c:
+            if idempotency is not None:
+                seen = self._idempotent(c, manifest.customer, idempotency[0])
+                if seen is not None:
+                    if seen[1] != idempotency[1]:
+                        raise IdempotencyMismatch("this idempotency key was used with a different request")
+                    return Submitted(seen[0], created=False)
+            if max_active is not None:
+                terminal = ", ".join(f"'{s.value}'" for s in TERMINAL)
+                n = c.execute(f"SELECT COUNT(*) FROM jobs WHERE customer = ? AND state NOT IN ({terminal})",
+                              (manifest.customer,)).fetchone()[0]
+                if n >= max_active:
+                    raise QuotaExceeded(manifest.customer, n, max_active)
+            job_id = self._insert(c, manifest, doc, manifest.content_hash(), pack_key(manifest), manifest.priority,
+                                  max_attempts)
+            if record is not None:
+                c.execute("INSERT INTO client_records (job_id, customer, record) VALUES (?, ?, ?)",
+                          (job_id, manifest.customer, json.dumps(record, sort_keys=True)))
+            if idempotency is not None:
+                c.execute("INSERT INTO idempotency (customer, key, request_sha256, job_id, created_at) "
+                          "VALUES (?, ?, ?, ?, ?)", (manifest.customer, *idempotency, job_id, self.clock()))
+            return Submitted(job_id, created=True)
+
+    def _idempotent(self, c: sqlite3.Connection, customer: str, key: str) -> tuple[str, str] | None:
+        row = c.execute("SELECT job_id, request_sha256 FROM idempotency WHERE customer = ? AND key = ?",
+                        (customer, key)).fetchone()
+        return None if row is None else (row["job_id"], row["request_sha256"])
+
+    def idempotent(self, customer: str, key: str) -> tuple[str, str] | None:
+        """(job id, request digest) an idempotency key of the customer was first used for, or None."""
+        with self._lock:
+            return self._idempotent(self._conn, customer, key)
+
+    def remember(self, customer: str, key: str, request_sha256: str, job_id: str) -> tuple[str, str]:
+        """Record a key for a job made without a queue row (one that failed validation); the first
+        writer wins and its (job id, digest) is returned."""
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO idempotency (customer, key, request_sha256, job_id, created_at) "
+                      "VALUES (?, ?, ?, ?, ?)", (customer, key, request_sha256, job_id, self.clock()))
+            got = self._idempotent(c, customer, key)
+        assert got is not None
+        return got
+
+    def client_record(self, job_id: str) -> dict[str, Any] | None:
+        """The record `submit_checked` stored with a job, or None."""
+        with self._lock:
+            row = self._conn.execute("SELECT record FROM client_records WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else json.loads(row["record"])
+
+    def client_records(self, customer: str | None = None) -> dict[str, dict[str, Any]]:
+        """Every stored client record by job id (of one customer, or of all)."""
+        sql, args = "SELECT job_id, record FROM client_records", ()
+        if customer is not None:
+            sql, args = sql + " WHERE customer = ?", (customer,)
+        with self._lock:
+            return {r["job_id"]: json.loads(r["record"]) for r in self._conn.execute(sql, args)}
 
     def get(self, job_id: str) -> Job:
         with self._lock:
