@@ -200,6 +200,7 @@ class Ingress:
             else:
                 prompt_ids = await prompts.prompt_ids(base.tokenizer, base.prompt_limit, prompt=req.prompt)
             job = self._job(req, target, prompt_ids)
+            job["tenant"] = principal.customer or "admin"  # the farm engine's batches are fair per tenant
             rid = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
             if not req.stream:
                 done = await self._handle(target).complete.remote(job)

@@ -161,6 +161,7 @@ class AdapterServer:
             slot=slot.name if slot else None,
             tag=job["name"],
             stream=job["stream"],
+            tenant=job.get("tenant") or job["name"].split("/")[0],
         )
         async for event in self.engine.generate(gen):
             if "error" in event:
