@@ -84,3 +84,35 @@ def test_tenant_b_is_served_within_two_batches_while_tenant_a_floods_200_request
     # latest, and alternating with A it needs ceil(5 / 4) = 2 batches of 8 in all
     assert first_b <= 1 and last_b <= first_b + 1, batches[: last_b + 1]
     assert sum(len(b) for b in batches) == 205
+
+
+def test_the_vllm_gate_admits_waiting_tenants_round_robin_within_its_batch():
+    """The vllm engine's gate (farm/serve/engines/gate.py) with max_active = a batch of 8: A's 200
+    requests wait first, B's 5 after; B is admitted within its first 2 admission rounds of 8."""
+    from farm.serve.engines.gate import AdapterGate
+
+    async def run():
+        gate = AdapterGate(slots=2, max_held=1000, max_active=8)
+        order: list[str] = []
+        go = asyncio.Event()
+
+        async def request(tenant: str, key):
+            async with gate.hold(key, tenant):
+                order.append(tenant)
+                await go.wait()
+                await asyncio.sleep(0)
+
+        a = [asyncio.ensure_future(request("acme", "a" if i % 2 else None)) for i in range(200)]
+        await asyncio.sleep(0)
+        b = [asyncio.ensure_future(request("globex", "g")) for _ in range(5)]
+        await asyncio.sleep(0)
+        assert len(order) == 8 and gate.held == 205  # one batch in flight, the rest waits in the gate
+        go.set()
+        await asyncio.gather(*a, *b)
+        return order, gate
+
+    order, gate = asyncio.run(run())
+    b_at = [i for i, t in enumerate(order) if t == "globex"]
+    assert len(order) == 205 and len(b_at) == 5
+    assert b_at[-1] < 8 + 2 * 8, b_at  # B alternates with A from the first batch after it arrived
+    assert gate.held == 0 and gate.peak_adapters <= 2

@@ -49,6 +49,10 @@ class FairQueue(Generic[T]):
         self._n -= len(out)
         return out
 
+    def head(self) -> T | None:
+        """The item `take(1)` would return, left in place."""
+        return self._queues[next(iter(self._queues))][0] if self._queues else None
+
     def waiting(self, tenant: str) -> int:
         return len(self._queues.get(self._key(tenant), ()))
 
