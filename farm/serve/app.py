@@ -128,9 +128,9 @@ class Ingress:
             mc = load_config(c.base_model)
             ctx = int(getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", 2048))
             tokenizer = load_tokenizer(c.base_model)
+            limit = prompts.PromptLimit(ctx, prompts.longest_token(tokenizer))
             self.bases[c.served_name] = SimpleNamespace(cfg=c, server=servers[c.served_name], context_length=ctx,
-                                                        tokenizer=tokenizer,
-                                                        prompt_limit=prompts.PromptLimit(ctx, prompts.longest_token(tokenizer)))
+                                                        tokenizer=tokenizer, prompt_limit=limit)
             served.append(ServedBase(c.served_name, c.base_model, config_fingerprint(c.base_model)))
         self.resolver = Resolver(self.cfg.catalog_url, served, self.cfg.resolve_ttl_s)
         Extensions.load(self.cfg, self.keys)

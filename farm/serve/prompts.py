@@ -45,9 +45,10 @@ class PromptLimit:
     def check(self, chars: int, what: str = "prompt") -> None:
         """400 when `chars` characters cannot fit the context, whatever they tokenize to."""
         if chars > self.max_chars:
+            tokens = max(1, self.context_length - 1)
             raise ApiError(400, f"{what} has {chars} characters, over this model's limit of {self.max_chars} "
-                                f"(at most {max(1, self.context_length - 1)} prompt tokens in a context of {self.context_length} "
-                                f"x at most {self.longest_token} characters per token); shorten it")
+                                f"(at most {tokens} prompt tokens in a context of {self.context_length} x at most "
+                                f"{self.longest_token} characters per token); shorten it")
 
 
 def chat_messages(messages) -> list[dict]:
