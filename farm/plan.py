@@ -242,6 +242,13 @@ def pack_estimate(manifest: Manifest) -> dict:
     return {"base_bytes": int(base), "job_bytes": int(doc["params"]["trainable"] * 16 + activations)}
 
 
+def pack_fits(base_bytes: int, member_bytes: list[int], gpu_bytes: int) -> bool:
+    """Whether a pack's resident base and every member's own estimate (pack_estimate's job_bytes,
+    each from that member's batch size, sequence length and LoRA) fit a GPU of `gpu_bytes`. A pack is
+    sized by all its members: a later member with a larger batch needs more than the first one did."""
+    return base_bytes + sum(member_bytes) <= PACK_MEMORY_SHARE * gpu_bytes
+
+
 def pack_capacity(base_bytes: int, job_bytes: int, gpu_bytes: int) -> int:
     """Jobs per pack on a GPU of `gpu_bytes`: what fits beside the base, 1..PACK_MAX_CAP."""
     free = PACK_MEMORY_SHARE * gpu_bytes - base_bytes

@@ -236,6 +236,32 @@ def run_pack_attempt(pack_id: str, channel: Any, first_manifest: dict, db: str, 
                     derive_limit=derive_limit)
 
 
+_ESTIMATES: dict[str, dict | None] = {}  # manifest (as JSON) -> its pack memory estimate
+
+
+def pack_member_memory(manifest_doc: dict) -> dict | None:
+    """What a job would need in a GPU pack (farm.plan.pack_estimate: the base's bytes and its own,
+    from its own batch size, sequence length and LoRA), or None on a CPU job or when it cannot be
+    estimated (then the pack's count limit alone applies). Cached: retried jobs ask again."""
+    import json
+
+    if not (manifest_doc.get("resources") or {}).get("gpus", 1):
+        return None
+    key = json.dumps(manifest_doc, sort_keys=True, default=str)
+    if key not in _ESTIMATES:
+        try:
+            from farm.manifest import Manifest
+            from farm.plan import pack_estimate
+
+            _ESTIMATES[key] = pack_estimate(Manifest.model_validate(manifest_doc))
+        except Exception:  # noqa: BLE001 - an estimate is advice; the job is still offered
+            log.warning("no pack memory estimate for a job", exc_info=True)
+            _ESTIMATES[key] = None
+        if len(_ESTIMATES) > 1024:
+            _ESTIMATES.pop(next(iter(_ESTIMATES)))
+    return _ESTIMATES[key]
+
+
 def noop_runner(manifest: Any, *, job_id: str, on_progress: Callable[[dict], None] | None = None) -> None:
     """A runner that trains nothing and publishes nothing: for smoke-testing the farm's plumbing
     (FARM_RUNNER=farm.scheduler:noop_runner) and for bench/job_queue.py's scheduling overhead."""
@@ -409,8 +435,10 @@ class Scheduler:
 
         pack_id = uuid.uuid4().hex[:10]
         limit = self.cfg.pack_max or 4
+        # a CPU-only cluster runs every pack on CPU: sized by count alone, no wait for the driver
+        on_gpu = None if self._gpus_present() and (job.manifest.get("resources") or {}).get("gpus", 1) else False
         channel = ray.remote(PackChannel).options(num_cpus=0, resources=head_resources()).remote(
-            pack_id, job.pack_key, limit, self.cfg.pack_max is not None)
+            pack_id, job.pack_key, limit, self.cfg.pack_max is not None, on_gpu)
         ref = ray.remote(run_pack_attempt).options(
             name=pack_run_name(pack_id), num_cpus=0, max_retries=0, resources=head_resources(),
             runtime_env={"env_vars": self.cfg.env} if self.cfg.env else None,
@@ -422,10 +450,23 @@ class Scheduler:
         if not self._offer(pack, job):  # pragma: no cover - a new pack always has room
             self._held.append(job)
 
+    def _gpus_present(self) -> bool:
+        """Whether the cluster has GPUs for training (checked at most once a minute): only GPU packs
+        are sized by memory, so a CPU farm never pays for estimates."""
+        now = time.monotonic()
+        if now - getattr(self, "_gpus_checked", -1e9) > 60:
+            from farm.placement import training_capacity
+
+            self._gpus_checked, self._has_gpus = now, training_capacity()[1] > 0
+        return self._has_gpus
+
     def _offer(self, pack: _Pack, job: Job) -> bool:
         assert job.lease_id is not None
-        entry = {"job_id": job.id, "lease_id": job.lease_id, "manifest": job.manifest, "attempt": job.attempts}
+        entry = {"job_id": job.id, "lease_id": job.lease_id, "manifest": job.manifest, "attempt": job.attempts,
+                 "memory": pack_member_memory(job.manifest) if self._gpus_present() else None}
         if not ray.get(pack.channel.offer.remote(entry), timeout=30):
+            for why in ray.get(pack.channel.take_refusals.remote(), timeout=30):
+                log.info("pack %s: %s", pack.pack_id, why)  # the job waits for a slot or a pack it fits
             return False
         queued_since = job.created_at if job.attempts == 1 else (job.next_attempt_at or job.updated_at)
         self.metrics.wait.observe(max(0.0, time.time() - queued_since), tags={"customer": job.customer})

@@ -1,7 +1,8 @@
 """The HTTP side: a FastAPI ingress deployment (auth, parsing, limits, resolution, OpenAI-shaped
 responses) in front of the model deployment (server.py), and `build_app`/`deploy`.
 
-The ingress tokenizes the prompt, so length limits are checked before a replica is involved, and
+The ingress tokenizes the prompt (after a character-length check, off the event loop: prompts.py),
+so length limits are checked before a replica is involved, and
 passes token ids plus the exact adapter version to a model replica of the version's base (from its
 lineage, bases.py); with routing=affinity the call carries the version id as Serve's multiplexed
 model id, so it lands on a replica holding it. Several bases = one AdapterServer deployment per base
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from farm.errors import FarmError
-from farm.serve import metrics, protocol
+from farm.serve import metrics, prompts, protocol
 from farm.serve.auth import KeyStore, Principal
 from farm.serve.bases import ServedBase
 from farm.serve.config import ServeConfig, check_bind
@@ -126,8 +127,10 @@ class Ingress:
         for c in cfgs:
             mc = load_config(c.base_model)
             ctx = int(getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", 2048))
+            tokenizer = load_tokenizer(c.base_model)
+            limit = prompts.PromptLimit(ctx, prompts.longest_token(tokenizer))
             self.bases[c.served_name] = SimpleNamespace(cfg=c, server=servers[c.served_name], context_length=ctx,
-                                                        tokenizer=load_tokenizer(c.base_model))
+                                                        tokenizer=tokenizer, prompt_limit=limit)
             served.append(ServedBase(c.served_name, c.base_model, config_fingerprint(c.base_model)))
         self.resolver = Resolver(self.cfg.catalog_url, served, self.cfg.resolve_ttl_s)
         Extensions.load(self.cfg, self.keys)
@@ -189,20 +192,15 @@ class Ingress:
             target = await self._target(principal, req.model)
             tag = target.name
             metrics.get("requests").inc(tags={"adapter": tag, "route": kind})
-            tokenizer = self.bases[target.base].tokenizer
+            base = self.bases[target.base]
+            # characters checked here, template + tokenizer off the event loop (farm/serve/prompts.py)
             if kind == "chat":
-                try:
-                    text = tokenizer.apply_chat_template(
-                        [{"role": m.role, "content": m.text()} for m in req.messages],
-                        tokenize=False,
-                        add_generation_prompt=True,
-                    )
-                except ValueError as exc:
-                    raise ApiError(400, f"messages: {exc}") from None
-                prompt_ids = tokenizer(text, add_special_tokens=False).input_ids
+                prompt_ids = await prompts.prompt_ids(base.tokenizer, base.prompt_limit,
+                                                      messages=prompts.chat_messages(req.messages))
             else:
-                prompt_ids = tokenizer(req.prompt).input_ids
+                prompt_ids = await prompts.prompt_ids(base.tokenizer, base.prompt_limit, prompt=req.prompt)
             job = self._job(req, target, prompt_ids)
+            job["tenant"] = principal.customer or "admin"  # the farm engine's batches are fair per tenant
             rid = protocol.new_id("chatcmpl" if kind == "chat" else "cmpl")
             if not req.stream:
                 done = await self._handle(target).complete.remote(job)
@@ -263,7 +261,7 @@ class Ingress:
             tag = target.name
             metrics.get("requests").inc(tags={"adapter": tag, "route": "classify"})
             base = self.bases[target.base]
-            ids = base.tokenizer(req.input, truncation=True, max_length=base.context_length).input_ids
+            ids = await prompts.classify_ids(base.tokenizer, base.prompt_limit, req.input)
             result = await self._handle(target).classify.remote(
                 {"ref": target.ref, "name": target.name, "version": target.version, "prompt_ids": ids}
             )

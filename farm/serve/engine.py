@@ -30,6 +30,7 @@ from pathlib import Path
 
 from farm.serve import metrics
 from farm.serve.engines.base import GenJob, Slot  # the interface owns its types
+from farm.serve.fair import FairQueue
 from farm.serve.limits import ApiError, overloaded
 from farm.serve.lora import GroupedLoRA, patch_module_copies
 from farm.serve.sampling import find_stop, safe_prefix_len
@@ -206,6 +207,7 @@ class Engine:
         threads: int | None = None,
         device: str = "cpu",
         warm_up: bool = True,
+        fair: bool = True,
     ):
         import torch
 
@@ -244,7 +246,7 @@ class Engine:
         self._names = itertools.count()
         self._model_lock = threading.RLock()
         self._cv = threading.Condition()
-        self._queue: collections.deque[GenJob] = collections.deque()
+        self._queue: FairQueue[GenJob] = FairQueue(fair)  # per-tenant FIFOs, round-robin (fair.py)
         self._in_use: collections.Counter[str] = collections.Counter()
         self._doomed: set[str] = set()
         self.stats = collections.Counter()  # loads / evictions / batches / rows, for /admin and tests
@@ -329,13 +331,18 @@ class Engine:
         job.events = asyncio.Queue()
         job.submitted = time.perf_counter()
         with self._cv:
+            if job.slot is not None and job.slot not in self.slots:
+                raise ApiError(503, "adapter was unloaded while the request waited; retry", "overloaded", 0.1)
             if len(self._queue) >= self.max_waiting:
-                raise overloaded(len(self._queue))
+                shed = self._queue.make_room_for(job.tenant)  # a flooding tenant's newest gives way
+                if shed is None:
+                    raise overloaded(len(self._queue))
+                if shed.slot is not None:
+                    self._in_use[shed.slot] -= 1
+                shed.emit({"error": overloaded(len(self._queue))})
             if job.slot is not None:
-                if job.slot not in self.slots:
-                    raise ApiError(503, "adapter was unloaded while the request waited; retry", "overloaded", 0.1)
                 self._in_use[job.slot] += 1
-            self._queue.append(job)
+            self._queue.append(job.tenant, job)
             metrics.get("waiting").set(len(self._queue))
             self._cv.notify()
         try:
@@ -357,8 +364,7 @@ class Engine:
                 if left <= 0:
                     break
                 self._cv.wait(left)
-            n = min(self.max_batch_size, len(self._queue))
-            batch = [self._queue.popleft() for _ in range(n)]
+            batch = self._queue.take(self.max_batch_size)  # round-robin across tenants
             metrics.get("waiting").set(len(self._queue))
             return batch
 

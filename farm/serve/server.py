@@ -12,6 +12,7 @@ queued or running request uses it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import shutil
@@ -29,6 +30,9 @@ from farm.serve.engines.base import GenJob, Slot, create
 from farm.serve.limits import ApiError
 from farm.serve.resolver import catalog_error
 from farm.serve.sampling import Sampler
+
+
+MAX_VERSIONS = 4096  # version records kept for the loader before the ones no longer needed are forgotten
 
 
 class Resident:
@@ -56,6 +60,7 @@ class AdapterServer:
         self.engine = create(cfg)
         self._catalog = None
         self._versions: dict[str, object] = {}  # vid -> AdapterVersion, for the loader
+        self._wanted: collections.Counter[str] = collections.Counter()  # vid -> requests awaiting get_adapter
         self._resident: dict[str, Resident] = {}
         self._dir = Path(tempfile.mkdtemp(prefix="farm-adapters-"))
         self.load_seconds: list[float] = []
@@ -121,14 +126,28 @@ class AdapterServer:
         vid = version.id
         hit = vid in self._resident
         metrics.get("cache_hits" if hit else "cache_misses").inc(tags={"adapter": job["name"]})
-        if len(self._versions) > 4096:  # forget versions that are no longer resident
-            self._versions = {v: self._versions[v] for v in self._resident}
+        if len(self._versions) > MAX_VERSIONS:
+            self._forget_versions()
         self._versions[vid] = version
-        resident = await self.get_adapter(vid)
+        self._wanted[vid] += 1
+        try:
+            resident = await self.get_adapter(vid)
+        finally:
+            self._wanted[vid] -= 1
+            if self._wanted[vid] <= 0:
+                del self._wanted[vid]
         if resident.slot.task != task:
             route = "/v1/classify" if resident.slot.task == "seq_cls" else "/v1/completions or /v1/chat/completions"
             raise ApiError(400, f"{job['ref']} is a {resident.slot.task} adapter; use {route}")
         return resident.slot
+
+    def _forget_versions(self) -> None:
+        """Drop the versions the loader can no longer need. Not only the resident ones: a request
+        that stored its version and then waits in get_adapter (Serve loads one adapter at a time, so
+        a load can wait seconds) still needs it; dropping it there made that load fail with a
+        KeyError (a 500) when other requests pruned meanwhile. Kept: resident or still awaited."""
+        keep = set(self._resident) | set(self._wanted)
+        self._versions = {v: ver for v, ver in self._versions.items() if v in keep}
 
     async def generate(self, job: dict):
         """Stream engine events for one request (`job` is built by the ingress)."""
@@ -141,6 +160,7 @@ class AdapterServer:
             slot=slot.name if slot else None,
             tag=job["name"],
             stream=job["stream"],
+            tenant=job.get("tenant") or job["name"].split("/")[0],
         )
         async for event in self.engine.generate(gen):
             if "error" in event:

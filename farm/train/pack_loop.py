@@ -141,7 +141,7 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from farm.train.pack_lora import PackLoRA
-    from farm.train.pack_step import pack_step
+    from farm.train.pack_step import pack_step_isolating_oom
 
     channel = config["channel"]
     device = ray.train.torch.get_device()
@@ -153,7 +153,7 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
     model, footprint = build_base(base_cfg, kind)
     pack = PackLoRA(model)
     base_params = sum(p.numel() for p in model.parameters())
-    if kind == "cuda" and config.get("derive_limit"):
+    if kind == "cuda":  # the channel sizes every later member against it (and derives the limit if asked)
         ray.get(channel.derive_limit.remote(torch.cuda.get_device_properties(device).total_memory))
     members: dict[str, _Member] = {}
     node_id = ray.get_runtime_context().get_node_id()
@@ -296,7 +296,8 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
         if kind == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        results = pack_step(model, pack, {j: m.trainer for j, m in members.items()}, micro, pad, device)
+        # out of memory: the member with the largest micro-batch fails alone, the others step without it
+        results = pack_step_isolating_oom(model, pack, {j: m.trainer for j, m in members.items()}, micro, pad, device)
         if kind == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -309,7 +310,8 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
             st["tokens"] += res.tokens
             st["micro_total"] = m.trainer.micro_total
             if res.failed:
-                send(job_id, {"event": "failed", "error": f"training diverged: {res.failed}", "retryable": True,
+                why = res.failed if res.out_of_memory else f"training diverged: {res.failed}"
+                send(job_id, {"event": "failed", "error": why, "retryable": True,
                               "step_tokens": res.tokens, "step_seconds": share, "train_seconds": st["train_seconds"],
                               "tokens": st["tokens"], "step": st["step"], "total_steps": opt["total_steps"]})
                 release(job_id)

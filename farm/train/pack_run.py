@@ -42,8 +42,17 @@ class PackChannel:
     """The pack's mailbox (a small Ray actor, wrapped by the scheduler). Plain, synchronous methods:
     every state change is atomic, so a job offered while the pack closes is refused, never lost."""
 
-    def __init__(self, pack_id: str, key: str, limit: int, explicit_limit: bool = True):
+    def __init__(self, pack_id: str, key: str, limit: int, explicit_limit: bool = True, on_gpu: bool | None = None):
         self.pack_id, self.key, self.limit, self.explicit = pack_id, key, max(1, int(limit)), explicit_limit
+        # Memory (GPU packs): every member brings its own estimate (farm.plan.pack_estimate, in the
+        # scheduler's offer); a member joins only if the base and all members, it included, fit the
+        # GPU the worker reports. Until the driver has said where the pack runs (set_device) and, on
+        # a GPU, the worker how much memory it has (derive_limit), a pack takes its first job only.
+        self.on_gpu = on_gpu  # the scheduler's expectation (False on a CPU-only cluster); the driver confirms
+        self.gpu_bytes: int | None = None
+        self.base_bytes: int | None = None
+        self.member_bytes: dict[str, int] = {}  # job id -> its estimate (members with one)
+        self.refusals: list[str] = []  # why offers were refused (the scheduler logs them)
         self.offers: dict[str, dict] = {}  # job id -> what the scheduler offered (not yet prepared)
         self.specs: dict[str, dict] = {}  # job id -> the worker's arguments (admitted, not released)
         self.members: set[str] = set()  # offered and not yet finished (the pack's occupancy)
@@ -57,18 +66,52 @@ class PackChannel:
     def offer(self, entry: dict) -> bool:
         if self.closed or len(self.members) >= self.limit:
             return False
+        memory = entry.get("memory") or {}
+        why = self._misfit(memory.get("job_bytes")) if self.members else None
+        if why:
+            self.refusals.append(f"job {entry['job_id']} not admitted: {why}")
+            return False
+        if self.base_bytes is None and memory.get("base_bytes"):
+            self.base_bytes = int(memory["base_bytes"])
+        if memory.get("job_bytes"):
+            self.member_bytes[entry["job_id"]] = int(memory["job_bytes"])
         self.offers[entry["job_id"]] = entry
         self.members.add(entry["job_id"])
         return True
 
+    def _misfit(self, job_bytes: int | None) -> str | None:
+        """Why one more member (beyond the first, which always runs) does not fit; None: it fits."""
+        if self.on_gpu is False:
+            return None  # a CPU pack: the count limit alone
+        if self.on_gpu is None or self.gpu_bytes is None:
+            return "the pack's GPU memory is not known yet"
+        if self.base_bytes is None or not job_bytes:
+            return None  # no estimate to go by: the count limit stands, as before
+        from farm.plan import pack_fits
+
+        if pack_fits(self.base_bytes, [*self.member_bytes.values(), int(job_bytes)], self.gpu_bytes):
+            return None
+        return (f"its estimate of {int(job_bytes)} bytes does not fit beside the base ({self.base_bytes} bytes) and "
+                f"{len(self.members)} member(s) ({sum(self.member_bytes.values())} bytes) on a GPU of "
+                f"{self.gpu_bytes} bytes")
+
     def room(self) -> int:
-        return 0 if self.closed else max(0, self.limit - len(self.members))
+        if self.closed:
+            return 0
+        if self.members and (self.on_gpu is None or (self.on_gpu and self.gpu_bytes is None)):
+            return 0  # sized once the driver / the worker report (offer then checks each job's bytes)
+        return max(0, self.limit - len(self.members))
+
+    def take_refusals(self) -> list[str]:
+        out, self.refusals = self.refusals, []
+        return out
 
     def info(self) -> dict:
         return {"pack": self.pack_id, "key": self.key, "limit": self.limit, "jobs": sorted(self.members),
                 "closed": self.closed}
 
     def leave(self, job_id: str) -> None:
+        self.member_bytes.pop(job_id, None)
         self.offers.pop(job_id, None)
         self.specs.pop(job_id, None)
         self.members.discard(job_id)
@@ -92,6 +135,7 @@ class PackChannel:
         job_id = result["job_id"]
         self.specs.pop(job_id, None)
         self.offers.pop(job_id, None)
+        self.member_bytes.pop(job_id, None)
         if job_id in self.members:
             self.members.discard(job_id)
             self.results.append(result)
@@ -126,7 +170,10 @@ class PackChannel:
         return self.closed
 
     def derive_limit(self, gpu_bytes: int) -> int:
-        """On a GPU, without an explicit --pack-max: the limit from memory (farm.plan.pack_capacity)."""
+        """The worker's GPU memory: from now on each offer is checked against it (all members' bytes);
+        without an explicit --pack-max also the count limit from the first job's estimate
+        (farm.plan.pack_capacity), an upper bound only."""
+        self.gpu_bytes = int(gpu_bytes)
         est = getattr(self, "estimate", None)
         if not self.explicit and est:
             from farm.plan import pack_capacity
@@ -134,8 +181,14 @@ class PackChannel:
             self.limit = pack_capacity(est["base_bytes"], est["job_bytes"], gpu_bytes)
         return self.limit
 
+    def set_device(self, on_gpu: bool) -> None:
+        """Where the pack runs (the driver's placement): GPU packs are sized by memory."""
+        self.on_gpu = bool(on_gpu)
+
     def set_estimate(self, estimate: dict) -> None:
         self.estimate = estimate
+        if self.base_bytes is None:
+            self.base_bytes = int(estimate["base_bytes"])
 
 
 class PackHooks(Protocol):
@@ -308,6 +361,7 @@ def run_pack(pack_id: str, channel, first_manifest: dict, hooks: PackHooks, pack
     driver = _Driver(pack_id, channel, hooks, settings)
     placement = worker_placement(first.resources.gpus, pack_run_name(pack_id))
     driver.placement = placement
+    ray.get(channel.set_device.remote(bool(placement.use_gpu)))
     try:
         from farm.plan import pack_estimate
 

@@ -9,7 +9,8 @@ jobs force is -100 in labels and masked in attention, and never changes it), sum
 its rows (the pack layers add its delta to its rows only). A job whose loss or gradient norm is
 NaN/inf is flagged (`failed`), its gradients are dropped and it takes no optimizer step; the
 others step as if it were not there. The caller (the pack driver) decides what a failed job does
-next and feeds only live jobs.
+next and feeds only live jobs. `pack_step_isolating_oom` runs a step so that running out of device
+memory fails one member (the largest micro-batch) and the others step without it.
 
 This mirrors the single-job loop's step exactly for one job: `(loss / accum).backward()` per
 micro-batch, then `clip_grad_norm_`, `optimizer.step()`, `scheduler.step()`, `zero_grad`.
@@ -24,6 +25,14 @@ from typing import Any
 import torch
 
 from farm.errors import TrainingError
+
+
+class PackOutOfMemory(TrainingError):
+    """The device ran out of memory in a pack step's forward or backward (torch.OutOfMemoryError)."""
+
+    def __init__(self, message: str, *, in_backward: bool):
+        super().__init__(message)
+        self.in_backward = in_backward
 
 
 @dataclass
@@ -63,6 +72,7 @@ class JobStepResult:
     step_tokens: int | None = None
     grad_norm: float | None = None  # when stepped: norm before clipping
     failed: str | None = None
+    out_of_memory: bool = False  # failed because the step ran out of device memory with it in the batch
 
 
 def collate_pack(micro_batches: dict[str, dict], pad_token_id: int):
@@ -107,21 +117,31 @@ def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[
         batch = {k: v.to(device) for k, v in batch.items()}
     seeds = {j: trainers[j].dropout_seed() for j in micro_batches}
     results: dict[str, JobStepResult] = {}
-    with pack.rows(rows, widths=widths, dropout_seeds=seeds):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        total = None
-        for j, r in rows.items():
-            t = trainers[j]
-            loss = _job_loss(model, out.logits[r], batch["labels"][r])
-            value = float(loss.detach())
-            results[j] = JobStepResult(loss=value, tokens=int(batch["attention_mask"][r].sum()))
-            if not math.isfinite(value):
-                results[j].failed = t.failed = f"non-finite loss {value} at step {t.step + 1}"
-                continue
-            term = loss / t.grad_accum
-            total = term if total is None else total + term
-        if total is not None:
-            total.backward()  # inside rows(): a gradient-checkpointing recompute reads the rows too
+    backward = False
+    try:
+        with pack.rows(rows, widths=widths, dropout_seeds=seeds):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            total = None
+            for j, r in rows.items():
+                t = trainers[j]
+                loss = _job_loss(model, out.logits[r], batch["labels"][r])
+                value = float(loss.detach())
+                results[j] = JobStepResult(loss=value, tokens=int(batch["attention_mask"][r].sum()))
+                if not math.isfinite(value):
+                    results[j].failed = t.failed = f"non-finite loss {value} at step {t.step + 1}"
+                    continue
+                term = loss / t.grad_accum
+                total = term if total is None else total + term
+            if total is not None:
+                backward = True
+                total.backward()  # inside rows(): a gradient-checkpointing recompute reads the rows too
+    except torch.OutOfMemoryError as exc:
+        raise PackOutOfMemory(str(exc), in_backward=backward) from exc
+    return _step_jobs(trainers, results)
+
+
+def _step_jobs(trainers: dict[str, JobTrainer], results: dict[str, JobStepResult]) -> dict[str, JobStepResult]:
+    """After the joint backward: each job's accumulation, clipping and optimizer step."""
     for j, res in results.items():
         t = trainers[j]
         t.micro_total += 1
@@ -145,3 +165,56 @@ def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[
         res.stepped, res.step_loss, res.step_tokens, res.grad_norm = True, t.step_loss, t.step_tokens, norm
         t.micro, t.step_loss, t.step_tokens = 0, 0.0, 0
     return results
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    gc.collect()  # the failed step's graph and activations
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pack_step_isolating_oom(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[str, dict],
+                            pad_token_id: int, device=None) -> dict[str, JobStepResult]:
+    """`pack_step`, but an out-of-memory step fails one member, not the pack.
+
+    One forward covers every member's rows, so torch cannot say whose rows did not fit: the member
+    with the largest micro-batch (rows x tokens) fails (`out_of_memory`, retryable: it can run alone
+    or in a pack it fits), its partial gradients are dropped, and the step is run again with the
+    others, on the same micro-batches and dropout seeds, until it fits or no member is left. An OOM
+    in the forward leaves no gradients, so the retry is exactly the step without that member; in the
+    backward, the others' partial gradients are dropped too, and a member in the middle of gradient
+    accumulation restarts its accumulation (the micro-batches already summed are skipped)."""
+    live = dict(micro_batches)
+    dropped: dict[str, JobStepResult] = {}
+    while live:
+        try:
+            results = pack_step(model, pack, trainers, live, pad_token_id, device)
+            break
+        except PackOutOfMemory as exc:
+            culprit = max(live, key=lambda j: (live[j]["input_ids"].numel(), j))
+            shape = tuple(live[culprit]["input_ids"].shape)
+            t = trainers[culprit]
+            t.failed = (f"out of device memory in a pack step with {len(live)} job(s) (this job's micro-batch, "
+                        f"{shape[0]} rows x {shape[1]} tokens, was the largest): {str(exc).splitlines()[0][:200]}")
+            t.micro_total += 1
+            t.drop_grads()
+            dropped[culprit] = JobStepResult(loss=float("nan"), tokens=int(live[culprit]["attention_mask"].sum()),
+                                             failed=t.failed, out_of_memory=True)
+            del live[culprit]
+            for j in list(live):
+                other = trainers[j]
+                if other.failed:  # non-finite loss seen before the OOM: it fails as it would have
+                    other.micro_total += 1
+                    other.drop_grads()
+                    dropped[j] = JobStepResult(loss=float("nan"), tokens=0, failed=other.failed)
+                    del live[j]
+                elif exc.in_backward or other.micro == 0:
+                    other.drop_grads()  # partial gradients of the failed attempt
+                    if exc.in_backward and other.micro:
+                        other.micro, other.step_loss, other.step_tokens = 0, 0.0, 0
+            _free_device_memory()
+    else:
+        results = {}
+    return {**results, **dropped}

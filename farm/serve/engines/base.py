@@ -44,6 +44,7 @@ class GenJob:
     stops: list[str] = field(default_factory=list)
     slot: str | None = None
     tag: str = "base"  # metrics label
+    tenant: str = ""  # who asked (the API key's customer): batches are fair across tenants (fair.py)
     stream: bool = False
     # filled in by the engine
     loop: asyncio.AbstractEventLoop | None = None

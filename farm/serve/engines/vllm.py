@@ -6,7 +6,10 @@ the reason, copies the fetched, verified version folder into this engine's own d
 re-reads it after evicting it from its CPU cache, so it stays until detach), and registers it as
 LoRARequest(lora_name=<version id>, lora_int_id=<counter, unique on this replica>). Generation goes
 through the worker's admission gate (gate.py): at most `lora_slots` (= vLLM's max_loras) distinct
-adapters are ever in flight. vLLM's own metrics are mirrored into Ray's as farm_serve_vllm_* gauges.
+adapters are ever in flight. At most `max_registered` adapters (vLLM's sized LoRA capacity less the
+base's identity adapter) are registered at once: attach waits for a dropped adapter's last request
+rather than let vLLM evict on its own. The worker's port is loopback-only and answers only calls
+carrying this replica's random token. vLLM's own metrics are mirrored into Ray's as farm_serve_vllm_* gauges.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +33,7 @@ from farm.serve import metrics
 from farm.serve.engine import inspect_adapter
 from farm.serve.engines.base import GenJob, Slot
 from farm.serve.engines.vllm_support import unsupported, vllm_rank
+from farm.serve.engines.vllm_worker import TOKEN_ENV, registrable
 from farm.serve.limits import ApiError
 
 FARM_PACKAGE = Path(__file__).resolve().parents[2]  # .../farm
@@ -83,6 +88,12 @@ class VllmEngine:
         (self.dir / "path" / "farm").symlink_to(FARM_PACKAGE, target_is_directory=True)
         (self.dir / "path" / "sitecustomize.py").write_text(SITECUSTOMIZE)
         env["PYTHONPATH"] = str(self.dir / "path")
+        # the worker answers only calls that carry this replica's own secret (vllm_worker.py)
+        self._auth = {"Authorization": "Bearer " + secrets.token_urlsafe(32)}
+        env[TOKEN_ENV] = self._auth["Authorization"][7:]
+        # At most this many adapters registered with vLLM at once (LRU + dropped ones still finishing
+        # requests); attach waits for room rather than let vLLM evict one on its own.
+        self.max_registered = registrable(worker_cfg)
         ready = self.dir / "port"
         self.log_path = self.dir / "vllm.log"
         with open(self.log_path, "wb") as log:
@@ -100,7 +111,7 @@ class VllmEngine:
                 raise RuntimeError(f"the vLLM engine did not start (python {python}); its log ends:\n{tail}")
             time.sleep(0.2)
         self.url = f"http://127.0.0.1:{ready.read_text().strip()}"
-        self._http = httpx.Client(timeout=300)
+        self._http = httpx.Client(timeout=300, headers=self._auth)
         self._aclients: dict[int, object] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -108,6 +119,9 @@ class VllmEngine:
         self._lora_id: dict[str, int] = {}  # slot name -> lora_int_id
         self._in_use: collections.Counter[str] = collections.Counter()
         self._doomed: set[str] = set()
+        self._registered = 0  # adapters vLLM holds or is being given (reserved before the add)
+        self._in_vllm: set[int] = set()  # lora_int_ids registered (seq_cls slots never are)
+        self._room = threading.Condition(self._lock)
         self.counters = collections.Counter()
         threading.Thread(target=self._mirror_metrics, name="farm-vllm-metrics", daemon=True).start()
 
@@ -121,17 +135,45 @@ class VllmEngine:
             if why:
                 raise ApiError(422, "this adapter cannot be served by the vLLM engine: " + "; ".join(why)
                                + ". Serve it on a replica with --engine farm.", "adapter_error")
+            self._reserve_registration()
             dest = self.dir / f"lora-{lid}"
-            shutil.copytree(path, dest)  # stays put while vLLM may re-read it
-            r = self._http.post(f"{self.url}/adapters", json={"name": name or slot.name, "id": lid, "path": str(dest)})
+            try:
+                shutil.copytree(path, dest)  # stays put while vLLM may re-read it
+                r = self._http.post(f"{self.url}/adapters", json={"name": name or slot.name, "id": lid, "path": str(dest)})
+            except BaseException:
+                self._unregistered()
+                raise
             if r.status_code != 200:
                 shutil.rmtree(dest, ignore_errors=True)
-                raise ApiError(422, _error_of(r)["message"], "adapter_error")
+                self._unregistered()
+                e = _error_of(r)
+                raise ApiError(503 if r.status_code == 503 else 422, e["message"], e.get("type", "adapter_error"),
+                               e.get("retry_after"))
         with self._lock:
             self.slots[slot.name] = slot
             self._lora_id[slot.name] = lid
+            if task == "causal_lm":
+                self._in_vllm.add(lid)
             self.counters["loads"] += 1
         return slot
+
+    def _reserve_registration(self, wait_s: float = 120.0) -> None:
+        """Take one of vLLM's adapter places, waiting while every place is held. The places beyond the
+        LRU belong to dropped adapters whose queued requests still finish; each frees its place after
+        its last request (_reap), so the wait ends as the gate drains. Raises 503 after `wait_s`."""
+        with self._room:
+            if self._registered >= self.max_registered:
+                self.counters["registration_waits"] += 1
+            if not self._room.wait_for(lambda: self._registered < self.max_registered, wait_s):
+                raise ApiError(503, f"all {self.max_registered} of this replica's vLLM adapter places are held by "
+                                    "adapters still finishing requests; retry", "overloaded", 1.0)
+            self._registered += 1
+            self.counters["peak_registered"] = max(self.counters["peak_registered"], self._registered)
+
+    def _unregistered(self) -> None:
+        with self._room:
+            self._registered -= 1
+            self._room.notify_all()
 
     def detach(self, name: str) -> None:
         with self._lock:
@@ -155,6 +197,11 @@ class VllmEngine:
             except Exception:  # noqa: BLE001 - the worker is gone: nothing left to drop
                 pass
             shutil.rmtree(self.dir / f"lora-{lid}", ignore_errors=True)
+            with self._lock:
+                was_registered = lid in self._in_vllm
+                self._in_vllm.discard(lid)
+            if was_registered:
+                self._unregistered()  # only now: vLLM has dropped it, its place is free
 
     # ---- generation -----------------------------------------------------------------------
     def _aclient(self):
@@ -162,7 +209,7 @@ class VllmEngine:
 
         loop = id(asyncio.get_running_loop())
         if loop not in self._aclients:
-            self._aclients[loop] = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10),
+            self._aclients[loop] = httpx.AsyncClient(timeout=httpx.Timeout(600, connect=10), headers=self._auth,
                                                      limits=httpx.Limits(max_connections=1000))
         return self._aclients[loop]
 
@@ -179,7 +226,7 @@ class VllmEngine:
             self._in_use[job.slot] += 1
         body = {"prompt_ids": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": job.sampler.temperature,
                 "top_p": job.sampler.top_p, "seed": job.sampler.seed, "stops": job.stops, "lora_id": lid,
-                "stream": job.stream, "request_id": uuid.uuid4().hex}
+                "stream": job.stream, "request_id": uuid.uuid4().hex, "tenant": job.tenant}
         try:
             async with self._aclient().stream("POST", f"{self.url}/generate", json=body) as r:
                 async for line in r.aiter_lines():
@@ -232,6 +279,7 @@ class VllmEngine:
     def stats(self) -> dict:
         """Counters plus the worker's admission gate (gate_*), for /admin/cache and the tests."""
         out = dict(self.counters)
+        out["max_registered"], out["registered"] = self.max_registered, self._registered
         try:
             state = self._http.get(f"{self.url}/state", timeout=10).json()
             out.update({f"gate_{k}": v for k, v in state["gate"].items()})

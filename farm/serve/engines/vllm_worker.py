@@ -3,7 +3,8 @@ that runs vLLM's AsyncLLM and answers the replica (farm/serve/engines/vllm.py) o
 
     <vllm python> -m farm.serve.engines.vllm_worker --config JSON --ready-file PATH
 
-Routes (JSON; 127.0.0.1 only, started and owned by one replica):
+Routes (JSON; bound to 127.0.0.1 only, started and owned by one replica; every call carries
+`Authorization: Bearer <token>`, the secret the replica put in $FARM_VLLM_WORKER_TOKEN):
     POST   /adapters          {"name", "id", "path"}: validate with vLLM's PEFTHelper, then add_lora
     DELETE /adapters/{id}     remove_lora
     POST   /generate          token ids + sampling -> NDJSON lines {"delta"} ... {"done"} | {"error"}
@@ -20,14 +21,25 @@ Imports: the standard library, vLLM's environment, and farm's stdlib-only gate m
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
 import socket
 import sys
 
 
+TOKEN_ENV = "FARM_VLLM_WORKER_TOKEN"  # the per-replica secret every call must carry (Bearer)
+
+
 def _capacity(cfg: dict) -> int:
     return cfg["max_cpu_loras"] + cfg["max_loras"] + 2
+
+
+def registrable(cfg: dict) -> int:
+    """How many adapters the replica may register at once: vLLM's LoRA capacity less the base's
+    identity adapter. The replica waits for room (farm/serve/engines/vllm.py) and this worker refuses
+    an add beyond it, so vLLM's own LRU never has to evict (see _settings)."""
+    return _capacity(cfg) - 1
 
 
 def _settings(cfg: dict):
@@ -86,7 +98,7 @@ def identity_adapter(engine, dest: str) -> str:
     return dest
 
 
-def build_api(engine, cfg: dict, base_lora):
+def build_api(engine, cfg: dict, base_lora, token: str):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from vllm import SamplingParams
@@ -98,8 +110,20 @@ def build_api(engine, cfg: dict, base_lora):
     from farm.serve.engines.gate import AdapterGate, GateFull
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    expected = ("Bearer " + token).encode()
+
+    @api.middleware("http")
+    async def only_the_replica(request: Request, call_next):
+        # Loopback is not enough: any local user or process could add adapters or generate. Only
+        # the replica that started this worker knows its token (passed in the environment).
+        got = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(got, expected):
+            return JSONResponse(err(401, "this vLLM worker answers only its replica (bad or missing token)",
+                                    "authentication_error"), 401)
+        return await call_next(request)
     # vLLM's max_loras = the replica's slots + the base's identity adapter; the gate counts both
-    gate = AdapterGate(cfg["max_loras"] + 1, cfg["max_held"])
+    # at most a batch's worth in vLLM at once, the rest waits in the gate, fair per tenant
+    gate = AdapterGate(cfg["max_loras"] + 1, cfg["max_held"], max_active=cfg["max_num_seqs"])
     loras: dict[int, LoRARequest] = {}
     lora_cfg = engine.vllm_config.lora_config
     tokenizer = engine.get_tokenizer()
@@ -113,30 +137,41 @@ def build_api(engine, cfg: dict, base_lora):
         await engine.check_health()
         return {"ok": True}
 
+    room = registrable(cfg)
+    changing = asyncio.Lock()  # one add/remove at a time: the count below is what vLLM holds
+
     @api.post("/adapters")
     async def add(body: dict):
         req = LoRARequest(lora_name=str(body["name"]), lora_int_id=int(body["id"]), lora_path=str(body["path"]))
-        try:
-            helper = PEFTHelper.from_local_dir(req.lora_path, max_pos)
-            helper.validate_legal(lora_cfg)  # vLLM's own feature/rank checks, before the worker sees it
-            await engine.add_lora(req)
-        except Exception as exc:  # noqa: BLE001 - reported to the replica as a 422
-            return JSONResponse(err(422, f"vLLM refused the adapter: {exc}"), 422)
-        loras[req.lora_int_id] = req
+        async with changing:
+            if req.lora_int_id not in loras and len(loras) >= room:
+                # the replica bounds itself (VllmEngine.attach waits for room); this is the backstop
+                # that keeps vLLM from evicting an adapter on its own
+                return JSONResponse(err(503, f"the vLLM worker holds {len(loras)} adapters, its capacity; "
+                                             "retry once one is dropped", "overloaded", 1.0), 503)
+            try:
+                helper = PEFTHelper.from_local_dir(req.lora_path, max_pos)
+                helper.validate_legal(lora_cfg)  # vLLM's own feature/rank checks, before the worker sees it
+                await engine.add_lora(req)
+            except Exception as exc:  # noqa: BLE001 - reported to the replica as a 422
+                return JSONResponse(err(422, f"vLLM refused the adapter: {exc}"), 422)
+            loras[req.lora_int_id] = req
         return {"ok": True}
 
     @api.delete("/adapters/{lora_id}")
     async def remove(lora_id: int):
-        loras.pop(lora_id, None)
-        try:
-            await engine.remove_lora(lora_id)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        async with changing:
+            try:
+                await engine.remove_lora(lora_id)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+            loras.pop(lora_id, None)  # counted until vLLM has really dropped it
         return {"ok": True}
 
     @api.get("/state")
     async def state():
-        return {"gate": gate.snapshot(), "loras": sorted(loras), "vllm_loras": sorted(await engine.list_loras())}
+        async with changing:  # never halfway through an add or a remove
+            return {"gate": gate.snapshot(), "loras": sorted(loras), "vllm_loras": sorted(await engine.list_loras())}
 
     @api.get("/metrics")
     async def metrics():
@@ -164,7 +199,7 @@ def build_api(engine, cfg: dict, base_lora):
         async def lines():
             text, out_ids, finish, stop_reason = [], [], None, None
             try:
-                async with gate.hold(lid):
+                async with gate.hold(lid, str(body.get("tenant") or "")):
                     try:
                         async for out in engine.generate(TokensPrompt(prompt_token_ids=body["prompt_ids"]), params,
                                                          rid, lora_request=lora):
@@ -220,7 +255,7 @@ async def _watch_parent(parent: int, engine) -> None:
         os._exit(0)
 
 
-async def main(cfg: dict, ready_file: str) -> None:
+async def main(cfg: dict, ready_file: str, token: str) -> None:
     import uvicorn
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -232,7 +267,7 @@ async def main(cfg: dict, ready_file: str) -> None:
                             lora_path=identity_adapter(engine, os.path.abspath("base-identity")))
     await engine.add_lora(base_lora)
     await engine.pin_lora(IDENTITY_ID)
-    api = build_api(engine, cfg, base_lora)
+    api = build_api(engine, cfg, base_lora, token)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -257,7 +292,10 @@ if __name__ == "__main__":
     p.add_argument("--config", required=True, help="JSON settings (see farm/serve/engines/vllm.py)")
     p.add_argument("--ready-file", required=True, help="written with the port once serving")
     a = p.parse_args()
+    secret = os.environ.pop(TOKEN_ENV, "")  # not in argv: any local user can read another's argv
+    if not secret:
+        sys.exit(f"{TOKEN_ENV} is not set: the replica passes the worker its token")
     try:
-        asyncio.run(main(json.loads(a.config), a.ready_file))
+        asyncio.run(main(json.loads(a.config), a.ready_file, secret))
     except KeyboardInterrupt:
         sys.exit(0)
