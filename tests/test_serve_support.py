@@ -55,9 +55,11 @@ def stock_greedy(base: Path, adapter_dir: Path | None, prompt_ids: list[int], ma
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def stock_logprobs(base: Path, adapter_dir: Path | None, ids: list[int], quant=None):
-    """Stock transformers (+ PEFT) log-softmax of the logits at every position of `ids`, one forward
-    without padding or cache: row t is the distribution of token t + 1. NF4 base unless `quant`."""
+def stock_logprobs(base: Path, adapter_dir: Path | None, ids: list[int], quant=None, generate: int = 0):
+    """Stock transformers (+ PEFT) log-softmax of the logits at every position of `ids` (one forward,
+    no padding, no cache: row t is the distribution of token t + 1), after first extending `ids` by
+    `generate` greedy tokens (stopping at EOS, which is not added). NF4 base unless `quant`.
+    Returns (ids, log-probabilities)."""
     import torch
     from peft import PeftModel
 
@@ -66,9 +68,19 @@ def stock_logprobs(base: Path, adapter_dir: Path | None, ids: list[int], quant=N
     model = load_base_model(str(base), device="cpu", **({"quant": quant} if quant is not None else {}))
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    eos = model.config.eos_token_id
+    ids = list(ids)
     with torch.inference_mode():
-        logits = model.eval()(input_ids=torch.tensor([ids])).logits[0].float()
-    return torch.log_softmax(logits, dim=-1)
+        for step in range(generate + 1):
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+            if step == generate:
+                break
+            nxt = int(lp[-1].argmax())
+            if nxt == eos:
+                break
+            ids.append(nxt)
+    return ids, lp
 
 
 def check_entries(entries: list, lp, start: int, atol: float) -> None:
