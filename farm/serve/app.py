@@ -228,7 +228,8 @@ class Ingress:
                 done = await self._handle(target).complete.remote(job)
                 make = protocol.chat_body if kind == "chat" else protocol.completion_body
                 text, logprobs = _with_logprobs(req, done, TokenText(tokenizer))
-                body = make(rid, target.ref, text, done["finish_reason"], done["prompt_tokens"], done["completion_tokens"], logprobs)
+                body = make(rid, target.ref, text, done["finish_reason"], done["prompt_tokens"], done["completion_tokens"],
+                            logprobs)
                 return JSONResponse(body)
             events = self._handle(target, stream=True).generate.remote(job)
             first = await events.__anext__()  # errors before the first token are real HTTP errors

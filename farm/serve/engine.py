@@ -489,8 +489,8 @@ class Engine:
         if n:  # Ray counters refuse 0 (a completion that stops at its first token)
             metrics.get("tokens").inc(n, tags={"adapter": job.tag})
         metrics.get("tokens_per_s").observe(n / elapsed, tags={"adapter": job.tag})
-        job.emit({"done": {"text": text, "finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(job.prompt_ids),
-                           "logprobs": job.out_logprobs if job.logprobs is not None else None,
+        job.emit({"done": {"text": text, "finish_reason": finish, "completion_tokens": n,
+                           "prompt_tokens": len(job.prompt_ids), "logprobs": job.out_logprobs if job.logprobs is not None else None,
                            "prompt_logprobs": job.prompt_entries}})
         return False
 

@@ -29,7 +29,8 @@ def entries(logits, token_ids, k: int) -> list[Entry]:
     chosen = lp.gather(1, ids[:, None])[:, 0].cpu().tolist()
     if k:
         top = lp.topk(k, dim=-1)
-        alts = [[[i, v] for i, v in zip(ii, vv)] for ii, vv in zip(top.indices.cpu().tolist(), top.values.cpu().tolist())]
+        indices, values = top.indices.cpu().tolist(), top.values.cpu().tolist()
+        alts = [[[i, v] for i, v in zip(ii, vv)] for ii, vv in zip(indices, values)]
     else:
         alts = [[] for _ in chosen]
     return [[int(t), float(c), a] for t, c, a in zip(ids.cpu().tolist(), chosen, alts)]
@@ -38,7 +39,7 @@ def entries(logits, token_ids, k: int) -> list[Entry]:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level BPE alphabet, character -> byte (the inverse of its bytes_to_unicode)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -187,7 +187,7 @@ class VllmEngine:
         body = {"prompt_ids": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": job.sampler.temperature,
                 "top_p": job.sampler.top_p, "seed": job.sampler.seed, "stops": job.stops, "lora_id": lid,
                 "stream": job.stream, "request_id": uuid.uuid4().hex,
-                "logprobs": job.logprobs, "prompt_logprobs": job.prompt_logprobs}
+                "logprobs": job.logprobs}
         try:
             async with self._aclient().stream("POST", f"{self.url}/generate", json=body) as r:
                 async for line in r.aiter_lines():

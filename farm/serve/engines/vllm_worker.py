@@ -164,23 +164,19 @@ def build_api(engine, cfg: dict, base_lora):
             n=1, max_tokens=max(1, int(body["max_tokens"])), temperature=float(body["temperature"]),
             top_p=float(body["top_p"]), seed=body.get("seed"), stop=list(body.get("stops") or []) or None,
             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
-            logprobs=body.get("logprobs"), prompt_logprobs=body.get("prompt_logprobs"),
+            logprobs=body.get("logprobs"),
         )
         rid, stream = str(body["request_id"]), bool(body.get("stream"))
 
         async def lines():
             text, out_ids, finish, stop_reason = [], [], None, None
-            out_lps, prompt_lps = [], None
+            out_lps = []  # no prompt logprobs: the replica refuses them (vllm.py)
             try:
                 async with gate.hold(lid):
                     try:
                         async for out in engine.generate(TokensPrompt(prompt_token_ids=body["prompt_ids"]), params,
                                                          rid, lora_request=lora):
                             c = out.outputs[0]
-                            if out.prompt_logprobs is not None and prompt_lps is None:  # DELTA: the first output
-                                ids = body["prompt_ids"]
-                                prompt_lps = [[ids[0], None, []]] + [
-                                    _entry(ids[i], d, body["prompt_logprobs"]) for i, d in enumerate(out.prompt_logprobs) if i]
                             if c.logprobs is not None:
                                 out_lps.extend(_entry(t, d, body["logprobs"]) for t, d in zip(c.token_ids, c.logprobs))
                             out_ids.extend(c.token_ids)
@@ -217,7 +213,7 @@ def build_api(engine, cfg: dict, base_lora):
                     final = streamed  # never contradict what was already streamed
             done = {"text": final, "finish_reason": "length" if finish == "length" else "stop",
                     "completion_tokens": len(out_ids), "prompt_tokens": len(body["prompt_ids"]),
-                    "logprobs": out_lps if body.get("logprobs") is not None else None, "prompt_logprobs": prompt_lps}
+                    "logprobs": out_lps if body.get("logprobs") is not None else None, "prompt_logprobs": None}
             yield json.dumps({"done": done}) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
