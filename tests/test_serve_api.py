@@ -381,7 +381,7 @@ def test_completion_logprobs_with_echo_equal_stock_peft_for_base_and_adapter_row
             want = lp[t - 1]
             assert abs(got.token_logprobs[t] - float(want[ids[t]])) <= 1e-4, t
             top = got.top_logprobs[t]
-            assert 3 <= len(top) <= 4  # the 3 most likely, plus the token itself when it is not among them
+            assert 1 <= len(top) <= 4  # the 3 most likely + the token itself, less ids sharing a text
             assert abs(max(top.values()) - float(want.max())) <= 1e-4
         assert got.text_offset[len(prompt_ids)] == len(PROMPT)
         assert got.text_offset == sorted(got.text_offset)

@@ -52,3 +52,12 @@ def test_chat_shape_lists_token_logprob_bytes_and_k_alternatives(tok):
     assert [c["logprob"] for c in content] == [-0.25] * len(ids)
     assert bytes(b for c in content for b in c["bytes"]).decode() == "Hi!"
     assert all(len(c["top_logprobs"]) == 2 and set(c["top_logprobs"][0]) == {"token", "logprob", "bytes"} for c in content)
+
+
+def test_alternatives_that_share_a_text_keep_the_larger_logprob(tok):
+    ids = tok("ab", add_special_tokens=False).input_ids
+    same = [i for i in range(len(tok)) if TokenText(tok)(i)[0] == "\ufffd"][:2]
+    assert len(same) == 2, "the byte-level vocabulary has several partial-character tokens"
+    out = [[ids[0], -1.5, [[same[0], -1.0], [same[1], -1.2], [ids[0], -1.5]]]]
+    top = completion_logprobs(TokenText(tok), out)["top_logprobs"][0]
+    assert top["\ufffd"] == -1.0 and len(top) == 2

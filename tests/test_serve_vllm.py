@@ -243,7 +243,7 @@ def test_logprobs_on_vllm_equal_stock_fp32_log_softmax_and_echo_scores_are_refus
         for n, value in enumerate(got.token_logprobs):
             want = lp[len(prompt_ids) + n - 1]
             assert abs(value - float(want[ids[len(prompt_ids) + n]])) <= 1e-3, n
-            assert 3 <= len(got.top_logprobs[n]) <= 4
+            assert 1 <= len(got.top_logprobs[n]) <= 4
             assert abs(max(got.top_logprobs[n].values()) - float(want.max())) <= 1e-3
     messages = [{"role": "user", "content": "Where is my order?"}]
     chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),

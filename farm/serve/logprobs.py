@@ -96,7 +96,9 @@ def completion_logprobs(text_of: TokenText, out: list[Entry], prompt: list[Entry
         if lp is None:  # the prompt's first token
             tops.append(None)
         else:
-            top = {text_of(a)[0]: v for a, v in alts}
+            top: dict[str, float] = {}
+            for a, v in alts:  # most likely first: where two ids share a text, the key keeps the larger
+                top.setdefault(text_of(a)[0], v)
             top.setdefault(text, lp)
             tops.append(top)
         offsets.append(pos)
