@@ -381,3 +381,87 @@ def test_adapter_pressure_every_answer_is_its_own_adapter(served):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(24)))
     assert [(n, got) for n, got in answers if got != want[n]] == []
+
+
+def test_completion_logprobs_with_echo_equal_stock_peft_for_base_and_adapter_rows(served):
+    """Completions with logprobs=3 and echo for the base and an adapter, sent together: every prompt
+    and completion token's logprob is stock transformers/PEFT's log-softmax (within 1e-4, NF4 base),
+    in OpenAI's legacy shape; echo with max_tokens=0 scores the prompt alone."""
+    import concurrent.futures
+
+    from farm.modeling import load_tokenizer
+    from farm.serve.logprobs import TokenText
+    from tests.test_serve_support import stock_logprobs
+
+    tok = load_tokenizer(str(served.tiny))
+    text_of = TokenText(tok)
+    prompt_ids = tok(PROMPT).input_ids
+    rows = [(served.cfg.served_name, None), ("acme/support", served.dirs["acme/support"])]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda r: client(served, "acme").completions.create(
+            model=r[0], prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, echo=True), rows))
+    for (_, adapter_dir), r in zip(rows, answers):
+        ids, lp = stock_logprobs(served.tiny, adapter_dir, prompt_ids, generate=6)
+        choice = r.choices[0]
+        got = choice.logprobs
+        assert choice.text == PROMPT + tok.decode(ids[len(prompt_ids):], skip_special_tokens=True)
+        assert got.tokens == [text_of(t)[0] for t in ids]
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        for t in range(1, len(ids)):
+            want = lp[t - 1]
+            assert abs(got.token_logprobs[t] - float(want[ids[t]])) <= 1e-4, t
+            top = got.top_logprobs[t]
+            assert 1 <= len(top) <= 4  # the 3 most likely + the token itself, less ids sharing a text
+            assert abs(max(top.values()) - float(want.max())) <= 1e-4
+        assert got.text_offset[len(prompt_ids)] == len(PROMPT)
+        assert got.text_offset == sorted(got.text_offset)
+        assert r.usage.prompt_tokens == len(prompt_ids) and r.usage.completion_tokens == len(ids) - len(prompt_ids)
+    scored = client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=0, echo=True,
+                                                       logprobs=0)
+    assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == answers[1].choices[0].logprobs.token_logprobs[: len(prompt_ids)]
+    plain = client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_equal_stock_peft_in_openai_chat_shape(served):
+    from farm.modeling import load_tokenizer
+    from tests.test_serve_support import stock_logprobs
+
+    tok = load_tokenizer(str(served.tiny))
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids
+    r = client(served, "globex").chat.completions.create(model="globex/billing", messages=messages, max_tokens=6,
+                                                         temperature=0, logprobs=True, top_logprobs=2)
+    ids, lp = stock_logprobs(served.tiny, served.dirs["globex/billing"], chat_ids, generate=6)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(ids) - len(chat_ids) == r.usage.completion_tokens
+    assert bytes(b for c in content for b in c.bytes).decode() == r.choices[0].message.content
+    for n, c in enumerate(content):
+        want = lp[len(chat_ids) + n - 1]
+        assert abs(c.logprob - float(want[ids[len(chat_ids) + n]])) <= 1e-4
+        assert len(c.top_logprobs) == 2 and abs(c.top_logprobs[0].logprob - float(want.max())) <= 1e-4
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+    plain = client(served, "globex").chat.completions.create(model="globex/billing", messages=messages, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("route, kwargs, names", [
+    ("completions", {"logprobs": 21}, ["logprobs", "[0, 20]"]),
+    ("completions", {"logprobs": -1}, ["logprobs", "[0, 20]"]),
+    ("completions", {"max_tokens": 0}, ["max_tokens", "echo"]),
+    ("completions", {"logprobs": 2, "stream": True}, ["logprobs", "stream"]),
+    ("chat", {"logprobs": True, "top_logprobs": 21}, ["top_logprobs", "[0, 20]"]),
+    ("chat", {"top_logprobs": 2}, ["top_logprobs", "logprobs: true"]),
+])
+def test_bad_logprob_settings_are_a_400_naming_the_field_and_range(served, route, kwargs, names):
+    c = client(served, "acme")
+    with pytest.raises(openai.BadRequestError) as err:
+        if route == "completions":
+            c.completions.create(model="acme/support", prompt=PROMPT, **{"max_tokens": 4, **kwargs})
+        else:
+            c.chat.completions.create(model="acme/support", messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=4, **kwargs)
+    for name in names:
+        assert name in str(err.value)

@@ -214,3 +214,34 @@ def test_first_attach_after_warm_up_equals_stock_peft(tiny_llama, adapters):
         want = stock_greedy(tiny_llama, adapters[0] if s else None, warm.tokenizer(prompt).input_ids, 12)
         assert done["text"] == want, (s, prompt)
     assert list(warm.peft.peft_config) == [slot]
+
+
+def test_logprobs_of_a_mixed_adapter_batch_equal_stock_peft_log_softmax(engine, adapters, tiny_llama):
+    """Prompt (echo) and completion logprobs of a base row and an adapter row sharing one batch are
+    stock transformers/PEFT's log-softmax at each position, within 1e-4 (float32 on the NF4 base)."""
+    from tests.test_serve_support import check_entries, stock_logprobs
+
+    slot = engine.attach(adapters[0])
+
+    async def run(slot_name, prompt):
+        job = GenJob(prompt_ids=engine.tokenizer(prompt).input_ids, max_tokens=6, sampler=Sampler(temperature=0.0),
+                     slot=slot_name, logprobs=3, prompt_logprobs=3)
+        async for event in engine.generate(job):
+            if "done" in event:
+                return job.prompt_ids, event["done"]
+
+    async def both():
+        return await asyncio.gather(run(None, PROMPTS[0]), run(slot.name, PROMPTS[1]))
+
+    before = engine.stats["batches"]
+    results = asyncio.run(both())
+    assert engine.stats["batches"] - before == 1, "the base row and the adapter row should share one batch"
+    for (prompt_ids, done), adapter_dir in zip(results, [None, adapters[0]]):
+        ids, lp = stock_logprobs(tiny_llama, adapter_dir, prompt_ids, generate=6)
+        assert [e[0] for e in done["prompt_logprobs"]] == prompt_ids
+        assert done["prompt_logprobs"][0][1] is None
+        check_entries(done["prompt_logprobs"][1:], lp, 1, 1e-4)
+        assert [e[0] for e in done["logprobs"]] == ids[len(prompt_ids):]
+        check_entries(done["logprobs"], lp, len(prompt_ids), 1e-4)
+        assert all(len(alts) == 3 for _, _, alts in done["logprobs"])
+    engine.detach(slot.name)

@@ -219,3 +219,46 @@ def test_publishing_v2_under_traffic_switches_to_v2_on_vllm(served):
                                lambda: served.cat.publish("acme", "fresh", v2_dir, {}), warm=2, after=4, timeout=120)
     assert {m for s, r, m in sw.seen if r < sw.publishing} == {"acme/fresh@v1"}
     assert {m for s, r, m in sw.seen if s > sw.first_new} == {"acme/fresh@v2"}
+
+
+def test_logprobs_on_vllm_equal_stock_fp32_log_softmax_and_echo_scores_are_refused(served):
+    """Completion and chat logprobs for the base and an adapter are stock transformers/PEFT's fp32
+    log-softmax (within 1e-3: vLLM's CPU kernels sum in another order), from vLLM's raw logprobs.
+    echo with logprobs (prompt logprobs) is a 400 on this engine; echo alone and max_tokens=0 work."""
+    from farm.modeling import Quantization
+    from farm.serve.logprobs import TokenText
+    from tests.test_serve_support import stock_logprobs
+
+    tok, fp32 = served.tok, Quantization(mode="none", compute_dtype="fp32")
+    text_of = TokenText(tok)
+    prompt_ids = tok(PROMPT).input_ids
+    rows = [(served.cfg.served_name, None), ("acme/support", served.dirs["acme/support"])]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda r: client(served, "acme").completions.create(
+            model=r[0], prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3), rows))
+    for (_, adapter_dir), r in zip(rows, answers):
+        ids, lp = stock_logprobs(served.tiny, adapter_dir, prompt_ids, quant=fp32, generate=6)
+        got = r.choices[0].logprobs
+        assert got.tokens == [text_of(t)[0] for t in ids[len(prompt_ids):]]
+        for n, value in enumerate(got.token_logprobs):
+            want = lp[len(prompt_ids) + n - 1]
+            assert abs(value - float(want[ids[len(prompt_ids) + n]])) <= 1e-3, n
+            assert 1 <= len(got.top_logprobs[n]) <= 4
+            assert abs(max(got.top_logprobs[n].values()) - float(want.max())) <= 1e-3
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    chat_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False).input_ids
+    r = client(served, "acme").chat.completions.create(model="acme/notes", messages=messages, max_tokens=6,
+                                                       temperature=0, logprobs=True, top_logprobs=2)
+    ids, lp = stock_logprobs(served.tiny, served.dirs["acme/notes"], chat_ids, quant=fp32, generate=6)
+    content = r.choices[0].logprobs.content
+    assert len(content) == len(ids) - len(chat_ids)
+    for n, c in enumerate(content):
+        assert abs(c.logprob - float(lp[len(chat_ids) + n - 1][ids[len(chat_ids) + n]])) <= 1e-3
+        assert len(c.top_logprobs) == 2
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+    echoed = client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=0, echo=True)
+    assert echoed.choices[0].text == PROMPT and echoed.usage.completion_tokens == 0
+    # the engine is still up after the refusal
+    assert client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=2).choices

@@ -161,6 +161,8 @@ class AdapterServer:
             tag=job["name"],
             stream=job["stream"],
             tenant=job.get("tenant") or job["name"].split("/")[0],
+            logprobs=job.get("logprobs"),
+            prompt_logprobs=job.get("prompt_logprobs"),
         )
         async for event in self.engine.generate(gen):
             if "error" in event:

@@ -46,6 +46,8 @@ class GenJob:
     tag: str = "base"  # metrics label
     tenant: str = ""  # who asked (the API key's customer): batches are fair across tenants (fair.py)
     stream: bool = False
+    logprobs: int | None = None  # alternatives per completion token (None: no logprobs); farm/serve/logprobs.py
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
     # filled in by the engine
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -53,6 +55,8 @@ class GenJob:
     first_token_at: float | None = None
     cancelled: bool = False
     out_ids: list[int] = field(default_factory=list)
+    out_logprobs: list[list] = field(default_factory=list)  # one entry per out_ids token (with logprobs)
+    prompt_entries: list[list] | None = None
     sent: int = 0  # characters of text already streamed
 
     def emit(self, event: dict) -> None:

@@ -35,6 +35,7 @@ from farm.serve.engines.base import GenJob, Slot
 from farm.serve.engines.vllm_support import unsupported, vllm_rank
 from farm.serve.engines.vllm_worker import TOKEN_ENV, registrable
 from farm.serve.limits import ApiError
+from farm.serve.logprobs import LOGPROBS_MAX
 
 FARM_PACKAGE = Path(__file__).resolve().parents[2]  # .../farm
 # Put on the worker's PYTHONPATH: every process of the vLLM environment started under it (the worker,
@@ -76,6 +77,7 @@ class VllmEngine:
             "max_loras": self.lora_slots, "max_cpu_loras": max(max_adapters, self.lora_slots),
             "max_lora_rank": self.max_lora_rank, "max_num_seqs": max_batch_size,
             "max_held": max_batch_size + max_waiting, "max_model_len": self.context_length,
+            "max_logprobs": LOGPROBS_MAX,
         }
         env = dict(os.environ)
         if device == "cpu":
@@ -214,6 +216,12 @@ class VllmEngine:
         return self._aclients[loop]
 
     async def generate(self, job: GenJob):
+        if job.prompt_logprobs is not None:
+            # vLLM 0.32 computes prompt logprobs with the per-request LoRA mapping (one row per request,
+            # not per prompt token): on CPU its engine dies, on GPU an lm_head LoRA's delta is dropped
+            # (vllm-project/vllm#29955, #51594). Every request here carries a LoRA (the base's identity).
+            raise ApiError(400, "echo with logprobs (prompt logprobs) is not served by the vllm engine: vLLM "
+                                "computes them wrongly with LoRA; use a replica with --engine farm, or leave out echo")
         job.submitted = time.perf_counter()
         with self._lock:
             lid = None
@@ -226,7 +234,8 @@ class VllmEngine:
             self._in_use[job.slot] += 1
         body = {"prompt_ids": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": job.sampler.temperature,
                 "top_p": job.sampler.top_p, "seed": job.sampler.seed, "stops": job.stops, "lora_id": lid,
-                "stream": job.stream, "request_id": uuid.uuid4().hex, "tenant": job.tenant}
+                "stream": job.stream, "request_id": uuid.uuid4().hex, "tenant": job.tenant,
+                "logprobs": job.logprobs}
         try:
             async with self._aclient().stream("POST", f"{self.url}/generate", json=body) as r:
                 async for line in r.aiter_lines():

@@ -62,6 +62,10 @@ def _settings(cfg: dict):
         max_lora_rank=cfg["max_lora_rank"],
         max_num_seqs=cfg["max_num_seqs"],
         seed=0,
+        # logprobs are the log-softmax of the raw logits (before temperature/top-p), as the farm
+        # engine's and stock transformers' are; up to max_logprobs alternatives per token
+        logprobs_mode="raw_logprobs",
+        max_logprobs=cfg.get("max_logprobs", 20),
     )
     if cfg.get("max_model_len"):
         kw["max_model_len"] = cfg["max_model_len"]
@@ -189,21 +193,26 @@ def build_api(engine, cfg: dict, base_lora, token: str):
             lid = IDENTITY_ID
         elif lora is None:
             return JSONResponse(err(503, "adapter was unloaded while the request waited; retry", "overloaded", 0.1))
+        score_only = int(body["max_tokens"]) == 0  # echo with max_tokens 0: vLLM generates >= 1, dropped below
         params = SamplingParams(
-            n=1, max_tokens=int(body["max_tokens"]), temperature=float(body["temperature"]),
+            n=1, max_tokens=max(1, int(body["max_tokens"])), temperature=float(body["temperature"]),
             top_p=float(body["top_p"]), seed=body.get("seed"), stop=list(body.get("stops") or []) or None,
             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
+            logprobs=body.get("logprobs"),
         )
         rid, stream = str(body["request_id"]), bool(body.get("stream"))
 
         async def lines():
             text, out_ids, finish, stop_reason = [], [], None, None
+            out_lps = []  # no prompt logprobs: the replica refuses them (vllm.py)
             try:
                 async with gate.hold(lid, str(body.get("tenant") or "")):
                     try:
                         async for out in engine.generate(TokensPrompt(prompt_token_ids=body["prompt_ids"]), params,
                                                          rid, lora_request=lora):
                             c = out.outputs[0]
+                            if c.logprobs is not None:
+                                out_lps.extend(_entry(t, d, body["logprobs"]) for t, d in zip(c.token_ids, c.logprobs))
                             out_ids.extend(c.token_ids)
                             if c.text:
                                 text.append(c.text)
@@ -223,6 +232,9 @@ def build_api(engine, cfg: dict, base_lora, token: str):
                 return
             if finish == "stop" and stop_reason is None and out_ids:
                 out_ids.pop()  # the EOS token: not counted, like the farm engine
+                del out_lps[len(out_ids):]
+            if score_only:
+                text, out_ids, out_lps, finish, stop_reason = [], [], [], "length", None
             streamed = "".join(text)
             final = streamed
             if not isinstance(stop_reason, str):
@@ -234,12 +246,20 @@ def build_api(engine, cfg: dict, base_lora, token: str):
                 elif not final.startswith(streamed):
                     final = streamed  # never contradict what was already streamed
             done = {"text": final, "finish_reason": "length" if finish == "length" else "stop",
-                    "completion_tokens": len(out_ids), "prompt_tokens": len(body["prompt_ids"])}
+                    "completion_tokens": len(out_ids), "prompt_tokens": len(body["prompt_ids"]),
+                    "logprobs": out_lps if body.get("logprobs") is not None else None, "prompt_logprobs": None}
             yield json.dumps({"done": done}) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 
     return api
+
+
+def _entry(token_id: int, position: dict, k: int) -> list:
+    """farm's logprob entry (farm/serve/logprobs.py) from vLLM's {token id: Logprob} at one position,
+    which holds the top k and the chosen token (k + 1 keys when the chosen one is not among them)."""
+    alts = sorted(position.items(), key=lambda kv: kv[1].logprob, reverse=True)[:k]
+    return [int(token_id), float(position[token_id].logprob), [[int(t), float(lp.logprob)] for t, lp in alts]]
 
 
 async def _watch_parent(parent: int, engine) -> None:
