@@ -53,3 +53,37 @@ def stock_greedy(base: Path, adapter_dir: Path | None, prompt_ids: list[int], ma
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def stock_logprobs(base: Path, adapter_dir: Path | None, ids: list[int], quant=None):
+    """Stock transformers (+ PEFT) log-softmax of the logits at every position of `ids`, one forward
+    without padding or cache: row t is the distribution of token t + 1. NF4 base unless `quant`."""
+    import torch
+    from peft import PeftModel
+
+    from farm.modeling import load_base_model
+
+    model = load_base_model(str(base), device="cpu", **({"quant": quant} if quant is not None else {}))
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    with torch.inference_mode():
+        logits = model.eval()(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def check_entries(entries: list, lp, start: int, atol: float) -> None:
+    """Engine entries [token, logprob, [[alt, logprob], ...]] for tokens start, start + 1, ... of the
+    sequence `lp` (stock_logprobs) was computed on: each logprob, and the alternatives are the top k."""
+    import torch
+
+    assert entries, "no logprob entries"
+    for n, (tok, got, alts) in enumerate(entries):
+        row = lp[start + n - 1]
+        assert abs(got - float(row[tok])) <= atol, (start + n, got, float(row[tok]))
+        if alts:
+            top = torch.topk(row, len(alts))
+            want = dict(zip(top.indices.tolist(), top.values.tolist()))
+            assert [v for _, v in alts] == sorted((v for _, v in alts), reverse=True)
+            for alt, v in alts:  # the same set, up to near-ties at the k-th place
+                assert abs(v - float(row[alt])) <= atol
+                assert alt in want or abs(v - min(want.values())) <= atol

@@ -27,6 +27,7 @@ from farm.serve.auth import KeyStore, Principal
 from farm.serve.bases import ServedBase
 from farm.serve.config import ServeConfig, check_bind
 from farm.serve.limits import ApiError, check_context, check_max_tokens, unwrap
+from farm.serve.logprobs import TokenText, chat_logprobs, completion_logprobs
 from farm.serve.resolver import Resolver, Target
 from farm.serve.server import AdapterServer
 
@@ -52,6 +53,24 @@ def _error(exc: BaseException, tag: str) -> JSONResponse:
     metrics.get("errors").inc(tags={"adapter": tag, "status": str(err.status)})
     headers = {"Retry-After": str(max(1, round(err.retry_after)))} if err.retry_after is not None else None
     return JSONResponse(protocol.error_body(err.message, err.type, err.status), err.status, headers=headers)
+
+
+def _logprob_fields(req) -> dict:
+    """The engine's logprob settings for a request: alternatives per completion token and (echo) per prompt token."""
+    if isinstance(req, protocol.ChatCompletionRequest):
+        return {"logprobs": req.top_count, "prompt_logprobs": None}
+    return {"logprobs": req.logprobs, "prompt_logprobs": req.logprobs if req.echo else None}
+
+
+def _with_logprobs(req, done: dict, text_of: TokenText) -> tuple[str, dict | None]:
+    """The choice's text (the prompt first with echo) and its `logprobs` object in the route's shape."""
+    if isinstance(req, protocol.ChatCompletionRequest):
+        return done["text"], (chat_logprobs(text_of, done["logprobs"]) if req.logprobs else None)
+    prefix = req.prompt if req.echo else ""
+    if req.logprobs is None:
+        return prefix + done["text"], None
+    lp = completion_logprobs(text_of, done["logprobs"], done.get("prompt_logprobs"), len(prefix))
+    return prefix + done["text"], lp
 
 
 def _sse(obj: Any) -> str:
@@ -179,6 +198,7 @@ class Ingress:
             "seed": req.seed,
             "stops": req.stops,
             "stream": req.stream,
+            **_logprob_fields(req),
         }
 
     async def _generate(self, request: Request, kind: str):
@@ -207,7 +227,8 @@ class Ingress:
             if not req.stream:
                 done = await self._handle(target).complete.remote(job)
                 make = protocol.chat_body if kind == "chat" else protocol.completion_body
-                body = make(rid, target.ref, done["text"], done["finish_reason"], done["prompt_tokens"], done["completion_tokens"])
+                text, logprobs = _with_logprobs(req, done, TokenText(tokenizer))
+                body = make(rid, target.ref, text, done["finish_reason"], done["prompt_tokens"], done["completion_tokens"], logprobs)
                 return JSONResponse(body)
             events = self._handle(target, stream=True).generate.remote(job)
             first = await events.__anext__()  # errors before the first token are real HTTP errors

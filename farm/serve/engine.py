@@ -29,6 +29,7 @@ from pathlib import Path
 
 from farm.serve import metrics
 from farm.serve.limits import ApiError, overloaded
+from farm.serve.logprobs import entries, prompt_first
 from farm.serve.lora import GroupedLoRA, patch_module_copies
 from farm.serve.sampling import Sampler, find_stop, safe_prefix_len
 
@@ -55,6 +56,8 @@ class GenJob:
     slot: str | None = None
     tag: str = "base"  # metrics label
     stream: bool = False
+    logprobs: int | None = None  # alternatives per completion token (None: no logprobs); farm/serve/logprobs.py
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo)
     # filled in by the engine
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
@@ -62,6 +65,8 @@ class GenJob:
     first_token_at: float | None = None
     cancelled: bool = False
     out_ids: list[int] = field(default_factory=list)
+    out_logprobs: list[list] = field(default_factory=list)  # one entry per out_ids token (with logprobs)
+    prompt_entries: list[list] | None = None
     sent: int = 0  # characters of text already streamed
 
     def emit(self, event: dict) -> None:
@@ -403,6 +408,11 @@ class Engine:
             cache = DynamicCache()
             rows = list(batch)
             out = self._forward(names, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+            for i, job in enumerate(rows):
+                if job.prompt_logprobs is not None:  # echo: every prompt position's logits, exactly
+                    n = len(job.prompt_ids)
+                    job.prompt_entries = [prompt_first(job.prompt_ids[0])] + entries(
+                        out.logits[i, width - n : width - 1], job.prompt_ids[1:], job.prompt_logprobs)
             while True:
                 # sampling runs on CPU: cheap for one row of logits, and seeded draws do not
                 # depend on the device
@@ -411,7 +421,8 @@ class Engine:
                 for i, job in enumerate(rows):
                     try:
                         tok = job.sampler.sample(logits[i])
-                        going = self._advance(job, tok)
+                        entry = None if job.logprobs is None else entries(logits[i : i + 1], [tok], job.logprobs)[0]
+                        going = self._advance(job, tok, entry)
                     except Exception as exc:  # noqa: BLE001 - one row's failure must not fail its batch
                         job.emit({"error": ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")})
                         going = False
@@ -441,8 +452,8 @@ class Engine:
                 return self.base(**inputs, use_cache=True)
         return self.peft(**inputs, use_cache=True, adapter_names=names)
 
-    def _advance(self, job: GenJob, tok: int) -> bool:
-        """Record one token for a row; emit text; return False when the row is finished."""
+    def _advance(self, job: GenJob, tok: int, entry: list | None = None) -> bool:
+        """Record one token (and its logprob entry) for a row; emit text; return False when the row is finished."""
         now = time.perf_counter()
         if job.first_token_at is None:
             job.first_token_at = now
@@ -450,10 +461,14 @@ class Engine:
         if job.cancelled:
             return False
         finish = None
-        if tok in self.eos_ids:
+        if job.max_tokens == 0:  # echo only: the prompt was scored, nothing is generated
+            finish = "length"
+        elif tok in self.eos_ids:
             finish = "stop"
         else:
             job.out_ids.append(tok)
+            if entry is not None:
+                job.out_logprobs.append(entry)
             if len(job.out_ids) >= job.max_tokens:
                 finish = "length"
         text = None
@@ -474,7 +489,9 @@ class Engine:
         if n:  # Ray counters refuse 0 (a completion that stops at its first token)
             metrics.get("tokens").inc(n, tags={"adapter": job.tag})
         metrics.get("tokens_per_s").observe(n / elapsed, tags={"adapter": job.tag})
-        job.emit({"done": {"text": text, "finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(job.prompt_ids)}})
+        job.emit({"done": {"text": text, "finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(job.prompt_ids),
+                           "logprobs": job.out_logprobs if job.logprobs is not None else None,
+                           "prompt_logprobs": job.prompt_entries}})
         return False
 
     # ---- classification -------------------------------------------------------------------

@@ -142,6 +142,8 @@ class AdapterServer:
             slot=slot.name if slot else None,
             tag=job["name"],
             stream=job["stream"],
+            logprobs=job.get("logprobs"),
+            prompt_logprobs=job.get("prompt_logprobs"),
         )
         async for event in self.engine.generate(gen):
             if "error" in event:
