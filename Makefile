@@ -2,6 +2,7 @@
 #   make test   - install into .venv, build the tiny models, run the whole test suite
 #   make demo   - install, build the tiny models, train customer_x's adapter through the farm, generate
 #   make bench  - run the benchmarks under bench/
+#   make quality - train an adapter on MR sentiment on the real SmolLM2 base, base vs adapter vs baselines
 #   make vllm-env - the second environment (.venv-vllm) whose python runs vLLM for `--engine vllm`
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
@@ -38,7 +39,7 @@ VLLM_LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/serve-
 # Their PyPI builds do not load beside the CPU torch and vLLM then fails at import: never locked.
 VLLM_NO_EMIT := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: test demo bench install models clean lock vllm-env
+.PHONY: test demo bench quality install models clean lock vllm-env
 
 install: $(STAMP)
 
@@ -86,6 +87,10 @@ demo: $(STAMP) $(MODELS)
 
 bench: $(STAMP) $(MODELS) $(VLLM_STAMP)
 	$(PY) bench/run_all.py
+
+# Downloads the MR data at run time (never committed); writes bench/results/quality.json.
+quality: $(STAMP) $(REAL_MODEL)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf models bench/results .pytest_cache  # the environments stay: rm -rf .venv .venv-vllm

@@ -46,14 +46,16 @@ def parity(rows: list[dict], served: list[list[float]]) -> dict:
             "rows": len(rows), "tokens": len(diffs), "ok": lengths_ok and worst <= PARITY_TOLERANCE}
 
 
-def baseline_ref(manifest: Manifest, catalog: Catalog) -> str | None:
-    """customer/adapter@vN the manifest's alias points at now, when if_better needs a comparison."""
+def baseline_ref(manifest: Manifest, catalog: Catalog) -> dict | None:
+    """{"catalog": url, "ref": customer/adapter@vN}: the version the manifest's alias points at now,
+    when if_better needs a comparison (the worker fetches it from that catalog: a worker process does
+    not see the driver's FARM_HOME)."""
     from farm.errors import AdapterNotFound
 
     if manifest.alias is None or manifest.alias_policy != "if_better":
         return None
     try:
-        return catalog.resolve(f"{manifest.name}@{manifest.alias}").ref
+        return {"catalog": catalog.url, "ref": catalog.resolve(f"{manifest.name}@{manifest.alias}").ref}
     except AdapterNotFound:
         return None
 

@@ -152,14 +152,14 @@ def token_logprobs(model, rows: dict, count: int, device) -> list[dict]:
     return out
 
 
-def evaluate_baseline(model, ref: str, rows: dict, collate, batch_size: int, device, task: str) -> dict:
-    """The version an alias points at (a catalog ref), scored on this job's eval rows: its adapter
+def evaluate_baseline(model, baseline: dict, rows: dict, collate, batch_size: int, device, task: str) -> dict:
+    """The version an alias points at ({"catalog": url, "ref": ...}), scored on this job's eval rows: its adapter
     fetched (hashes verified), loaded beside the trained one on the same base, evaluated, removed.
     {"baseline_error": why} when it cannot be (another base shape, a deleted version)."""
     from farm.catalog import Catalog
 
     try:
-        path = str(Catalog().fetch(ref))
+        path = str(Catalog(baseline["catalog"]).fetch(baseline["ref"]))
         model.load_adapter(path, adapter_name="farm_baseline", is_trainable=False)
     except Exception as exc:  # noqa: BLE001 - a baseline that does not fit this base is no comparison
         return {"baseline_error": f"{type(exc).__name__}: {exc}"}
