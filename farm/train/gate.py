@@ -78,9 +78,11 @@ def decide(policy: str, alias: str, new: AdapterVersion, current: AdapterVersion
             old_loss, how = old_m.get("full_valid_loss"), "recorded on the same eval file"
         else:
             why = m.get("baseline_error") or "its eval data differs and it was not re-scored"
-            return AliasDecision(False, f"alias {name} stays on v{prev}: no comparable eval loss for v{prev} ({why})", prev)
+            return AliasDecision(False, f"alias {name} stays on v{prev}: no comparable eval loss for v{prev} ({why})",
+                                 prev)
     if new_loss is None or old_loss is None:
-        return AliasDecision(False, f"alias {name} stays on v{prev}: no eval loss to compare (alias_policy if_better)", prev)
+        return AliasDecision(False, f"alias {name} stays on v{prev}: no eval loss to compare (alias_policy if_better)",
+                             prev)
     verdict = f"eval loss {new_loss:.4f} vs {old_loss:.4f} of v{prev}, {how}"
     if new_loss <= old_loss:
         return AliasDecision(True, f"alias {name} moved v{prev} -> v{new.version}: {verdict}", prev)

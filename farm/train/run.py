@@ -100,7 +100,8 @@ class Prepared:
     fingerprint: str
     started: float = field(default_factory=time.time)
     baseline_ref: dict | None = None
-    """The version the manifest's alias points at (farm.train.gate.baseline_ref), scored on this job's eval rows (alias_policy if_better)."""
+    """The version the manifest's alias points at (farm.train.gate.baseline_ref), scored on this job's
+    eval rows (alias_policy if_better)."""
     parity_rows: int = 0
     """Eval rows whose per-token logprobs the worker records for the train/serve parity check."""
 
