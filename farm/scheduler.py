@@ -151,6 +151,8 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
     def on_progress(p: dict) -> None:
         if "step" not in p:  # notes such as a CPU fallback
             _append(logfile, str(p.get("message") or p))
+            if p.get("event") == "gate":  # publish gate decisions are job events (farm status, the API)
+                store.note(job_id, str(p["message"]))
             return
         last.update(p, attempt_id=lease_id)  # marks whose figures these are (see Scheduler._finish)
         _append(logfile, _fmt_progress(p))
@@ -169,6 +171,10 @@ def run_attempt(job_id: str, manifest_doc: dict, lease_id: str, db: str, runner_
         manifest = Manifest.model_validate(manifest_doc)
         runner = load_runner(runner_path)
         extra = {"before_publish": before_publish} if _accepts(runner, "before_publish") else {}
+        if _accepts(runner, "check_parity"):
+            from farm.parity import serving_logprobs
+
+            extra["check_parity"] = serving_logprobs
         result = runner(manifest, job_id=job_id, on_progress=on_progress, **extra)
     except BaseException:
         _append(logfile, f"attempt {attempt} failed:\n{traceback.format_exc()}")

@@ -38,6 +38,7 @@ def train(
         TimeRemainingColumn,
     )
 
+    from farm.parity import serving_logprobs
     from farm.train.run import new_job_id, run_job
 
     job_id = job_id or new_job_id()
@@ -56,7 +57,7 @@ def train(
         task = bar.add_task("loading", total=None, stats="")
 
         def on_progress(m: dict) -> None:
-            if m.get("event") == "cpu_fallback":
+            if m.get("event") in ("cpu_fallback", "gate"):
                 bar.console.print(f"[yellow]note:[/] {m['message']}")
                 return
             if "step" not in m:
@@ -66,7 +67,7 @@ def train(
                 stats += f"  eval {m['eval_loss']:.3f}"
             bar.update(task, description="training", completed=m["step"], total=m["total_steps"], stats=stats)
 
-        version = run_job(manifest, job_id=job_id, on_progress=on_progress)
+        version = run_job(manifest, job_id=job_id, on_progress=on_progress, check_parity=serving_logprobs)
     if json_out:
         print_json(version.to_json())
         return

@@ -36,6 +36,9 @@ STATUS = {"queued": "queued", "retrying": "queued", "running": "running", "succe
           "failed": "failed", "cancelled": "cancelled"}
 
 
+API_ALIAS = "current"
+"""The alias an API job moves to its version when that is not worse (customer/adapter@current)."""
+
 PREFLIGHT_PARAM = {"dataset.train": "training_file", "dataset.eval": "validation_file"}
 
 
@@ -264,6 +267,8 @@ class Jobs:
                 "eval_every": policy.eval_every, "checkpoint_every": policy.checkpoint_every,
             },
             "resources": {"gpus": policy.gpus, "max_failures": policy.max_failures},
+            # API jobs never move the customer's alias to a version that scores worse (farm.train.gate)
+            "alias": API_ALIAS, "alias_policy": "if_better",
         }
         try:
             manifest: Manifest = parse_manifest(doc, source=f"fine-tuning job for {c}")
@@ -466,7 +471,8 @@ class Jobs:
                 "fine_tuned_model_checkpoint": name, "fine_tuning_job_id": PREFIX + record["queue_id"],
                 "step_number": step,
                 "metrics": {"step": float(step), "train_loss": h.get("loss"), "valid_loss": h.get("eval_loss"),
-                            "full_valid_loss": h.get("eval_loss") if step == last else None},
+                            "full_valid_loss": h.get("eval_loss") if step == last else None,
+                            "full_valid_mean_token_accuracy": h.get("eval_mean_token_accuracy") if step == last else None},
             })
         return out
 

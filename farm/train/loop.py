@@ -102,7 +102,8 @@ def build_model(model_cfg: dict, lora_config, device: str):
 
 
 def evaluate(model, rows: dict, collate, batch_size: int, device, task: str) -> dict:
-    """Mean eval loss (token-weighted for causal LM) and accuracy for classification."""
+    """Mean eval loss (token-weighted for causal LM), the share of answer tokens predicted exactly
+    (greedy, causal LM: OpenAI's mean token accuracy) and accuracy for classification."""
     import torch
 
     model.eval()
@@ -119,14 +120,55 @@ def evaluate(model, rows: dict, collate, batch_size: int, device, task: str) -> 
                 correct += int((pred == batch["labels"]).sum())
                 seen += w
             else:
-                w = int((batch["labels"][:, 1:] != -100).sum())
+                target = batch["labels"][:, 1:]
+                scored = target != -100
+                w = int(scored.sum())
+                correct += int(((out.logits[:, :-1].argmax(-1) == target) & scored).sum())
+                seen += w
             total_loss += float(out.loss) * w
             total_weight += w
     model.train()
     metrics = {"eval_loss": total_loss / max(total_weight, 1)}
-    if task == "seq_cls":
-        metrics["eval_accuracy"] = correct / max(seen, 1)
+    key = "eval_accuracy" if task == "seq_cls" else "eval_mean_token_accuracy"
+    metrics[key] = correct / max(seen, 1)
     return metrics
+
+
+def token_logprobs(model, rows: dict, count: int, device) -> list[dict]:
+    """Per-token logprobs of the first `count` rows as the trained model scores them (each token given
+    the ones before it, as an echo request does): the training side of the train/serve parity check."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for j in range(min(count, len(rows["input_ids"]))):
+            ids = list(rows["input_ids"][j])
+            x = torch.tensor([ids], device=device)
+            logits = model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, :-1].float()
+            lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
+            out.append({"input_ids": ids, "logprobs": [float(v) for v in lp]})
+    model.train()
+    return out
+
+
+def evaluate_baseline(model, baseline: dict, rows: dict, collate, batch_size: int, device, task: str) -> dict:
+    """The version an alias points at ({"catalog": url, "ref": ...}), scored on this job's eval rows: its adapter
+    fetched (hashes verified), loaded beside the trained one on the same base, evaluated, removed.
+    {"baseline_error": why} when it cannot be (another base shape, a deleted version)."""
+    from farm.catalog import Catalog
+
+    try:
+        path = str(Catalog(baseline["catalog"]).fetch(baseline["ref"]))
+        model.load_adapter(path, adapter_name="farm_baseline", is_trainable=False)
+    except Exception as exc:  # noqa: BLE001 - a baseline that does not fit this base is no comparison
+        return {"baseline_error": f"{type(exc).__name__}: {exc}"}
+    try:
+        model.set_adapter("farm_baseline")
+        return {"baseline_" + k: v for k, v in evaluate(model, rows, collate, batch_size, device, task).items()}
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("farm_baseline")
 
 
 def _save_checkpoint(model, optimizer, scheduler, state: dict, final: bool, best_weights: dict | None = None):
@@ -262,6 +304,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
             set_peft_model_state_dict(model, best_weights)
         final = evaluate(model, eval_rows, collate, bs, device, task)
+        if config.get("baseline_adapter"):
+            final.update(evaluate_baseline(model, config["baseline_adapter"], eval_rows, collate, bs, device, task))
+        if task == "causal_lm" and config.get("parity_rows"):
+            state["parity_rows"] = token_logprobs(model, eval_rows, config["parity_rows"], device)
         final.update({
             "step": state["step"], "total_steps": total_steps, "tokens": state["tokens"],
             "train_seconds": state["train_seconds"], "optimizer": opt_name, "stopped_early": state["stopped_early"],

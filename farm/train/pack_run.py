@@ -293,7 +293,8 @@ class _Driver:
                                      f"no longer holds the job")
 
             fitted = Fitted(tmp, self.placement, self.histories.get(job_id, []), lineage={"pack": self.pack_id})
-            version = publish(job, fitted, before_publish=gate)
+            version = publish(job, fitted, before_publish=gate,
+                              on_event=lambda e: self.hooks.log(job_id, str(e.get("message"))))
         except Exception as exc:  # noqa: BLE001 - this job fails alone
             self.hooks.log(job_id, f"publish failed:\n{traceback.format_exc()}")
             self.channel.finish.remote({"job_id": job_id, "ok": False, "error": f"{type(exc).__name__}: {exc}",

@@ -50,6 +50,23 @@ def plot_loss_curve(history: list[dict], path: Path, title: str) -> Path:
     return path
 
 
+def openai_metrics(final: dict, history: list[dict]) -> dict:
+    """The final metrics under OpenAI's fine-tuning names: train_loss (last step), valid_loss (the
+    last periodic eval, else the final one), full_valid_loss and full_valid_mean_token_accuracy (the
+    whole eval set after training)."""
+    out: dict[str, float] = {}
+    train = [h["loss"] for h in history if "loss" in h and not h.get("final")]
+    if train:
+        out["train_loss"] = train[-1]
+    periodic = [h["eval_loss"] for h in history if "eval_loss" in h and not h.get("final")]
+    if "eval_loss" in final:
+        out["valid_loss"] = periodic[-1] if periodic else final["eval_loss"]
+        out["full_valid_loss"] = final["eval_loss"]
+    if "eval_mean_token_accuracy" in final:
+        out["full_valid_mean_token_accuracy"] = final["eval_mean_token_accuracy"]
+    return out
+
+
 def build_metadata(
     *,
     job_id: str,
@@ -65,10 +82,11 @@ def build_metadata(
 ) -> dict:
     """The lineage record stored in the version's farm.json."""
     train_seconds = float(final.get("train_seconds", 0.0))
-    metrics = {k: v for k, v in final.items() if k.startswith("eval_")}
+    metrics = {k: v for k, v in final.items() if k.startswith(("eval_", "baseline_"))}
     train_losses = [h["loss"] for h in history if "loss" in h and not h.get("final")]
     if train_losses:
         metrics["train_loss"] = train_losses[-1]
+    metrics.update(openai_metrics(final, history))
     return {
         "job_id": job_id,
         "customer": manifest.customer,

@@ -31,6 +31,7 @@ from farm.train.checkpoint import ADAPTER_FILES, FINAL_MARKER, check_identity, r
 
 if TYPE_CHECKING:
     from farm.catalog import AdapterVersion, Catalog
+    from farm.train.gate import ParityCheck
     from farm.placement import WorkerPlacement
     from farm.settings import Settings
     from farm.train.data import DataSummary
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("farm.train")
 
 ProgressFn = Callable[[dict], None]
+PARITY_ROWS = 2
+"""Eval rows the parity gate compares (each costs one forward on each side)."""
 PublishGate = Callable[[], None]
 """Called right before the catalog publish; raising stops the publish (a cancelled job)."""
 
@@ -96,6 +99,11 @@ class Prepared:
     pad_token_id: int
     fingerprint: str
     started: float = field(default_factory=time.time)
+    baseline_ref: dict | None = None
+    """The version the manifest's alias points at (farm.train.gate.baseline_ref), scored on this job's
+    eval rows (alias_policy if_better)."""
+    parity_rows: int = 0
+    """Eval rows whose per-token logprobs the worker records for the train/serve parity check."""
 
     @property
     def identity(self) -> dict:
@@ -160,6 +168,8 @@ def loop_config(job: Prepared, progress: Any, cpu_threads: int | None) -> dict[s
         "progress": progress,
         "cpu_threads": cpu_threads,
         "identity": job.identity,
+        "baseline_adapter": job.baseline_ref,
+        "parity_rows": job.parity_rows,
     }
 
 
@@ -233,9 +243,21 @@ def fit(job: Prepared, *, on_progress: ProgressFn | None = None, storage_path: s
 
 
 def publish(job: Prepared, fitted: Fitted, *, catalog: Catalog | None = None,
-            before_publish: PublishGate | None = None) -> AdapterVersion:
-    """Publish the fitted adapter with its loss curve and farm.json; idempotent per job id."""
+            before_publish: PublishGate | None = None, check_parity: ParityCheck | None = None,
+            on_event: ProgressFn | None = None) -> AdapterVersion:
+    """Publish the fitted adapter with its loss curve and farm.json; idempotent per job id.
+
+    With `check_parity` and parity rows in the checkpoint, a version whose served logprobs differ from
+    the trainer's beyond tolerance is not published (TrainingError). Afterwards the manifest's alias
+    moves as its alias_policy allows (farm.train.gate); each decision goes to `on_event` as
+    {"event": "gate", "message": ...}."""
+    from farm.train import gate
     from farm.train.report import build_metadata, plot_loss_curve
+
+    def say(message: str) -> None:
+        log.info("job %s: %s", job.job_id, message)
+        if on_event is not None:
+            on_event({"event": "gate", "message": message})
 
     if catalog is None:
         from farm.catalog import Catalog
@@ -267,10 +289,26 @@ def publish(job: Prepared, fitted: Fitted, *, catalog: Catalog | None = None,
             wall_seconds=time.time() - job.started,
         )
         metadata.update(fitted.lineage)
+        rows = state.get("parity_rows") or []
+        if check_parity is not None and rows:
+            q = metadata["quantization"]
+            quant = {"mode": q["mode"], "double_quant": q["double_quant"], "compute_dtype": q["compute_dtype"]}
+            record = gate.parity(rows, check_parity(m.base_model, quant, out, rows))
+            metadata["parity"] = record
+            what = (f"train/serve parity: max |logprob difference| {record['max_abs_logprob_diff']:.2e} over "
+                    f"{record['tokens']} tokens of {record['rows']} eval rows (tolerance {record['tolerance']})")
+            if not record["ok"]:
+                say(f"not published: {what}")
+                raise TrainingError(f"job {job_id}: not published: {what}: the served adapter would not "
+                                    f"behave as trained (check the base, tokenizer and adapter config)")
+            say(what)
         if before_publish is not None:
             before_publish()  # past this point the job ends published, whatever else is requested
         version = catalog.publish(m.customer, m.adapter, Path(out), metadata, idempotency_key=job_id)
     log.info("job %s published %s", job_id, version.ref)
+    decision = gate.move_alias(catalog, m, version)
+    if decision is not None:
+        say(decision.reason)
     return version
 
 
@@ -283,11 +321,25 @@ def run_job(
     storage_path: str | None = None,
     cpu_threads: int | None = None,
     before_publish: PublishGate | None = None,
+    check_parity: ParityCheck | None = None,
 ) -> AdapterVersion:
-    """Train the manifest's adapter on Ray Train and publish it; returns the published version."""
+    """Train the manifest's adapter on Ray Train and publish it; returns the published version.
+
+    `check_parity` (farm.parity.serving_logprobs where serving is installed) turns on the train/serve
+    parity gate for causal LM jobs: the worker records a few eval rows' logprobs to compare."""
+    from farm.train.gate import baseline_ref
+
+    if catalog is None:
+        from farm.catalog import Catalog
+
+        catalog = Catalog()
     job = prepare(manifest, job_id or new_job_id())
+    job.baseline_ref = baseline_ref(manifest, catalog)
+    if check_parity is not None and manifest.task == "causal_lm":
+        job.parity_rows = PARITY_ROWS
     fitted = fit(job, on_progress=on_progress, storage_path=storage_path, cpu_threads=cpu_threads)
-    return publish(job, fitted, catalog=catalog, before_publish=before_publish)
+    return publish(job, fitted, catalog=catalog, before_publish=before_publish, check_parity=check_parity,
+                   on_event=on_progress)
 
 
 def _root_cause(exc: BaseException) -> str:
