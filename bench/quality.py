@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
              (f"{MODEL_NAME} base (NF4, farm engine)", scores["base"]["label_accuracy"], scores["base"]["exact_match"]),
              (f"{MODEL_NAME} + farm adapter ({args.steps} steps x {args.batch_size})",
               scores["adapter"]["label_accuracy"], scores["adapter"]["exact_match"])]
-    print(f"\n| model | label accuracy | exact match |\n|---|---|---|")
+    print("\n| model | label accuracy | exact match |\n|---|---|---|")
     for name, acc, em in table:
         print(f"| {name} | {acc:.3f} | {'' if em is None else f'{em:.3f}'} |")
     for name, acc in PUBLISHED.items():

@@ -16,8 +16,15 @@ import pytest
 
 from farm.serve.auth import KeyStore
 from tests.ports import free_port
-from tests.serve_helpers import (KEYS, PROMPT, peft_initializers, publish_under_traffic, wait_healthy, with_config,
-                                 write_keys_file)
+from tests.serve_helpers import (
+    KEYS,
+    PROMPT,
+    peft_initializers,
+    publish_under_traffic,
+    wait_healthy,
+    with_config,
+    write_keys_file,
+)
 from tests.test_serve_support import make_adapter, stock_greedy
 
 pytestmark = pytest.mark.ray

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import secrets
-from farm.manifest import check_name
+
 from farm.finetune.errors import bad_request, quota
+from farm.manifest import check_name
 
 MAX_CAS_TRIES = 50
 

@@ -225,7 +225,7 @@ class Ingress:
             if not req.stream:
                 done = await self._handle(target).complete.remote(job)
                 make = protocol.chat_body if kind == "chat" else protocol.completion_body
-                text, logprobs = _with_logprobs(req, done, TokenText(tokenizer))
+                text, logprobs = _with_logprobs(req, done, TokenText(base.tokenizer))
                 body = make(rid, target.ref, text, done["finish_reason"], done["prompt_tokens"], done["completion_tokens"],
                             logprobs)
                 return JSONResponse(body)

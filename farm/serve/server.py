@@ -31,7 +31,6 @@ from farm.serve.limits import ApiError
 from farm.serve.resolver import catalog_error
 from farm.serve.sampling import Sampler
 
-
 MAX_VERSIONS = 4096  # version records kept for the loader before the ones no longer needed are forgotten
 
 

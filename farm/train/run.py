@@ -31,10 +31,10 @@ from farm.train.checkpoint import ADAPTER_FILES, FINAL_MARKER, check_identity, r
 
 if TYPE_CHECKING:
     from farm.catalog import AdapterVersion, Catalog
-    from farm.train.gate import ParityCheck
     from farm.placement import WorkerPlacement
     from farm.settings import Settings
     from farm.train.data import DataSummary
+    from farm.train.gate import ParityCheck
 
 log = logging.getLogger("farm.train")
 

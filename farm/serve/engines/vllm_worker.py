@@ -27,7 +27,6 @@ import os
 import socket
 import sys
 
-
 TOKEN_ENV = "FARM_VLLM_WORKER_TOKEN"  # the per-replica secret every call must carry (Bearer)
 
 
