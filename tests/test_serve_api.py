@@ -444,7 +444,8 @@ def test_chat_logprobs_equal_stock_peft_in_openai_chat_shape(served):
     ids, lp = stock_logprobs(served.tiny, served.dirs["globex/billing"], chat_ids, generate=6)
     content = r.choices[0].logprobs.content
     assert len(content) == len(ids) - len(chat_ids) == r.usage.completion_tokens
-    assert bytes(b for c in content for b in c.bytes).decode() == r.choices[0].message.content
+    # a random tiny model may split a character across tokens: the joined bytes decode as the text does
+    assert bytes(b for c in content for b in c.bytes).decode(errors="replace") == r.choices[0].message.content
     for n, c in enumerate(content):
         want = lp[len(chat_ids) + n - 1]
         assert abs(c.logprob - float(want[ids[len(chat_ids) + n]])) <= 1e-4
