@@ -426,7 +426,10 @@ def test_completion_logprobs_with_echo_equal_stock_peft_for_base_and_adapter_row
     scored = client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=0, echo=True,
                                                        logprobs=0)
     assert scored.choices[0].text == PROMPT and scored.usage.completion_tokens == 0
-    assert scored.choices[0].logprobs.token_logprobs == answers[1].choices[0].logprobs.token_logprobs[: len(prompt_ids)]
+    # scored alone vs in a batch of two: the same math up to float reduction order (a few 1e-7)
+    alone, batched = scored.choices[0].logprobs.token_logprobs, answers[1].choices[0].logprobs.token_logprobs
+    assert alone[0] is None and len(alone) == len(prompt_ids)
+    assert all(abs(a - b) <= 1e-5 for a, b in zip(alone[1:], batched[1: len(prompt_ids)], strict=True))
     plain = client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=6, temperature=0)
     assert plain.choices[0].logprobs is None
 
