@@ -79,6 +79,14 @@ def load_checked(path: str | Path, *, offline: bool = False) -> tuple[Manifest, 
 # ---- dispatch ------------------------------------------------------------------------------------
 
 
+def model_problem(value: str, *, base_dir: str | Path | None = None, offline: bool = False) -> str | None:
+    """What is wrong with one base-model reference (local folder, s3:// folder, hub id), as one line
+    'value: problem', or None: the checks of a manifest's base_model, for `farm serve` before it deploys."""
+    report = PreflightReport()
+    _check_ref(report, "base_model", value, offline, lambda v: _check_local_model(v, base_dir), _check_s3_model)
+    return report.problems[0].removeprefix("base_model: ") if report.problems else None
+
+
 def _check_ref(report, key, value, offline, local, s3) -> None:
     if value.startswith("file://"):
         value = value[len("file://"):]

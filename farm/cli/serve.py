@@ -30,10 +30,18 @@ def serve_cmd(
     max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", help="vllm engine: largest adapter rank served.")] = 16,
 ) -> None:
     """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, the farm `farm up` started, or a local one; Ctrl-C stops."""
+    from farm.errors import FarmError
     from farm.finetune.config import serve_extra
     from farm.finetune.policy import serve_policy
+    from farm.manifest import resolve_local_path
+    from farm.preflight import model_problem
     from farm.serve.auth import KeyStore
     from farm.serve.config import check_bind
+
+    # Replicas (and the vLLM worker) run in other folders: every local path is made absolute here,
+    # flags relative to the current folder, a config file's entries relative to the file.
+    here = Path.cwd()
+    catalog = resolve_local_path(catalog, here)
 
     if config is not None:
         from farm.serve.config_file import load_serve_config
@@ -51,8 +59,14 @@ def serve_cmd(
                 c.catalog_url = catalog
     else:
         policy_section, policy_source = None, "farm serve"
+        base_model = resolve_local_path(base_model, here, model=True)
+        keys = Path(resolve_local_path(str(keys), here)) if keys else None
         cfgs = [_one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host,
                           port, gpus_per_replica, engine, lora_slots, max_lora_rank, dtype)]
+    for c in cfgs:  # a base that cannot load fails here, not as replicas Serve restarts for minutes
+        problem = model_problem(c.base_model, base_dir=config.resolve().parent if config else here)
+        if problem:
+            raise FarmError(f"cannot serve base {c.served_name!r}: {problem}")
     cfg = cfgs[0]
     # The OpenAI fine-tuning API on the same service: the package's policy defaults, then the file's.
     cfg.extra.update(serve_extra(cfg.served_name, serve_policy(cfg.base_model, policy_section, policy_source)))

@@ -382,5 +382,13 @@ def deploy(
     app = build_app(cfg, keys)
     host, port = check_existing(running_proxy(), first.host, first.port, len(keys))
     serve.start(http_options={"host": first.host, "port": first.port})
-    serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
+    # our own wait (startup.py): the first replica that cannot start ends the deploy, no crash loop
+    serve._run(app, name=name, route_prefix=route_prefix, _blocking=False)
+    from farm.serve.startup import wait_running
+
+    wait_running(name, [c.served_name for c in ([cfg] if isinstance(cfg, ServeConfig) else cfg)])
+    if blocking:
+        from ray.serve._private.utils import wait_for_interrupt
+
+        wait_for_interrupt()
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
