@@ -163,6 +163,8 @@ def _check_local_model(value: str, base_dir: str | Path | None) -> str | None:
         if base_dir is not None and "/" in value and (Path(base_dir) / first).is_dir():
             return (f"no such model folder in {Path(base_dir) / first} (if it is a hub id, "
                     f"rename the local folder {first!r} that shadows it)")
+        if _hub_offline() and not _hub_cached(value):
+            return "not a local model folder, and not in the hub cache (HF_HUB_OFFLINE is set: it cannot be fetched)"
         return None  # a hub id: shape only
     if not p.is_dir():
         return "is a file, expected a model folder (config.json and *.safetensors weights)"
@@ -171,6 +173,20 @@ def _check_local_model(value: str, base_dir: str | Path | None) -> str | None:
     except OSError as exc:
         return f"cannot read the model folder ({exc.strerror or exc})"
     return _model_files_problem(names)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether the hub id's config.json is in the local hub cache (what an offline load reads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id is simply not cached
+        return False
 
 
 def _model_files_problem(names: list[str]) -> str | None:

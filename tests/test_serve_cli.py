@@ -49,3 +49,89 @@ def test_config_checks_all_at_once():
     with pytest.raises(FarmError) as e:
         ServeConfig(base_model="m", replicas=0, routing="random")
     assert "replicas" in str(e.value) and "routing" in str(e.value)
+
+
+def _cli(args, cwd, **env):
+    """`farm serve ...` as a user runs it (a subprocess in `cwd`); (exit code, stdout + stderr)."""
+    import os
+    from pathlib import Path
+
+    proc = subprocess.run([str(Path(sys.executable).parent / "farm"), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "RAY_ADDRESS": "", **env}, timeout=60)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_a_base_that_cannot_load_fails_before_ray_starts_with_one_line(tmp_path):
+    """Missing folder (relative, as the README writes it), a folder without weights, and a hub id
+    with the hub offline: exit 2 with one line naming the base and the cause, no Ray, no traceback."""
+    (tmp_path / "models" / "broken").mkdir(parents=True)
+    (tmp_path / "models" / "broken" / "config.json").write_text("{}")
+    cases = {
+        "models/tiny-lama": f"no such model folder in {tmp_path / 'models'}",
+        "models/broken": f"{tmp_path / 'models' / 'broken'}: no weights (*.safetensors)",
+        "some-org/some-model": "HF_HUB_OFFLINE is set",
+    }
+    for base, cause in cases.items():
+        rc, out = _cli(["serve", "--base-model", base], tmp_path, HF_HUB_OFFLINE="1")
+        assert rc == 2, out
+        assert "cannot serve base" in out and cause in out, out
+        assert "Traceback" not in out and "Started Serve" not in out and "Ray" not in out, out
+
+
+def test_relative_flags_are_made_absolute_before_deploying(tmp_path, monkeypatch):
+    """Replicas and the vLLM worker run in other folders: what deploy receives holds absolute paths
+    (base, keys file, catalog), each relative to the folder `farm serve` ran in."""
+    from typer.testing import CliRunner
+
+    import farm.cluster
+    import farm.raycluster
+    import farm.serve.app
+    from farm.cli import app
+
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    (tmp_path / "keys.yaml").write_text(f"keys:\n  - sha256: {hash_key('k1')}\n    customer: acme\n")
+    seen = []
+
+    class Deployed(Exception):
+        pass
+
+    def fake_deploy(cfgs, store):
+        seen.extend(cfgs)
+        raise Deployed
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(farm.cluster, "use_running_farm", lambda: None)
+    monkeypatch.setattr(farm.raycluster, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(farm.serve.app, "deploy", fake_deploy)
+    result = CliRunner().invoke(app, ["serve", "--base-model", "models/m", "--keys", "keys.yaml", "--catalog", "cat",
+                                      "--engine", "vllm", "--quantization", "none"])
+    assert isinstance(result.exception, Deployed), result.output
+    (cfg,) = seen
+    assert cfg.base_model == str(model) and cfg.keys_file == str(tmp_path / "keys.yaml")
+    assert cfg.catalog_url == str(tmp_path / "cat") and cfg.engine == "vllm"
+
+
+def test_a_failed_replica_is_reported_as_its_own_error_line():
+    """Serve's status after a replica constructor raised: startup_failure finds it and keeps the
+    replica's own error line (not Serve's wrapper or the traceback)."""
+    from types import SimpleNamespace as NS
+
+    from farm.serve.startup import replica_error, startup_failure
+
+    message = ("Deployment 'AdapterServer' in application 'farm' failed to start 3 replicas, retrying. "
+               "The last error was:\nray::ServeReplica:farm:AdapterServer.initialize_and_get_metadata()\n"
+               "Traceback (most recent call last):\n  File \"x.py\", line 1, in f\n"
+               "farm.errors.ModelError: base_model '/m': no weights in the folder\n")
+    assert replica_error(message) == "ModelError: base_model '/m': no weights in the folder"
+    assert replica_error("") == "no error message"
+    starting = NS(status="DEPLOYING", message="", deployments={"AdapterServer": NS(
+        status="UPDATING", status_trigger="CONFIG_UPDATE_STARTED", message="")})
+    assert startup_failure(starting) is None
+    failed = NS(status="DEPLOYING", message="", deployments={"AdapterServer": NS(
+        status="UPDATING", status_trigger="REPLICA_STARTUP_FAILED", message=message)})
+    assert startup_failure(failed) == ("AdapterServer", "ModelError: base_model '/m': no weights in the folder")
+    gone = NS(status="DEPLOY_FAILED", message="RuntimeError: boom", deployments={})
+    assert startup_failure(gone) == ("application", "RuntimeError: boom")

@@ -63,15 +63,15 @@ def serve_cmd(
         keys = Path(resolve_local_path(str(keys), here)) if keys else None
         cfgs = [_one_base(base_model, catalog, quantization, replicas, max_adapters, routing, max_batch_size, keys, host,
                           port, gpus_per_replica, engine, lora_slots, max_lora_rank, dtype)]
-    for c in cfgs:  # a base that cannot load fails here, not as replicas Serve restarts for minutes
-        problem = model_problem(c.base_model, base_dir=config.resolve().parent if config else here)
-        if problem:
-            raise FarmError(f"cannot serve base {c.served_name!r}: {problem}")
     cfg = cfgs[0]
     # The OpenAI fine-tuning API on the same service: the package's policy defaults, then the file's.
     cfg.extra.update(serve_extra(cfg.served_name, serve_policy(cfg.base_model, policy_section, policy_source)))
     store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
     check_bind(cfg.host, len(store))
+    for c in cfgs:  # a base that cannot load fails here, not as replicas Serve restarts for minutes
+        problem = model_problem(c.base_model, base_dir=config.resolve().parent if config else here)
+        if problem:
+            raise FarmError(f"cannot serve base {c.served_name!r}: {problem}")
     for c in cfgs:
         if c.engine == "vllm":
             from farm.serve.engines.base import choose
