@@ -84,7 +84,12 @@ def model_problem(value: str, *, base_dir: str | Path | None = None, offline: bo
     'value: problem', or None: the checks of a manifest's base_model, for `farm serve` before it deploys."""
     report = PreflightReport()
     _check_ref(report, "base_model", value, offline, lambda v: _check_local_model(v, base_dir), _check_s3_model)
-    return report.problems[0].removeprefix("base_model: ") if report.problems else None
+    if report.problems:
+        return report.problems[0].removeprefix("base_model: ")
+    if not is_url(value) and not Path(value).expanduser().is_absolute() and _hub_offline() and not _hub_cached(value):
+        # serving loads now: a hub id it cannot fetch would make replicas wait for the hub, then fail
+        return f"{value}: not a local model folder, and not in the hub cache (HF_HUB_OFFLINE is set: it cannot be fetched)"
+    return None
 
 
 def _check_ref(report, key, value, offline, local, s3) -> None:
@@ -163,8 +168,6 @@ def _check_local_model(value: str, base_dir: str | Path | None) -> str | None:
         if base_dir is not None and "/" in value and (Path(base_dir) / first).is_dir():
             return (f"no such model folder in {Path(base_dir) / first} (if it is a hub id, "
                     f"rename the local folder {first!r} that shadows it)")
-        if _hub_offline() and not _hub_cached(value):
-            return "not a local model folder, and not in the hub cache (HF_HUB_OFFLINE is set: it cannot be fetched)"
         return None  # a hub id: shape only
     if not p.is_dir():
         return "is a file, expected a model folder (config.json and *.safetensors weights)"
