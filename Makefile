@@ -86,7 +86,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP) $(MODELS)
 	$(PY) -m farm.demo jobs/customer_x.yaml

@@ -39,3 +39,30 @@ def module_farm_home(tmp_path_factory):
         for name in ("FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB"):
             mp.delenv(name, raising=False)
         yield home
+
+
+# `make test` runs two pytest-xdist workers with --dist loadgroup; each worker has its own Ray cluster
+# and SeaweedFS. A module is one group (its module-scoped farms and Serve apps are built once); the
+# vLLM modules share one, so two vLLM engines never run at once. Groups go out longest first (the
+# longest-processing-time rule), from the --durations report of a serial run: the last one started
+# should be short.
+_SAME_GROUP = {"test_serve_vllm_bounds": "test_serve_vllm"}
+_LONGEST_FIRST = [
+    "test_multinode", "test_train", "test_pack_e2e", "test_publish_gate", "test_serve_load", "test_serve_vllm",
+    "test_cli_jobs", "test_finetune_e2e", "test_scheduler_e2e", "test_s3_e2e", "test_serve_api", "test_locked_doors",
+    "test_autoscale", "test_scheduler",
+]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    def module(item) -> str:
+        return item.path.stem
+
+    def group(item) -> str:
+        return _SAME_GROUP.get(module(item), module(item))
+
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda it: rank.get(group(it), len(rank)))  # stable: a module's own order is kept
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))

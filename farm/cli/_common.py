@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 
@@ -11,6 +11,6 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-def print_json(data: Any) -> None:
-    """Plain JSON on stdout (no rich markup) for scripts."""
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+def print_json(data: Any, file: IO[str] | None = None) -> None:
+    """Plain JSON on stdout, or `file`, (no rich markup) for scripts."""
+    print(json.dumps(data, indent=2, sort_keys=True, default=str), file=file)

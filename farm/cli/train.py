@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,9 @@ def train(
     from farm.train.run import new_job_id, run_job
 
     job_id = job_id or new_job_id()
+    out = sys.stdout
+    if json_out:  # Ray prints its own warnings (the raylet's, at any time, even at exit) with print():
+        sys.stdout = sys.stderr  # under --json they go to stderr and stdout holds the JSON document alone
     if not json_out:
         console.print(f"job [bold]{job_id}[/]: {manifest.summary()}")
     columns = (
@@ -69,7 +73,8 @@ def train(
 
         version = run_job(manifest, job_id=job_id, on_progress=on_progress, check_parity=serving_logprobs)
     if json_out:
-        print_json(version.to_json())
+        print_json(version.to_json(), file=out)
+        out.flush()
         return
     metrics = version.metadata.get("metrics", {})
     shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
