@@ -22,7 +22,7 @@ from tests.test_serve_vllm import stock_fp32
 
 pytestmark = pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (make vllm-env)")
 
-K, SLOTS, ADAPTERS, PER_ADAPTER, TOKENS = 2, 1, 8, 4, 32
+K, SLOTS, ADAPTERS, PER_ADAPTER, TOKENS, LONG = 2, 1, 8, 4, 32, 240
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def test_cycling_more_adapters_than_vllm_holds_never_overfills_it_and_answers_st
     ids = load_tokenizer(str(tiny_llama)).encode(PROMPT)
     dirs = [make_adapter(tiny_llama, tmp_path / f"a{i}", seed=3 + i) for i in range(ADAPTERS)]
     want = [stock_fp32(tiny_llama, d, ids, TOKENS) for d in dirs]
+    want_long = stock_fp32(tiny_llama, dirs[0], ids, LONG)
     seen: list[tuple[set, set]] = []  # (registered by the replica, held by vLLM) at each sample
     stop = threading.Event()
 
@@ -58,8 +59,8 @@ def test_cycling_more_adapters_than_vllm_holds_never_overfills_it_and_answers_st
                 pass
             stop.wait(0.05)
 
-    async def ask(slot: str) -> str:
-        job = GenJob(prompt_ids=ids, max_tokens=TOKENS, sampler=Sampler(temperature=0.0, top_p=1.0, seed=None),
+    async def ask(slot: str, tokens: int = TOKENS) -> str:
+        job = GenJob(prompt_ids=ids, max_tokens=tokens, sampler=Sampler(temperature=0.0, top_p=1.0, seed=None),
                      stops=[], slot=slot, tag=slot, stream=False)
         async for event in engine.generate(job):
             if "error" in event:
@@ -76,19 +77,23 @@ def test_cycling_more_adapters_than_vllm_holds_never_overfills_it_and_answers_st
                 engine.detach(live.pop(0))
             slot = await asyncio.to_thread(engine.attach, d, None, name=f"ver-{i}")
             live.append(slot.name)
+            if i == 0:  # a long answer holds the one adapter slot: the next adapters' requests queue
+                long = asyncio.ensure_future(ask(slot.name, LONG))
+                await asyncio.sleep(0.2)
             tasks += [(i, asyncio.ensure_future(ask(slot.name))) for _ in range(PER_ADAPTER)]
             await asyncio.sleep(0)  # let them reach the worker's gate
-        return [(i, await t) for i, t in tasks]
+        return [(i, await t) for i, t in tasks], await long
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        answers = asyncio.run(drive())
+        answers, long_answer = asyncio.run(drive())
     finally:
         stop.set()
         watcher.join()
     wrong = [(i, got, want[i]) for i, got in answers if got != want[i]]
     assert not wrong, wrong
+    assert long_answer == want_long
     assert len(answers) == ADAPTERS * PER_ADAPTER
     assert seen
     most = max(len(registered) for registered, _ in seen)
