@@ -81,7 +81,11 @@ def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_onc
         _wait(store, lambda: store.get(b).done, "b cancelled")
         assert store.get(b).state is JobState.CANCELLED
         # SIGKILL the pack's worker while a and c train: both resume from their checkpoints.
-        ja = _wait(store, lambda: (j := store.get(a)).progress.get("step", 0) >= 6 and j, "a past a checkpoint")
+        # A job reports step n before it writes step n's checkpoint, so a report of step n+1 is what proves
+        # step n's checkpoint is stored (checkpoint_every=2): a at >= 6 has step 4's, c at >= 3 has step 2's.
+        # Waiting on a alone let c, which joined later, be killed before its first checkpoint on a busy box.
+        ja = _wait(store, lambda: store.get(c).progress.get("step", 0) >= 3
+                   and (j := store.get(a)).progress.get("step", 0) >= 6 and j, "a and c past a checkpoint")
         worker_pid = ja.progress["pid"]
         os.kill(worker_pid, signal.SIGKILL)
         for j in (a, c):
