@@ -6,8 +6,10 @@ its README says the corpora are for personal use, so they are never committed). 
 balanced rows; the rest train. The adapter is trained through the real path: `farm submit` -> queue
 -> scheduler -> Ray Train -> catalog, served by `farm serve` (the farm engine, NF4 base) and scored
 over the OpenAI API with the official client, base vs adapter:
-  * label accuracy: the logprob of `positive` vs `negative` at the answer's first token (top_logprobs)
-  * exact match: the greedy answer (max_tokens 4, temperature 0) is exactly the label
+  * label accuracy: which of `positive` / `negative` has the higher log-probability as the answer (the
+    completions endpoint scores the chat-rendered prompt + label with echo, max_tokens 0)
+  * exact match: greedy decoding answers exactly the label: each label token, then the end of the turn,
+    is the top-1 token at its position (the same echo request's top-1 alternatives)
 Baselines in the same run on the same split: majority class, bag-of-words Naive Bayes and logistic
 regression (scikit-learn); published MR figures for reference (10-fold on all 10,662 sentences).
 
@@ -130,32 +132,65 @@ def write_job(work: Path, train, eval_rows, args) -> Path:
     return path
 
 
-def score(client, model: str, test) -> dict:
-    """Label accuracy (label-token logprobs) and exact match (greedy answer) of one model over the API."""
-    right = exact = 0
-    answers = []
-    for text, y in test:
-        r = client.chat.completions.create(model=model, messages=messages(text), max_tokens=4, temperature=0,
-                                           logprobs=True, top_logprobs=20)
-        c = r.choices[0]
-        first = c.logprobs.content[0].top_logprobs if c.logprobs and c.logprobs.content else []
-        lp = {t.token.strip(): t.logprob for t in first}
-        s = [lp.get(label, float("-inf")) for label in LABELS]
-        right += int(s[y] > s[1 - y])
-        answer = (c.message.content or "").strip()
-        exact += int(answer == LABELS[y])
-        answers.append(answer)
+def label_logprobs(client, model: str, prefix: str, end: str) -> list[tuple[float, bool]]:
+    """Per label: (its log-probability as the answer, whether greedy decoding answers exactly it).
+
+    The completions endpoint scores the chat-rendered prompt + label + end-of-turn (echo, max_tokens 0,
+    logprobs 1). The label's tokens' logprobs summed are its score: exact for any tokenization, and
+    defined when a label is outside the top-20 alternatives (the base model's usual case). Greedy
+    decoding (temperature 0) answers exactly the label iff every label token and then the end of the
+    turn are each the most likely token at their position, which the top-1 alternatives show: the same
+    test as generating, without generating.
+    """
+    out = []
+    for label in LABELS:
+        r = client.completions.create(model=model, prompt=prefix + label + end, max_tokens=0, echo=True,
+                                      logprobs=1, temperature=0)
+        lp = r.choices[0].logprobs
+        at = [i for i, off in enumerate(lp.text_offset) if off >= len(prefix)]
+        label_at = [i for i in at if lp.text_offset[i] < len(prefix) + len(label)]
+        if not label_at or len(at) == len(label_at):
+            raise SystemExit(f"{model}: the server's tokens do not split at the label {label!r} and the end of turn")
+        greedy = all(max(lp.top_logprobs[i], key=lp.top_logprobs[i].get) == lp.tokens[i] for i in at)
+        out.append((sum(lp.token_logprobs[i] for i in label_at), greedy))
+    return out
+
+
+def score(client, tokenizer, model: str, test, workers: int) -> dict:
+    """Label accuracy (label logprobs) and exact match (greedy answer) of one model over the API."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    end = tokenizer.eos_token  # ChatML's <|im_end|>: where a greedy answer stops
+
+    def one(row):
+        text, y = row
+        prefix = tokenizer.apply_chat_template(messages(text), add_generation_prompt=True, tokenize=False)
+        (s_neg, _), (s_pos, _) = scores = label_logprobs(client, model, prefix, end)
+        right = (s_pos > s_neg) if y == 1 else (s_neg > s_pos)
+        return int(right), int(scores[y][1])
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(pool.map(one, test))
     n = len(test)
-    return {"label_accuracy": right / n, "exact_match": exact / n, "answers": answers}
+    return {"label_accuracy": sum(r[0] for r in results) / n, "exact_match": sum(r[1] for r in results) / n}
 
 
-def serve_and_score(ref: str, test, port: int) -> dict:
+def greedy_answers(client, model: str, test) -> list[str]:
+    """A few greedy chat answers, printed beside the scores so a reader sees what the model says."""
+    return [(client.chat.completions.create(model=model, messages=messages(text), max_tokens=8, temperature=0)
+             .choices[0].message.content or "").strip() for text, _ in test]
+
+
+def serve_and_score(ref: str, test, port: int, workers: int) -> dict:
     """`farm serve` the real base (farm engine, NF4) and score base and adapter over the OpenAI API."""
     import httpx
     from openai import OpenAI
 
     exe = Path(sys.executable).with_name("farm")
-    cmd = [str(exe), "serve", "--base-model", str(BASE), "--port", str(port), "--max-batch-size", "1"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BASE))  # renders the chat template the server applies
+    cmd = [str(exe), "serve", "--base-model", str(BASE), "--port", str(port), "--max-batch-size", str(workers)]
     print(f"$ farm {' '.join(cmd[1:])}", flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/v1"
@@ -176,7 +211,8 @@ def serve_and_score(ref: str, test, port: int) -> dict:
         out = {}
         for name, model in (("base", MODEL_NAME), ("adapter", ref)):
             t = time.perf_counter()
-            out[name] = score(client, model, test)
+            out[name] = score(client, tokenizer, model, test, workers)
+            out[name]["examples"] = dict(zip([t for t, _ in test[:3]], greedy_answers(client, model, test[:3]), strict=True))
             out[name]["seconds"] = time.perf_counter() - t
             print(f"  {name}: label accuracy {out[name]['label_accuracy']:.3f}, exact match {out[name]['exact_match']:.3f}"
                   f" ({out[name]['seconds']:.0f} s)", flush=True)
@@ -198,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out rows scored over the API (balanced)")
     ap.add_argument("--port", type=int, default=8431)
+    ap.add_argument("--workers", type=int, default=4, help="requests in flight while scoring (and the server's batch)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     args = ap.parse_args(argv)
     started = time.time()
@@ -223,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
         train_s = time.time() - t
         ref = job["adapter_ref"]
         print(f"trained {ref} in {train_s:.0f} s")
-        scores = serve_and_score(ref, test, args.port)
+        scores = serve_and_score(ref, test, args.port, args.workers)
     finally:
         if not farm_was_up:
             farm("down")
