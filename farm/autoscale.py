@@ -15,13 +15,13 @@ slots are counted as before (farm.scheduler.training_slots).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from farm.placement import TRAIN_RESOURCE, training_capacity
 from farm.queue import JobState
+from farm.settings import Settings
 
 log = logging.getLogger("farm.autoscale")
 
@@ -64,7 +64,7 @@ def train_slot_limit() -> int | None:
     limit = _slots_from_gcs()
     if limit:
         return limit
-    path = Path(os.environ.get("FARM_AUTOSCALING_CONFIG") or DEFAULT_CONFIG).expanduser()
+    path = Path(Settings.resolve().autoscaling_config or DEFAULT_CONFIG).expanduser()
     if not path.is_file():
         return None
     try:

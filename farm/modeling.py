@@ -6,7 +6,6 @@ call it; neither sees a manifest (farm.train.builders turns a manifest into thes
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.errors import ModelError
-from farm.settings import farm_home
+from farm.settings import farm_home, hub_offline
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -117,8 +116,7 @@ def materialize(source: str) -> str:
 
 
 def _offline_hint(source: str, exc: Exception) -> ModelError:
-    offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-    why = "the hub is disabled (HF_HUB_OFFLINE=1)" if offline else "it could not be fetched from the hub"
+    why = "the hub is disabled (HF_HUB_OFFLINE)" if hub_offline() else "it could not be fetched from the hub"
     return ModelError(
         f"base_model {source!r}: not a local directory or s3:// URL, and {why}. "
         f"Use a local model directory or an s3:// URL. ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

@@ -15,14 +15,14 @@ Imports nothing heavy (botocore only for s3:// references, fsspec only for other
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from farm.errors import ManifestError
 from farm.manifest import Manifest, is_url
+from farm.rows import RowError, first_line, json_lines
+from farm.settings import hub_offline, s3_endpoint
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 WEIGHT_SUFFIXES = (".safetensors",)  # what farm.modeling loads (use_safetensors=True)
@@ -86,7 +86,7 @@ def model_problem(value: str, *, base_dir: str | Path | None = None, offline: bo
     _check_ref(report, "base_model", value, offline, lambda v: _check_local_model(v, base_dir), _check_s3_model)
     if report.problems:
         return report.problems[0].removeprefix("base_model: ")
-    if not is_url(value) and not Path(value).expanduser().is_absolute() and _hub_offline() and not _hub_cached(value):
+    if not is_url(value) and not Path(value).expanduser().is_absolute() and hub_offline() and not _hub_cached(value):
         # serving loads now: a hub id it cannot fetch would make replicas wait for the hub, then fail
         return f"{value}: not a local model folder, and not in the hub cache (HF_HUB_OFFLINE is set: it cannot be fetched)"
     return None
@@ -140,14 +140,12 @@ def _sniff(value: str, head: bytes) -> str | None:
             return f"not UTF-8 text (bad byte at offset {exc.start})"
         text = head[: exc.start].decode("utf-8")
     if kind == "jsonl":
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        if len(head) < _SNIFF_BYTES or "\n" in text:
+        line = first_line(head, whole_file=len(head) < _SNIFF_BYTES)
+        if line:  # the first line is whole: read it as the trainer will
             try:
-                row = json.loads(first)
-            except json.JSONDecodeError as exc:
-                return f"line 1 is not JSON ({exc.msg}); expected one JSON object per line"
-            if not isinstance(row, dict):
-                return f"line 1 is a JSON {type(row).__name__}, expected one JSON object per line"
+                next(json_lines([line]), None)
+            except RowError as exc:
+                return f"line 1: {exc.message}"
     elif kind == "json" and text.lstrip()[:1] not in ("[", "{"):
         return "not JSON (expected a list of records or an object)"
     return None
@@ -176,10 +174,6 @@ def _check_local_model(value: str, base_dir: str | Path | None) -> str | None:
     except OSError as exc:
         return f"cannot read the model folder ({exc.strerror or exc})"
     return _model_files_problem(names)
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -211,7 +205,7 @@ def _s3_client():
     import botocore.session
     from botocore.config import Config
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     session = botocore.session.get_session()
     # One quick try: a submit must not hang on an unreachable endpoint.
     config = Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 1, "mode": "standard"})

@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from farm.settings import Settings
+
 
 @dataclass(frozen=True)
 class PipArtifact:
@@ -61,10 +63,7 @@ CHATML_TEMPLATE = (
 
 def cache_dir() -> Path:
     """Where downloads and converted models are kept: $FARM_CACHE, else $XDG_CACHE_HOME/farm, else ~/.cache/farm."""
-    if os.environ.get("FARM_CACHE"):
-        return Path(os.environ["FARM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "farm"
+    return Settings.resolve().cache_dir
 
 
 def sha256_of(path: Path) -> str:

@@ -8,6 +8,12 @@ FARM_STORAGE  Ray Train run storage (checkpoints); any pyarrow-supported URI. De
 FARM_QUEUE_DB the queue's SQLite file. Default $FARM_HOME/queue.db.
 RAY_TRAIN_HEALTH_CHECK_INTERVAL_S  how often Ray Train's controller polls a farm run's worker
               (default 1.0 for farm runs; Ray's own default is 2 s).
+FARM_FINETUNE the fine-tuning API's files and records (any fsspec URL). Default $FARM_HOME/finetune.
+FARM_CACHE    downloads and converted models (`make models`, bench/quality.py). Default
+              $XDG_CACHE_HOME/farm, else ~/.cache/farm.
+FARM_VLLM_PYTHON  the Python of an environment with vLLM (`--engine vllm`).
+FARM_AUTOSCALING_CONFIG  the autoscaler's cluster config the scheduler reads slot limits from.
+HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE  read the way huggingface_hub reads them (1/ON/YES/TRUE, any case).
 
 `Settings.resolve()` reads them once into a frozen value that callers pass on; the module-level
 functions are shorthands for `Settings.resolve().<field>`.
@@ -51,6 +57,16 @@ class Settings:
     """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for farm runs."""
     forwarded: tuple[tuple[str, str], ...]
     """The FORWARDED_ENV variables that are set, as (name, value) pairs."""
+    finetune_url: str
+    """FARM_FINETUNE, default file://$FARM_HOME/finetune."""
+    cache_dir: Path
+    """FARM_CACHE, else $XDG_CACHE_HOME/farm, else ~/.cache/farm."""
+    vllm_python: str | None
+    """FARM_VLLM_PYTHON as given (None when unset)."""
+    autoscaling_config: str | None
+    """FARM_AUTOSCALING_CONFIG as given (None when unset)."""
+    hub_offline: bool
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set to a true value, by huggingface_hub's own rule."""
 
     @classmethod
     def resolve(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -69,6 +85,11 @@ class Settings:
             s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
             train_poll_s=poll,
             forwarded=tuple((k, env[k]) for k in FORWARDED_ENV if env.get(k)),
+            finetune_url=env.get("FARM_FINETUNE") or (home / "finetune").as_uri(),
+            cache_dir=Path(env.get("FARM_CACHE") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "farm"),
+            vllm_python=env.get("FARM_VLLM_PYTHON") or None,
+            autoscaling_config=env.get("FARM_AUTOSCALING_CONFIG") or None,
+            hub_offline=_is_true(env.get("HF_HUB_OFFLINE") or env.get("TRANSFORMERS_OFFLINE")),
         )
 
     def ray_env(self) -> dict[str, str]:
@@ -80,6 +101,16 @@ class Settings:
         if url.startswith("s3://") and self.s3_endpoint:
             return {"client_kwargs": {"endpoint_url": self.s3_endpoint}}
         return {}
+
+
+def _is_true(value: str | None) -> bool:
+    """huggingface_hub's reading of a boolean environment variable (constants._is_true)."""
+    return value is not None and value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    return Settings.resolve().hub_offline
 
 
 def farm_home() -> Path:

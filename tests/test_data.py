@@ -284,7 +284,7 @@ def test_missing_file(tok, tmp_path):
 def test_bad_json_line_number(tok, tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(json.dumps(PC_ROWS[0]) + "\n\n" + '{"prompt": "x", "completion": \n')
-    assert data_error(prep, tok, f).startswith(f"{f}: line 3: invalid JSON (Expecting value at column 31)")
+    assert data_error(prep, tok, f).startswith(f"{f}: line 3: not JSON (Expecting value at column 31)")
 
 
 def test_empty_file(tok, tmp_path):
@@ -326,10 +326,10 @@ def test_wrong_types_each_row_named(tok, tmp_path):
     msg = data_error(prep, tok, f, eval=str(f))
     assert msg.splitlines() == [
         f"{f}: 4 bad rows",
-        "  - line 2: column 'messages': must be a non-empty list of {role, content} messages (got str)",
+        "  - line 2: column 'messages': must be a non-empty list of {role, content} messages (got string)",
         "  - line 3: column 'messages': message 1: role must be one of system, user, assistant (got 'bot')",
-        "  - line 4: column 'messages': message 1: content must be a string (got int)",
-        "  - line 5: column 'messages': has no assistant message; loss is computed on assistant turns only",
+        "  - line 4: column 'messages': message 1 (user): content must be a string (got number)",
+        "  - line 5: column 'messages': has no assistant message; the loss is computed on assistant turns only",
     ]
 
 

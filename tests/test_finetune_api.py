@@ -80,11 +80,11 @@ def test_upload_list_content_delete_and_tenancy(api):
      "line 2: not JSON"),
     (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"text": "x"}\n',
      "line 2: no 'messages'"),
-    (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "line 1: message 1: unknown role 'wizard'"),
-    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: no assistant message"),
+    (b'{"messages": [{"role": "wizard", "content": "hi"}]}\n', "line 1: message 1: role must be one of system, user, assistant (got 'wizard')"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1: has no assistant message"),
     (b"\n\n", "empty"),
     (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "weight": 2}]}\n',
-     "line 1: message 2: 'weight' must be 0 or 1"),
+     "line 1: message 2 (assistant): weight must be 0 or 1"),
 ])
 def test_bad_files_get_status_error_naming_the_line(api, data, expected):
     f = upload(api.client("acme"), data)

@@ -70,8 +70,8 @@ def test_every_problem_at_once_with_path_value_and_reason(tmp_path):
 @pytest.mark.parametrize("content, reason", [
     (b"", "the file is empty"),
     (b"\n  \n", "the file is empty"),
-    (b"not json\n", "line 1 is not JSON"),
-    (b"[1, 2]\n", "line 1 is a JSON list, expected one JSON object per line"),
+    (b"not json\n", "line 1: not JSON"),
+    (b"[1, 2]\n", "line 1: expected one JSON object per line, got a JSON list"),
     (b"\xff\xfe\x00garbage" * 10, "not UTF-8 text"),
 ])
 def test_unusable_jsonl(tmp_path, content, reason):
@@ -112,9 +112,11 @@ def test_hub_id_is_checked_for_shape_only(tmp_path):
     assert problem.startswith(f"base_model: models/tiny-llama: no such model folder in {tmp_path / 'models'}")
 
 
-def test_shipped_manifests_pass(tmp_path, tiny_models):
+def test_shipped_manifests_pass(tmp_path, tiny_models, real_model):
     shutil.copytree(REPO / "jobs", tmp_path / "jobs")
-    (tmp_path / "models").symlink_to(Path(tiny_models["llama"]).parent)
+    (tmp_path / "models").mkdir()
+    for model in (*tiny_models.values(), real_model):  # the tiny bases and the real one (customer_x_smollm2)
+        (tmp_path / "models" / Path(model).name).symlink_to(model)
     for path in sorted((tmp_path / "jobs").glob("*.yaml")):
         assert load_checked(path)[1].ok
 

@@ -26,6 +26,7 @@ from farm.finetune.errors import ApiError, bad_request, not_found, quota
 from farm.finetune.hyper import hyperparameters_of, resolve
 from farm.finetune.policy import TrainingPolicy
 from farm.finetune.store import FinetuneStore
+from farm.rows import json_lines
 from farm.serve.auth import Principal
 
 PREFIX = "ftjob-"
@@ -284,13 +285,11 @@ class Jobs:
         if tok is None:
             tok = self._tokenizers[policy.base_model] = load_tokenizer(policy.base_model, policy.revision)
         texts = []
-        for line in self.store.file_bytes(customer, file_id).decode("utf-8-sig").splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                if "messages" in obj:
-                    texts.append("\n".join(m["content"] for m in obj["messages"]))
-                else:
-                    texts.append(obj["prompt"] + obj["completion"])
+        for _, obj in json_lines(self.store.file_bytes(customer, file_id)):  # checked at upload: no RowError
+            if "messages" in obj:
+                texts.append("\n".join(m["content"] for m in obj["messages"]))
+            else:
+                texts.append(obj["prompt"] + obj["completion"])
         # No truncation argument: it would make the shared tokenizer mutate its settings per call,
         # which fails ("Already borrowed") when two creates tokenize at once; min() below caps instead.
         ids = tok(texts)["input_ids"] if texts else []

@@ -24,11 +24,9 @@ MAX_CAS_TRIES = 50
 
 
 def default_root() -> str:
-    import os
+    from farm.settings import Settings
 
-    from farm.settings import farm_home
-
-    return os.environ.get("FARM_FINETUNE") or (farm_home() / "finetune").as_uri()
+    return Settings.resolve().finetune_url
 
 
 def safe_customer(customer: str) -> str:

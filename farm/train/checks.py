@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import DataError
+from farm.rows import message_problem
 
 if TYPE_CHECKING:
     from farm.manifest import DatasetSpec
 
-CHAT_ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 10  # row problems listed in one error; the rest are counted
 
 
@@ -89,26 +89,10 @@ def check_str(p: Problems, where: str, col: str, v: Any, *, allow_empty: bool = 
 
 
 def check_messages(p: Problems, where: str, col: str, msgs: Any) -> None:
-    if not isinstance(msgs, list) or not msgs:
-        got = type_name(msgs) if not isinstance(msgs, list) else "an empty list"
-        p.add(where, col, f"must be a non-empty list of {{role, content}} messages (got {got})")
-        return
-    for i, m in enumerate(msgs, 1):
-        if not isinstance(m, dict):
-            p.add(where, col, f"message {i} must be an object with role and content (got {type_name(m)})")
-            return
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            p.add(where, col, f"message {i}: role must be one of {', '.join(CHAT_ROLES)} (got {role!r})")
-            return
-        if not isinstance(m.get("content"), str):
-            p.add(where, col, f"message {i}: content must be a string (got {type_name(m.get('content'))})")
-            return
-        if "weight" in m and (role != "assistant" or m["weight"] not in (0, 1) or isinstance(m["weight"], bool)):
-            p.add(where, col, f"message {i}: weight must be 0 or 1, on assistant messages only (got {m['weight']!r})")
-            return
-    if not any(m["role"] == "assistant" for m in msgs):
-        p.add(where, col, "has no assistant message; loss is computed on assistant turns only")
+    """A chat row's messages, by farm.rows' rules (the same the upload check applies)."""
+    problem = message_problem(msgs)
+    if problem:
+        p.add(where, col, problem)
 
 
 def parse_messages(v: Any) -> Any:

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from farm.errors import DataError
+from farm.rows import BOM, RowError, json_lines
 
 KINDS = ("jsonl", "json", "parquet", "csv")
 CHUNK = 1 << 20
 BATCH_ROWS = 1024
-_BOM = b"\xef\xbb\xbf"
 # pyarrow's read_csv widens a column's type when later blocks need it; the streaming reader freezes
 # the types of the first block, so the scan widens them itself, the same way.
 _WIDER = {"null": "int64", "int64": "double"}
@@ -113,27 +113,19 @@ def _empty(source: str) -> DataError:
 
 
 def _json_lines(source: str, fh, sha=None) -> Iterator[tuple[str, dict]]:
-    offset = 0
-    for n, raw in enumerate(fh, start=1):
-        if sha is not None:
-            sha.update(raw)
-        start = offset
-        offset += len(raw)
-        if n == 1 and raw.startswith(_BOM):
-            raw, start = raw[len(_BOM):], start + len(_BOM)
-        if not raw.strip():
-            continue
-        try:
-            line = raw.rstrip(b"\r\n").decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{source}: not UTF-8 text (byte {start + exc.start}); is it really {kind(source)}?") from None
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{source}: line {n}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{source}: line {n}: expected a JSON object per line, got {type(obj).__name__}")
-        yield f"line {n}", obj
+    """A JSON Lines file's rows by farm.rows' reading rules (the upload check reads the same way)."""
+
+    def lines():
+        for raw in fh:
+            if sha is not None:
+                sha.update(raw)
+            yield raw
+
+    try:
+        for n, obj in json_lines(lines()):
+            yield f"line {n}", obj
+    except RowError as exc:
+        raise DataError(f"{source}: {exc}") from None
 
 
 def _is_array(fh) -> bool:
@@ -143,7 +135,7 @@ def _is_array(fh) -> bool:
         chunk = fh.read(4096)
         if not chunk:
             break
-        head = (head + chunk).removeprefix(_BOM).lstrip()
+        head = (head + chunk).removeprefix(BOM).lstrip()
         if head:
             break
     fh.seek(0)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
 import sys
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from farm.errors import FarmError
+from farm.settings import Settings
 
 if TYPE_CHECKING:
     from farm.serve.sampling import Sampler
@@ -89,7 +89,7 @@ class ServingEngine(Protocol):
 def vllm_python() -> str | None:
     """The Python of an environment with vLLM: FARM_VLLM_PYTHON, the checkout's .venv-vllm
     (`make vllm-env`), or this interpreter if it can import vllm. None if there is none."""
-    env = os.environ.get("FARM_VLLM_PYTHON")
+    env = Settings.resolve().vllm_python
     if env:
         return env if Path(env).exists() else None
     local = REPO / ".venv-vllm" / "bin" / "python"
