@@ -88,8 +88,8 @@ lint: $(STAMP)
 test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
-demo: $(STAMP) $(MODELS)
-	$(PY) -m farm.demo jobs/customer_x.yaml
+demo: $(STAMP) $(MODELS) $(REAL_MODEL)
+	$(PY) -m farm.demo jobs/customer_x.yaml jobs/customer_x_smollm2.yaml
 
 bench: $(STAMP) $(MODELS) $(VLLM_STAMP)
 	$(PY) bench/run_all.py

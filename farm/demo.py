@@ -1,7 +1,8 @@
-"""`make demo`: submit a customer's job to the farm (starting one if none runs), wait for the
-adapter, then generate from it with stock PEFT on the NF4 base.
+"""`make demo`: submit customers' jobs to the farm (starting one if none runs), wait for each
+adapter, then show before/after with stock PEFT on the NF4 base: the base's greedy answers and eval
+loss beside the adapter's.
 
-    python -m farm.demo jobs/customer_x.yaml
+    python -m farm.demo jobs/customer_x.yaml jobs/customer_x_smollm2.yaml
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def _farm(*args: str, capture: bool = True) -> str:
     return proc.stdout or ""
 
 
-def generate(ref: str, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy generations from the published adapter on the NF4 base, loaded with stock PEFT."""
+def before_after(ref: str, rows: list[dict], prompt_col: str, completion_col: str, max_new_tokens: int = 32):
+    """Greedy answers and the mean completion-token loss over `rows`, of the base (the adapter switched
+    off) and of the published adapter, on the NF4 base loaded with stock PEFT."""
     import logging
     import warnings
 
@@ -50,43 +52,74 @@ def generate(ref: str, prompts: list[str], max_new_tokens: int = 32) -> list[str
     tok = load_tokenizer(manifest["base_model"], manifest.get("revision"))
     base = load_base_model(manifest["base_model"], revision=manifest.get("revision"), quant=Quantization())
     model = PeftModel.from_pretrained(base, path).eval()
-    outs = []
-    for prompt in prompts:
-        enc = tok(prompt, return_tensors="pt")
-        with torch.no_grad():
-            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        outs.append(tok.decode(ids[0, enc.input_ids.shape[1] :], skip_special_tokens=True))
-    return outs
+
+    def answers() -> list[str]:
+        outs = []
+        for row in rows[:3]:
+            enc = tok(row[prompt_col], return_tensors="pt")
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            outs.append(tok.decode(ids[0, enc.input_ids.shape[1]:], skip_special_tokens=True).strip())
+        return outs
+
+    def loss() -> float:
+        total, count = 0.0, 0
+        for row in rows:
+            prompt = tok(row[prompt_col])["input_ids"]
+            ids = tok(row[prompt_col] + row[completion_col])["input_ids"] + [tok.eos_token_id]
+            labels = [-100] * len(prompt) + ids[len(prompt):]
+            with torch.no_grad():
+                out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            n = sum(1 for x in labels[1:] if x != -100)
+            total, count = total + float(out.loss) * n, count + n
+        return total / max(count, 1)
+
+    with model.disable_adapter():
+        before = (answers(), loss())
+    return before, (answers(), loss())
+
+
+def run_job(manifest_path: Path) -> None:
+    """One job the way a customer runs it, then its before/after."""
+    print(_farm("validate", str(manifest_path)), end="", flush=True)
+    submitted = json.loads(_farm("submit", str(manifest_path), "--json"))
+    job_id = submitted[0]["id"]
+    _farm("submit", str(manifest_path), "--wait", capture=False)  # same content: same job, now watched
+    job = json.loads(_farm("status", job_id, "--json"))
+    ref = job["adapter_ref"]
+    shown = json.loads(_farm("adapters", "show", ref, "--json"))
+    print(f"\njob {job_id}: {job['state']}, {job['attempts']} attempt(s), {job['tokens']} tokens")
+    print(f"published adapter: {shown['ref']}")
+    print(f"catalog location:  {shown['uri']}")
+    print(f"eval metrics:      {json.dumps(shown.get('metrics', {}))}")
+
+    from farm.manifest import load_manifest
+    from farm.rows import json_lines
+
+    m = load_manifest(manifest_path)
+    eval_file = m.dataset.eval or m.dataset.train
+    rows = [obj for _, obj in json_lines(Path(eval_file).read_bytes())]
+    prompt_col, completion_col = m.dataset.prompt_column, m.dataset.completion_column
+    if not all(isinstance(r.get(prompt_col), str) and isinstance(r.get(completion_col), str) for r in rows):
+        print("(before/after needs prompt/completion rows; this job's eval data has none)")
+        return
+    (base_out, base_loss), (ada_out, ada_loss) = before_after(ref, rows, prompt_col, completion_col)
+    print(f"\nbefore/after on the {len(rows)} rows of {eval_file} (NF4 base, stock PEFT; greedy answers;"
+          " loss on the completion tokens):")
+    print(f"  eval loss: base {base_loss:.3f} -> adapter {ada_loss:.3f}")
+    for row, b, a in zip(rows, base_out, ada_out, strict=False):
+        print(f"  {row[prompt_col]!r}\n    expected {row[completion_col].strip()!r}\n    base     {b!r}\n    adapter  {a!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    manifest_path = Path(args[0] if args else "jobs/customer_x.yaml")
     from farm.cluster import running
 
     farm_was_up = running() is not None or bool(os.environ.get("RAY_ADDRESS"))
-    print(_farm("validate", str(manifest_path)), end="", flush=True)
-    submitted = json.loads(_farm("submit", str(manifest_path), "--json"))
-    job_id = submitted[0]["id"]
     try:
-        _farm("submit", str(manifest_path), "--wait", capture=False)  # same content: same job, now watched
-        job = json.loads(_farm("status", job_id, "--json"))
-        ref = job["adapter_ref"]
-        shown = json.loads(_farm("adapters", "show", ref, "--json"))
-        print(f"\njob {job_id}: {job['state']}, {job['attempts']} attempt(s), {job['tokens']} tokens")
-        print(f"published adapter: {shown['ref']}")
-        print(f"catalog location:  {shown['uri']}")
-        print(f"eval metrics:      {json.dumps(shown.get('metrics', {}))}")
-
-        from farm.manifest import load_manifest
-
-        m = load_manifest(manifest_path)
-        eval_file = m.dataset.eval or m.dataset.train
-        rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines()[:3]]
-        prompts = [r.get(m.dataset.prompt_column) or r.get(m.dataset.text_column, "")[:40] for r in rows]
-        print("\ngenerations (greedy, the adapter on the NF4 base, loaded with stock PEFT):")
-        for prompt, out in zip(prompts, generate(ref, prompts), strict=True):
-            print(f"  {prompt!r}\n    -> {out.strip()!r}")
+        for path in args or ["jobs/customer_x.yaml"]:
+            print(f"\n==== {path}", flush=True)
+            run_job(Path(path))
     finally:
         if not farm_was_up:
             _farm("down")  # leave the machine as we found it
