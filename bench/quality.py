@@ -122,7 +122,7 @@ def write_job(work: Path, train, eval_rows, args) -> Path:
         "dataset": {"train": str(work / "train.jsonl"), "eval": str(work / "eval.jsonl"), "format": "chat"},
         "training": {"max_steps": args.steps, "batch_size": args.batch_size, "learning_rate": args.lr,
                      "lr_scheduler": "linear", "warmup_ratio": 0.1, "max_seq_len": 128, "seed": 0},
-        # alone, not packed: a solo run records the parity rows the publish gate compares
+        # alone, not packed: the bench times one job, not a pack's share of a worker
         "resources": {"gpus": 0, "pack": False},
     }
     import yaml

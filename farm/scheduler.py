@@ -236,10 +236,11 @@ class _PackHooks:
 def run_pack_attempt(pack_id: str, channel: Any, first_manifest: dict, db: str, logs_dir: str, *,
                      linger_s: float, derive_limit: bool) -> dict:
     """A pack's driver inside a Ray task (`farm-pack-<id>`): farm.train.pack_run.run_pack with the queue's hooks."""
+    from farm.parity import serving_logprobs
     from farm.train.pack_run import run_pack
 
     return run_pack(pack_id, channel, first_manifest, _PackHooks(db, logs_dir), linger_s=linger_s,
-                    derive_limit=derive_limit)
+                    derive_limit=derive_limit, check_parity=serving_logprobs)
 
 
 _ESTIMATES: dict[str, dict | None] = {}  # manifest (as JSON) -> its pack memory estimate

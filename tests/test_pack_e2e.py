@@ -106,6 +106,11 @@ def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_onc
         version = catalog.resolve(f"{customer}/bot")
         assert version.ref == job.adapter_ref and version.metadata["pack"] == pack_id
         assert version.metadata["job_id"] == job_id
+        # the train/serve parity gate ran for the packed job too: its rows scored by the farm engine
+        parity = version.metadata["parity"]
+        assert parity["ok"] and parity["rows"] == 2 and parity["tokens"] > 0, parity
+        assert parity["max_abs_logprob_diff"] <= parity["tolerance"], parity
+        assert "train/serve parity: max |logprob difference|" in log
         assert len(catalog.versions(customer, "bot")) == 1  # published exactly once
         assert "resumed from step" in log  # the kill restarted the worker; the job resumed
         folder = catalog.fetch(version)

@@ -36,7 +36,7 @@ from typing import Any
 
 from farm.names import PACK_JOBS_FOLDER
 from farm.train import checkpoint as ckpt_io
-from farm.train.loop import _batches_for_epoch, _make_optimizer, build_base, evaluate
+from farm.train.loop import _batches_for_epoch, _make_optimizer, build_base, evaluate, token_logprobs
 
 LATEST = "LATEST"
 
@@ -260,6 +260,10 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
         if st["stopped_early"] and m.best_weights is not None:
             _set_weights(pack, m.job_id, m.best_weights)
         final = job_eval(m)
+        if m.spec.get("parity_rows"):  # the training side of the train/serve parity gate, as loop.py records it
+            with pack.rows({m.job_id: slice(None)}):
+                st["parity_rows"] = token_logprobs(model, m.eval_rows, m.spec["parity_rows"], device)
+            model.train()
         final.update({"step": st["step"], "total_steps": opt["total_steps"], "tokens": st["tokens"],
                       "train_seconds": st["train_seconds"], "optimizer": m.opt_name,
                       "stopped_early": st["stopped_early"], "final": True, "pack": pack_id, **m.info})

@@ -206,8 +206,9 @@ NOT_RETRYABLE = (DataError, ManifestError, ModelError)  # as farm.scheduler: run
 class _Driver:
     """The driver's side of one pack (inside the run_pack task)."""
 
-    def __init__(self, pack_id: str, channel, hooks: PackHooks, settings):
+    def __init__(self, pack_id: str, channel, hooks: PackHooks, settings, check_parity=None):
         self.pack_id, self.channel, self.hooks, self.settings = pack_id, channel, hooks, settings
+        self.check_parity = check_parity  # farm.parity.serving_logprobs, passed by the scheduler
         self.jobs: dict[str, Any] = {}  # job id -> Prepared
         self.leases: dict[str, str] = {}
         self.costs: dict[str, AttemptCost] = {}
@@ -223,7 +224,7 @@ class _Driver:
 
         from farm.manifest import Manifest
         from farm.train import builders
-        from farm.train.run import prepare
+        from farm.train.run import PARITY_ROWS, prepare
 
         for entry in ray.get(self.channel.take_offers.remote()):
             job_id = entry["job_id"]
@@ -243,6 +244,8 @@ class _Driver:
                 "job_id": job_id, "lora": builders.lora_config(m), "optim": builders.optim_config(m, job.data.train_rows),
                 "data": builders.data_config(m, job.data.stats),  # the worker reads and tokenizes it
                 "pad_token_id": job.pad_token_id, "identity": job.identity,
+                # the worker records these eval rows' logprobs; publish compares them with the server's
+                "parity_rows": PARITY_ROWS if self.check_parity is not None and m.task == "causal_lm" else 0,
             })
 
     def _cost(self, job_id: str) -> dict:
@@ -293,7 +296,7 @@ class _Driver:
                                      f"no longer holds the job")
 
             fitted = Fitted(tmp, self.placement, self.histories.get(job_id, []), lineage={"pack": self.pack_id})
-            version = publish(job, fitted, before_publish=gate,
+            version = publish(job, fitted, before_publish=gate, check_parity=self.check_parity,
                               on_event=lambda e: self.hooks.log(job_id, str(e.get("message"))))
         except Exception as exc:  # noqa: BLE001 - this job fails alone
             self.hooks.log(job_id, f"publish failed:\n{traceback.format_exc()}")
@@ -344,8 +347,11 @@ class _Driver:
 
 
 def run_pack(pack_id: str, channel, first_manifest: dict, hooks: PackHooks, pack_max_failures: int = 3,
-             linger_s: float = 3.0, derive_limit: bool = False) -> dict:
-    """The pack's driver (a Ray task): the Train run `farm-pack-<id>` and its jobs' publishes."""
+             linger_s: float = 3.0, derive_limit: bool = False, check_parity=None) -> dict:
+    """The pack's driver (a Ray task): the Train run `farm-pack-<id>` and its jobs' publishes.
+
+    `check_parity` (farm.parity.serving_logprobs) turns on the train/serve parity gate for the causal LM
+    members, as farm.train.run.run_job does for a job alone."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -359,7 +365,7 @@ def run_pack(pack_id: str, channel, first_manifest: dict, hooks: PackHooks, pack
 
     settings = Settings.resolve()
     first = Manifest.model_validate(first_manifest)
-    driver = _Driver(pack_id, channel, hooks, settings)
+    driver = _Driver(pack_id, channel, hooks, settings, check_parity=check_parity)
     placement = worker_placement(first.resources.gpus, pack_run_name(pack_id))
     driver.placement = placement
     ray.get(channel.set_device.remote(bool(placement.use_gpu)))
