@@ -137,7 +137,9 @@ def render() -> str:
         "data, and how to train. `farm validate FILE...` checks manifests and reports every problem at once,",
         "each with its YAML path, the bad value and what is allowed; unknown keys are rejected with a",
         "\"did you mean\" suggestion. Local paths inside a manifest are relative to the manifest's folder.",
-        "Examples: `jobs/customer_x.yaml` (causal LM on prompt/completion pairs) and `jobs/customer_y.yaml` (sequence classification on a GPT-2 base).",
+        "Examples: `jobs/customer_x.yaml` (causal LM on prompt/completion pairs), `jobs/customer_x_smollm2.yaml` "
+        "(the same data on the real SmolLM2-135M-Instruct base: LoRA on the attention projections, no "
+        "`modules_to_save`) and `jobs/customer_y.yaml` (sequence classification on a GPT-2 base).",
         "",
         "## Top level",
         "",
