@@ -21,7 +21,7 @@ from pathlib import Path
 
 from farm.errors import ManifestError
 from farm.manifest import Manifest, is_url
-from farm.rows import RowError, first_line, json_lines
+from farm.rows import RowError, json_lines
 from farm.settings import hub_offline, s3_endpoint
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -140,12 +140,13 @@ def _sniff(value: str, head: bytes) -> str | None:
             return f"not UTF-8 text (bad byte at offset {exc.start})"
         text = head[: exc.start].decode("utf-8")
     if kind == "jsonl":
-        line = first_line(head, whole_file=len(head) < _SNIFF_BYTES)
-        if line:  # the first line is whole: read it as the trainer will
-            try:
-                next(json_lines([line]), None)
-            except RowError as exc:
-                return f"line 1: {exc.message}"
+        # the whole lines of the head (a line cut at the sniff boundary is not judged), read as the
+        # trainer reads them, up to the first object
+        whole = head if len(head) < _SNIFF_BYTES else head[: head.rfind(b"\n") + 1]
+        try:
+            next(json_lines(whole), None)
+        except RowError as exc:
+            return str(exc)
     elif kind == "json" and text.lstrip()[:1] not in ("[", "{"):
         return "not JSON (expected a list of records or an object)"
     return None

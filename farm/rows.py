@@ -67,20 +67,6 @@ def json_lines(lines: Iterable[bytes] | bytes) -> Iterator[tuple[int, dict]]:
         yield n, obj
 
 
-def first_line(head: bytes, whole_file: bool) -> bytes | None:
-    """The first non-blank line of a file's first bytes, split by the same rules (for a cheap sniff);
-    None when that line runs past the end of `head` and `head` is not the whole file."""
-    for n, raw in enumerate(io.BytesIO(head), start=1):
-        if n == 1:
-            raw = raw.removeprefix(BOM)
-        if not raw.endswith(b"\n") and not whole_file:
-            return None
-        body = raw.removesuffix(b"\n").removesuffix(b"\r")
-        if body.strip():
-            return body
-    return b""
-
-
 def message_problem(msgs: Any) -> str | None:
     """What is wrong with a chat row's messages (the first problem), or None.
 

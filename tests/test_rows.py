@@ -15,7 +15,7 @@ import pytest
 from farm.errors import DataError
 from farm.finetune.validate import check_file
 from farm.preflight import _sniff
-from farm.rows import RowError, first_line, json_lines, message_problem
+from farm.rows import RowError, json_lines, message_problem
 from farm.train import sources
 
 
@@ -80,11 +80,15 @@ def test_every_reader_refuses_the_same_line_with_the_same_reason(tmp_path, name)
         assert problem is not None and problem.startswith("line 1: ") and reason in problem
 
 
-def test_first_line_is_only_judged_when_whole():
-    assert first_line(b'\n\r\n{"a": 1}\r\n{"b"', whole_file=False) == b'{"a": 1}'
-    assert first_line(b'{"a": 1', whole_file=False) is None  # cut by the sniff: not judged
-    assert first_line(b'{"a": 1', whole_file=True) == b'{"a": 1'  # the whole file: judged as is
-    assert first_line(b"\n \n", whole_file=True) == b""
+def test_the_sniff_judges_the_first_line_only_when_whole(tmp_path):
+    from farm.preflight import _SNIFF_BYTES
+
+    path = str(tmp_path / "train.jsonl")
+    cut = b'\n\r\n{"a": 1}\r\n{"b": "' + b"x" * _SNIFF_BYTES
+    assert _sniff(path, cut[:_SNIFF_BYTES]) is None  # first object whole; the cut one after it is not read
+    assert _sniff(path, (b'{"a": ' + b"1" * _SNIFF_BYTES)[:_SNIFF_BYTES]) is None  # cut by the sniff: not judged
+    assert _sniff(path, b'{"a": 1').startswith("line 1: not JSON")  # the whole file: judged as is
+    assert _sniff(path, b"\n \n") == "the file is empty"
 
 
 @pytest.mark.parametrize("msgs, problem", [

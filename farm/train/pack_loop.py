@@ -263,7 +263,6 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
         if m.spec.get("parity_rows"):  # the training side of the train/serve parity gate, as loop.py records it
             with pack.rows({m.job_id: slice(None)}):
                 st["parity_rows"] = token_logprobs(model, m.eval_rows, m.spec["parity_rows"], device)
-            model.train()
         final.update({"step": st["step"], "total_steps": opt["total_steps"], "tokens": st["tokens"],
                       "train_seconds": st["train_seconds"], "optimizer": m.opt_name,
                       "stopped_early": st["stopped_early"], "final": True, "pack": pack_id, **m.info})
