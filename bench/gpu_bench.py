@@ -134,7 +134,7 @@ def _peak_gib() -> float | None:
 
 def run_farm(path: Path, args, device: str) -> dict:
     """The farm worker's model build + optimizer + step, timed over the post-warm-up steps."""
-    from farm.train.loop import _make_optimizer, build_model
+    from farm.train.modelops import build_model, make_optimizer
     from farm.train.step import train_step
 
     _cuda_reset()
@@ -144,7 +144,7 @@ def run_farm(path: Path, args, device: str) -> dict:
     load_s = time.perf_counter() - t0
     footprint = nf4_footprint(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, opt_name = _make_optimizer("auto", params, 2e-4, 0.0, device)
+    optimizer, opt_name = make_optimizer("auto", params, 2e-4, 0.0, device)
     model.train()
     tokens, timed_s = 0, 0.0
     for step, batch in enumerate(batches(args.warmup + args.steps, args.batch_size, args.seq_len, args.vocab)):
@@ -166,7 +166,7 @@ def run_packed(path: Path, args, device: str, ks: list[int]) -> dict:
     """Packed training (farm.train.pack_lora + pack_step, the pack worker's step) on one resident base:
     K jobs, each its own LoRA (r=16 all-linear, its own seed), AdamW-family optimizer and batch, one
     forward/backward for all. Aggregate tokens/s over the timed steps and peak memory, per K."""
-    from farm.train.loop import _make_optimizer, build_base
+    from farm.train.modelops import build_base, make_optimizer
     from farm.train.pack_lora import PackLoRA
     from farm.train.pack_step import JobTrainer, pack_step
 
@@ -180,7 +180,7 @@ def run_packed(path: Path, args, device: str, ks: list[int]) -> dict:
         for j in range(k):
             job = f"job{j}"
             params = pack.add_job(job, lora_config(), seed=j)
-            opt, _ = _make_optimizer("auto", params, 2e-4, 0.0, device)
+            opt, _ = make_optimizer("auto", params, 2e-4, 0.0, device)
             sched = __import__("torch").optim.lr_scheduler.LambdaLR(opt, lambda _s: 1.0)
             trainers[job] = JobTrainer(job, params, opt, sched, seed=j)
         model.train()

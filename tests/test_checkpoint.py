@@ -13,14 +13,14 @@ def _setup(tiny_llama):
     from peft import LoraConfig
     from transformers import get_scheduler
 
-    from farm.train.loop import _make_optimizer, build_model
+    from farm.train.modelops import build_model, make_optimizer
 
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     quant = {"mode": "none", "double_quant": False, "compute_dtype": "fp32"}
     model, _ = build_model({"source": str(tiny_llama), "task": "causal_lm", "quant": quant}, lora, "cpu")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, _ = _make_optimizer("adamw", params, 1e-2, 0.0, "cpu")
+    optimizer, _ = make_optimizer("adamw", params, 1e-2, 0.0, "cpu")
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
     return model, params, optimizer, scheduler
 

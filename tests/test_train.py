@@ -44,7 +44,7 @@ def _causal_manifest(tiny_llama: Path, **training) -> dict:
 def _eval_loss(model, tokenizer, manifest) -> float:
     """Token-weighted eval loss on the job's eval data (the farm's own data pipeline + evaluate)."""
     from farm.train.data import Collator, prepare_data
-    from farm.train.loop import evaluate
+    from farm.train.modelops import evaluate
 
     data = prepare_data(manifest.dataset, task="causal_lm", tokenizer=tokenizer, max_seq_len=64, seed=0)
     rows = {c: data.eval[c] for c in ("input_ids", "attention_mask", "labels")}

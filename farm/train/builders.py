@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import peft
 
     from farm.manifest import Manifest
+    from farm.train.spec import OptimSpec
 
 
 def lora_config(manifest: Manifest) -> peft.LoraConfig:
@@ -72,21 +73,23 @@ def data_config(manifest: Manifest, expect: dict | None = None) -> dict:
     }
 
 
-def optim_config(manifest: Manifest, train_rows: int) -> dict:
+def optim_config(manifest: Manifest, train_rows: int) -> OptimSpec:
     """Optimizer, schedule and loop settings for the worker."""
+    from farm.train.spec import OptimSpec
+
     t = manifest.training
-    return {
-        "optimizer": t.optimizer,
-        "learning_rate": t.learning_rate,
-        "weight_decay": t.weight_decay,
-        "max_grad_norm": t.max_grad_norm,
-        "lr_scheduler": t.lr_scheduler,
-        "warmup_ratio": t.warmup_ratio,
-        "batch_size": t.batch_size,
-        "grad_accum": t.grad_accum,
-        "seed": t.seed,
-        "eval_every": t.eval_every,
-        "checkpoint_every": t.checkpoint_every,
-        "early_stopping_patience": t.early_stopping_patience,
-        "total_steps": total_steps(manifest, train_rows),
-    }
+    return OptimSpec(
+        optimizer=t.optimizer,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler=t.lr_scheduler,
+        warmup_ratio=t.warmup_ratio,
+        batch_size=t.batch_size,
+        grad_accum=t.grad_accum,
+        seed=t.seed,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        early_stopping_patience=t.early_stopping_patience,
+        total_steps=total_steps(manifest, train_rows),
+    )

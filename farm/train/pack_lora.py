@@ -215,17 +215,21 @@ class PackLoRA:
         return matched, problems
 
     # ---- admission and release -----------------------------------------------------------
+    def problems(self, config) -> list[str]:
+        """Why a job with this LoraConfig cannot be held here (empty: it can); changes nothing."""
+        problems = _problems_of(config)
+        if not problems:
+            problems += self._resolve_targets(config)[1]
+        return problems
+
     def add_job(self, job_id: str, config, seed: int) -> list:
         """Admit a job: wrap the modules it targets, create its parameters; returns them (for its optimizer)."""
 
         problems = [f"job {job_id!r} is already in this pack"] if job_id in self.jobs else []
-        problems += _problems_of(config)
-        targets: list[str] = []
-        if not problems:
-            targets, more = self._resolve_targets(config)
-            problems += more
+        problems += self.problems(config)
         if problems:
             raise TrainingError(f"job {job_id!r} cannot join the pack:\n" + "\n".join(f"  - {p}" for p in problems))
+        targets, _ = self._resolve_targets(config)
         key = f"job{self._next_key}"
         self._next_key += 1
         r, alpha = int(config.r), float(config.lora_alpha)

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from farm.costs import AttemptCost
 from farm.errors import DataError, ManifestError, ModelError
 from farm.names import pack_run_name
+from farm.train.spec import MemberSpec
 
 log = logging.getLogger("farm.pack")
 
@@ -54,7 +55,7 @@ class PackChannel:
         self.member_bytes: dict[str, int] = {}  # job id -> its estimate (members with one)
         self.refusals: list[str] = []  # why offers were refused (the scheduler logs them)
         self.offers: dict[str, dict] = {}  # job id -> what the scheduler offered (not yet prepared)
-        self.specs: dict[str, dict] = {}  # job id -> the worker's arguments (admitted, not released)
+        self.specs: dict[str, MemberSpec] = {}  # job id -> what the worker trains (admitted, not released)
         self.members: set[str] = set()  # offered and not yet finished (the pack's occupancy)
         self.delivered: set[str] = set()
         self.leaves: set[str] = set()
@@ -127,9 +128,9 @@ class PackChannel:
         self.offers.clear()
         return out
 
-    def admit(self, spec: dict) -> None:
-        if spec["job_id"] in self.members:  # not cancelled while it was prepared
-            self.specs[spec["job_id"]] = spec
+    def admit(self, spec: MemberSpec) -> None:
+        if spec.job_id in self.members:  # not cancelled while it was prepared
+            self.specs[spec.job_id] = spec
 
     def finish(self, result: dict) -> None:
         job_id = result["job_id"]
@@ -240,13 +241,13 @@ class _Driver:
             m = job.manifest
             self.jobs[job_id] = job
             self.costs[job_id] = AttemptCost(self.placement.gpus if self.placement else 0)
-            self.channel.admit.remote({
-                "job_id": job_id, "lora": builders.lora_config(m), "optim": builders.optim_config(m, job.data.train_rows),
-                "data": builders.data_config(m, job.data.stats),  # the worker reads and tokenizes it
-                "pad_token_id": job.pad_token_id, "identity": job.identity,
+            self.channel.admit.remote(MemberSpec(
+                job_id=job_id, lora=builders.lora_config(m), optim=builders.optim_config(m, job.data.train_rows),
+                data=builders.data_config(m, job.data.stats),  # the worker reads and tokenizes it
+                pad_token_id=job.pad_token_id, task=m.task, identity=job.identity,
                 # the worker records these eval rows' logprobs; publish compares them with the server's
-                "parity_rows": PARITY_ROWS if self.check_parity is not None and m.task == "causal_lm" else 0,
-            })
+                parity_rows=PARITY_ROWS if self.check_parity is not None and m.task == "causal_lm" else 0,
+            ))
 
     def _cost(self, job_id: str) -> dict:
         from farm.costs import attempt_cost

@@ -19,6 +19,7 @@ micro-batch, then `clip_grad_norm_`, `optimizer.step()`, `scheduler.step()`, `ze
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,8 +108,12 @@ def _job_loss(model, logits, labels):
     return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
 
 
-def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[str, dict], pad_token_id: int, device=None) -> dict[str, JobStepResult]:
-    """One forward/backward over one micro-batch of each job; steps each job whose accumulation is complete."""
+def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[str, dict], pad_token_id: int, device=None,
+              losses: dict[str, Callable] | None = None) -> dict[str, JobStepResult]:
+    """One forward/backward over one micro-batch of each job; steps each job whose accumulation is complete.
+
+    `losses[job]` (a training method's loss, farm.train.methods) maps `(model, logits, labels)` of
+    the job's block to its loss; a job without one gets the causal-LM loss."""
     dead = [j for j in micro_batches if trainers[j].failed]
     if dead:
         raise TrainingError(f"pack step: micro-batches for failed jobs {dead}")
@@ -124,7 +129,7 @@ def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[
             total = None
             for j, r in rows.items():
                 t = trainers[j]
-                loss = _job_loss(model, out.logits[r], batch["labels"][r])
+                loss = (losses or {}).get(j, _job_loss)(model, out.logits[r], batch["labels"][r])
                 value = float(loss.detach())
                 results[j] = JobStepResult(loss=value, tokens=int(batch["attention_mask"][r].sum()))
                 if not math.isfinite(value):
@@ -176,7 +181,8 @@ def _free_device_memory() -> None:
 
 
 def pack_step_isolating_oom(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[str, dict],
-                            pad_token_id: int, device=None) -> dict[str, JobStepResult]:
+                            pad_token_id: int, device=None, losses: dict[str, Callable] | None = None
+                            ) -> dict[str, JobStepResult]:
     """`pack_step`, but an out-of-memory step fails one member, not the pack.
 
     One forward covers every member's rows, so torch cannot say whose rows did not fit: the member
@@ -190,7 +196,7 @@ def pack_step_isolating_oom(model, pack, trainers: dict[str, JobTrainer], micro_
     dropped: dict[str, JobStepResult] = {}
     while live:
         try:
-            results = pack_step(model, pack, trainers, live, pad_token_id, device)
+            results = pack_step(model, pack, trainers, live, pad_token_id, device, losses)
             break
         except PackOutOfMemory as exc:
             culprit = max(live, key=lambda j: (live[j]["input_ids"].numel(), j))
