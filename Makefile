@@ -91,7 +91,7 @@ test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
 demo: $(STAMP) $(MODELS) $(REAL_MODEL)
 	$(PY) -m farm.demo jobs/customer_x.yaml jobs/customer_x_smollm2.yaml
 
-bench: $(STAMP) $(MODELS) $(VLLM_STAMP)
+bench: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
 	$(PY) bench/run_all.py
 
 # Downloads the MR data at run time (never committed); writes bench/results/quality.json.

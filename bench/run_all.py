@@ -151,6 +151,17 @@ def _pack_bars(r: dict) -> tuple[str, dict[str, float]]:
     return "makespan s (8 jobs)", {k: v for k, v in bars.items() if v is not None}
 
 
+def _solo_headline(r: dict) -> str:
+    return f"solo job, engine / whole PEFT model step time: x{_fmt(r.get('ratio_engine_over_peft'), '.3f')} (goal <= 1.10)"
+
+
+def _solo_bars(r: dict) -> tuple[str, dict[str, float]]:
+    import statistics
+
+    bars = {k: statistics.median(r[f"{k}_ms"]) for k in ("engine", "peft") if r.get(f"{k}_ms")}
+    return "ms per optimizer step", bars
+
+
 BENCHES = [
     Bench("train_overhead", [], ["--steps", "20"], 1200, _train_headline, _train_bars),
     Bench("catalog", [], ["--quick"], 900, _catalog_headline, _catalog_bars, log_scale=True),
@@ -160,6 +171,8 @@ BENCHES = [
           1200, _serve_headline, _serve_bars),
     Bench("data_rss", [], ["--scale", "20"], 600, _data_headline, _data_bars),
     Bench("pack", [], ["--jobs", "4", "--steps", "10"], 1800, _pack_headline, _pack_bars),
+    Bench("solo_engine", ["--base", str(REPO / "models" / "smollm2-135m-instruct"), "--steps", "10", "--warmup", "2"],
+          ["--rounds", "2"], 1800, _solo_headline, _solo_bars),
 ]
 
 

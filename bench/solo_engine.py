@@ -10,7 +10,8 @@ One path per process, so that farm-bench can time them side by side, paired (A B
     farm-bench -n 5 --timeout 1200 -- .venv/bin/python bench/solo_engine.py --path engine \\
         --vs '.venv/bin/python bench/solo_engine.py --path peft'
 
-or both in one process, alternating, printing the ratio engine/peft of the median step time:
+or both in one process, alternating, printing the ratio engine/peft of the median step time (and
+writing bench/results/solo_engine.json; `make bench` runs it on the real model):
 
     .venv/bin/python bench/solo_engine.py --path both [--base models/smollm2-135m-instruct]
 """
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                "peft_ms": [round(v * 1000, 1) for v in medians["peft"]],
                "ratio_engine_over_peft": round(statistics.median(ratios), 3)}
         print(json.dumps(out))
+        results = REPO / "bench" / "results"
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "solo_engine.json").write_text(json.dumps(out, indent=2))
         print(f"engine / peft step time: x{out['ratio_engine_over_peft']} (goal <= 1.10)")
     return 0
 

@@ -75,6 +75,8 @@ def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_onc
         c = store.submit(_manifest(tiny_llama, "cust_c", 16, r=2), priority=0).job_id
         jc = _wait(store, lambda: (j := store.get(c)).progress.get("step", 0) >= 1 and j, "job c joining")
         assert jc.pack == pack_id
+        # ... into the same worker process: joining restarted nothing (a crash at admission would show a new pid)
+        assert jc.progress["pid"] == ja.progress["pid"], (jc.progress, ja.progress)
         # Cancel b (a long job): it leaves at the next step boundary, a and c go on.
         store.request_cancel(b)
         scheduler.wake(name, "farm-tests")

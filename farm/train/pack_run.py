@@ -149,15 +149,15 @@ class PackChannel:
         return job_id in self.members
 
     # worker side
-    def admitted(self) -> list[dict]:
+    def admitted(self) -> list[MemberSpec]:
         """Every admitted, unreleased job: what a (re)started worker trains."""
         self.delivered = set(self.specs)
         self.leaves.clear()
         return list(self.specs.values())
 
-    def poll(self, known: list[str]) -> tuple[list[dict], list[str]]:
+    def poll(self, known: list[str]) -> tuple[list[MemberSpec], list[str]]:
         new = [s for j, s in self.specs.items() if j not in self.delivered]
-        self.delivered.update(s["job_id"] for s in new)
+        self.delivered.update(s.job_id for s in new)
         leave = sorted(self.leaves & set(known))
         self.leaves -= set(leave)
         return new, leave
