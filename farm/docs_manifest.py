@@ -33,6 +33,10 @@ _CROSS_RULES = [
     "`training.packing` is only allowed with `task: causal_lm`.",
     "`dataset.format: classification` needs `task: seq_cls`; `seq_cls` accepts only `auto` or `classification`.",
     "Without `training.epochs` and `training.max_steps` the job runs 1 epoch; `max_steps` wins if both are given.",
+    "`method: dpo` trains `task: causal_lm` on `dataset.format: preference` (auto-detected from the columns "
+    "prompt, chosen, rejected), without `training.packing` or `lora.modules_to_save`; `dpo.label_smoothing` "
+    "needs `dpo.loss_type: sigmoid`. The `dpo` section is only allowed with `method: dpo`, and preference "
+    "data only trains with it.",
 ]
 
 _SCALARS = {str: "string", int: "integer", float: "number", bool: "boolean"}

@@ -73,7 +73,7 @@ class LoraSpec(_Section):
         return v
 
 
-DatasetFormat = Literal["auto", "text", "prompt_completion", "chat", "classification"]
+DatasetFormat = Literal["auto", "text", "prompt_completion", "chat", "classification", "preference"]
 
 
 class DatasetSpec(_Section):
@@ -84,13 +84,17 @@ class DatasetSpec(_Section):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     """Share of train held out for evaluation (seeded) when no eval file is given."""
     format: DatasetFormat = "auto"
-    """text | prompt_completion | chat | classification, or auto (guessed from the columns)."""
+    """text | prompt_completion | chat | classification | preference, or auto (guessed from the columns)."""
     text_column: str = "text"
     """Column with plain text (format text and classification)."""
     prompt_column: str = "prompt"
-    """Column with the prompt (format prompt_completion)."""
+    """Column with the prompt (format prompt_completion; preference: a string or chat messages)."""
     completion_column: str = "completion"
     """Column with the completion; loss is computed on these tokens only."""
+    chosen_column: str = "chosen"
+    """Column with the preferred response (format preference): a string or [{role: assistant, content}]."""
+    rejected_column: str = "rejected"
+    """Column with the dispreferred response (format preference), same forms as chosen."""
     messages_column: str = "messages"
     """Column with chat messages [{role, content}, ...]; loss on assistant turns only."""
     label_column: str = "label"
@@ -150,6 +154,15 @@ class TrainingSpec(_Section):
         return self
 
 
+class DPOSpec(_Section):
+    beta: float = Field(0.1, gt=0)
+    """How far the policy may move from the reference (the base): larger keeps it closer."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """Share of preference labels assumed flipped (conservative DPO); 0 is plain DPO. Loss type sigmoid only."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid (the DPO paper's loss) or ipo (Azar et al. 2023: squared, per-token averaged log-ratios)."""
+
+
 class ResourcesSpec(_Section):
     gpus: int = Field(1, ge=0, le=8)
     """GPUs for the job's worker. On a cluster without GPUs the job runs on CPU and says so."""
@@ -182,6 +195,10 @@ class Manifest(_Section):
     """Class names (seq_cls); label ids follow this order."""
     priority: int = Field(0, ge=-100, le=100)
     """Queue priority: higher runs first; equal priorities share fairly across customers."""
+    method: Literal["sft", "dpo"] = "sft"
+    """sft (supervised: learn the completions) or dpo (preference tuning on prompt/chosen/rejected rows)."""
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    """Preference tuning settings (method dpo only)."""
     lora: LoraSpec = Field(default_factory=LoraSpec)
     """The LoRA adapter."""
     dataset: DatasetSpec
@@ -237,6 +254,24 @@ class Manifest(_Section):
                 problems.append("labels/num_labels: only allowed with task seq_cls")
             if self.dataset.format == "classification":
                 problems.append("dataset.format: classification needs task seq_cls")
+        if self.method == "dpo":
+            if self.task != "causal_lm":
+                problems.append("method: dpo trains task causal_lm only")
+            if self.dataset.format not in ("auto", "preference"):
+                problems.append(f"dataset.format: {self.dataset.format!r} cannot train method dpo; use preference "
+                                "(columns prompt, chosen, rejected)")
+            if self.training.packing:
+                problems.append("training.packing: not with method dpo (each pair is scored as whole sequences)")
+            if self.lora.modules_to_save:
+                problems.append("lora.modules_to_save: not with method dpo (the reference is the base with the "
+                                "adapter off; a fully trained module would have no reference)")
+            if self.dpo.label_smoothing and self.dpo.loss_type != "sigmoid":
+                problems.append("dpo.label_smoothing: only with loss_type sigmoid")
+        else:
+            if "dpo" in self.model_fields_set:
+                problems.append("dpo: only with method: dpo")
+            if self.dataset.format == "preference":
+                problems.append("dataset.format: preference needs method: dpo")
         if problems:
             raise ValueError("\n".join(problems))  # split back into one problem each in parse_manifest
         return self
@@ -245,6 +280,11 @@ class Manifest(_Section):
     @property
     def name(self) -> str:
         return f"{self.customer}/{self.adapter}"
+
+    @property
+    def method_options(self) -> dict:
+        """The training method's settings as the engine takes them (farm.train.methods.method)."""
+        return self.dpo.model_dump() if self.method == "dpo" else {}
 
     @property
     def class_labels(self) -> list[str] | None:
@@ -257,9 +297,14 @@ class Manifest(_Section):
         doc = self.model_dump(mode="json")
         if doc["resources"].get("pack") is True:
             del doc["resources"]["pack"]  # the default: manifests from before the field keep their hash
-        for key, default in (("alias", None), ("alias_policy", "always")):
+        for key, default in (("alias", None), ("alias_policy", "always"), ("method", "sft")):
             if doc.get(key) == default:
                 del doc[key]  # likewise
+        if "method" not in doc:
+            del doc["dpo"]  # only a dpo job has (and may set) these
+        for key, default in (("chosen_column", "chosen"), ("rejected_column", "rejected")):
+            if doc["dataset"].get(key) == default:
+                del doc["dataset"][key]
         blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -267,8 +312,9 @@ class Manifest(_Section):
         t = self.training
         length = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs:g} epoch{'s' if t.epochs != 1 else ''}"
         targets = self.lora.target_modules if isinstance(self.lora.target_modules, str) else ",".join(self.lora.target_modules)
+        method = f" by {self.method}" if self.method != "sft" else ""
         return (
-            f"{self.name}: {self.task} on {self.base_model} ({self.quantization}), "
+            f"{self.name}: {self.task}{method} on {self.base_model} ({self.quantization}), "
             f"LoRA r={self.lora.r} on {targets}, {length}"
         )
 

@@ -168,11 +168,22 @@ def plan(manifest: Manifest, source: str = "<manifest>") -> dict:
     data_bytes = sum(t.numel() for t in state.values()) * ADAPTER_DTYPE_BYTES
     header_bytes = _safetensors_header_bytes(state)
 
+    from farm.train.methods import METHODS
+
+    t = manifest.training
+    seqs = t.batch_size * t.grad_accum * METHODS[manifest.method].token_factor
     return {
         "manifest": source,
         "base_model": manifest.base_model,
         "model_type": getattr(config, "model_type", None),
         "task": manifest.task,
+        "work": {
+            "method": manifest.method,
+            "sequences_per_step": seqs,
+            "max_tokens_per_step": seqs * t.max_seq_len,
+            "note": "sequences a step runs through the model: batch x grad_accum, twice that for dpo (each "
+                    "pair's chosen and rejected responses); tokens at most max_seq_len each",
+        },
         "lora": {
             "r": manifest.lora.r,
             "alpha": manifest.lora.alpha,
@@ -225,9 +236,11 @@ def pack_estimate(manifest: Manifest) -> dict:
     """Bytes of the resident base and bytes each further job adds: its adapter in fp32 with gradient
     and AdamW's two moments (16 bytes a trainable parameter) plus its activations, estimated as
     batch x seq x hidden x layers x 4 bytes x 8 tensors per layer (with gradient checkpointing, as the
-    GPU path runs) plus the fp32 logits and their gradient. Rough by design: it sizes the default
-    limit, it does not promise a fit."""
+    GPU path runs) plus the fp32 logits and their gradient; a row is two sequences for DPO (chosen and
+    rejected: the method's token_factor). Rough by design: it sizes the default limit, it does not
+    promise a fit."""
     from farm.modeling import load_config
+    from farm.train.methods import METHODS
 
     doc = plan(manifest)
     base = next(r["total_bytes"] for r in doc["footprint"]["modes"] if r["mode"] == doc["footprint"]["selected"])
@@ -237,7 +250,7 @@ def pack_estimate(manifest: Manifest) -> dict:
     layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 0)
     vocab = int(getattr(text, "vocab_size", 0) or 0)
     t = manifest.training
-    tokens = t.batch_size * t.max_seq_len
+    tokens = t.batch_size * t.max_seq_len * METHODS[manifest.method].token_factor
     activations = tokens * hidden * layers * 4 * 8 + tokens * vocab * 4 * 2
     return {"base_bytes": int(base), "job_bytes": int(doc["params"]["trainable"] * 16 + activations)}
 

@@ -92,6 +92,55 @@ def message_problem(msgs: Any) -> str | None:
     return None
 
 
+def _messages_problem(msgs: Any, *, need_assistant: bool) -> str | None:
+    problem = message_problem(msgs)
+    if problem and not need_assistant and problem.startswith("has no assistant message"):
+        return None
+    return problem
+
+
+def response_text(v: Any) -> str | None:
+    """A preference response as text: a string, or [{"role": "assistant", "content": ...}] (TRL's
+    conversational form, OpenAI's preferred_output); None when it is neither."""
+    if isinstance(v, str):
+        return v
+    if (isinstance(v, list) and len(v) == 1 and isinstance(v[0], dict) and v[0].get("role") == "assistant"
+            and isinstance(v[0].get("content"), str)):
+        return v[0]["content"]
+    return None
+
+
+def preference_problems(prompt: Any, chosen: Any, rejected: Any,
+                        names: tuple[str, str, str] = ("prompt", "chosen", "rejected")) -> list[tuple[str, str]]:
+    """What is wrong with a preference row, as (field, problem) pairs (empty: nothing).
+
+    Allowed: the prompt a non-empty string or a non-empty list of {role, content} chat messages (the
+    conversation so far; it need not hold an assistant turn); each response a non-empty string or a
+    list of one assistant message; the two responses different.
+    """
+    out = []
+    p_name, c_name, r_name = names
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            out.append((p_name, "must not be empty"))
+    else:
+        problem = _messages_problem(prompt, need_assistant=False)
+        if problem:
+            out.append((p_name, f"must be a string or chat messages: {problem}"))
+    texts = []
+    for name, v in ((c_name, chosen), (r_name, rejected)):
+        text = response_text(v)
+        if text is None:
+            out.append((name, "must be a string or a list of one assistant message {role: assistant, content} "
+                              f"(got {_json_type(v) if not isinstance(v, list) else f'a list of {len(v)}'})"))
+        elif not text.strip():
+            out.append((name, "must not be empty: a preference pair needs both responses"))
+        texts.append(text)
+    if not out and texts[0] == texts[1]:
+        out.append((r_name, f"is the same as {c_name!r}: a preference pair needs two different responses"))
+    return out
+
+
 def _json_type(v: Any) -> str:
     """A Python value's name as JSON calls it (what a user wrote in the file)."""
     if v is None:

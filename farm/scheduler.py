@@ -125,7 +125,9 @@ def _append(path: Path, line: str) -> None:
 
 def _fmt_progress(p: dict) -> str:
     parts = [f"step {p.get('step')}/{p.get('total_steps')}"]
-    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("tokens_per_s", "{:.0f} tokens/s")):
+    for key, fmt in (("loss", "loss {:.4f}"), ("eval_loss", "eval_loss {:.4f}"), ("reward_accuracy", "reward_acc {:.3f}"),
+                     ("reward_margin", "reward_margin {:.4f}"), ("eval_reward_accuracy", "eval_reward_acc {:.3f}"),
+                     ("tokens_per_s", "{:.0f} tokens/s")):
         if isinstance(p.get(key), (int, float)):
             parts.append(fmt.format(p[key]))
     return ", ".join(parts)

@@ -310,7 +310,8 @@ def test_auto_names_expected_columns(tok, tmp_path):
     msg = data_error(prep, tok, f)
     assert msg == (
         "cannot tell the format from the columns: expected 'messages' (chat), 'prompt' + 'completion' "
-        "(prompt_completion) or 'text' (text) (columns found: question, answer)"
+        "(prompt_completion), 'text' (text) or 'prompt' + 'chosen' + 'rejected' (preference) "
+        "(columns found: question, answer)"
     )
 
 

@@ -21,6 +21,7 @@ from peft import LoraConfig  # noqa: E402
 
 from farm.errors import TrainingError  # noqa: E402
 from farm.train.engine import Engine  # noqa: E402
+from farm.train.methods import MethodBase  # noqa: E402
 from farm.train.modelops import build_base  # noqa: E402
 from farm.train.spec import MemberSpec, OptimSpec  # noqa: E402
 
@@ -160,18 +161,15 @@ def test_an_unknown_method_is_refused_by_name(tiny_llama):
     assert not engine.members and not engine.pack.jobs
 
 
-class PerSequenceSFT:
+class PerSequenceSFT(MethodBase):
     """The method example of docs/architecture.md: SFT whose loss weights every sequence equally."""
 
     name = "sft-per-sequence"
 
-    def micro_batch(self, rows, idx, collate):
-        return collate([{k: rows[k][j] for k in rows} for j in idx])
-
-    def loss(self, model, logits, labels):
+    def loss(self, model, logits, batch):
         import torch.nn.functional as F
 
-        tgt = labels[:, 1:]
+        tgt = batch["labels"][:, 1:]
         tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tgt, ignore_index=-100, reduction="none")
         mask = (tgt != -100).float()
         return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
@@ -182,7 +180,7 @@ def test_a_method_supplies_the_loss_and_packs_beside_sft(tiny_llama, monkeypatch
 
     from farm.train import methods
 
-    monkeypatch.setitem(methods.METHODS, "sft-per-sequence", PerSequenceSFT())
+    monkeypatch.setitem(methods.METHODS, "sft-per-sequence", PerSequenceSFT)
     engine = _engine(tiny_llama)
     custom = replace(_spec("custom", seed=7, accum=1, eval_every=None), method="sft-per-sequence")
     _admit(engine, custom)
@@ -198,8 +196,8 @@ def test_a_method_supplies_the_loss_and_packs_beside_sft(tiny_llama, monkeypatch
         with torch.no_grad(), engine.pack.rows({}):
             logits = engine.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         engine.model.train()
-        firsts[j] = (float(PerSequenceSFT().loss(engine.model, logits, batch["labels"])),
-                     float(methods.SFT().loss(engine.model, logits, batch["labels"])))
+        firsts[j] = (float(PerSequenceSFT().loss(engine.model, logits, batch)),
+                     float(methods.SFT().loss(engine.model, logits, batch)))
     ups = {u.job_id: u for u in engine.step()}
     assert ups["custom"].metrics["loss"] == pytest.approx(firsts["custom"][0], abs=2e-4)
     assert ups["plain"].metrics["loss"] == pytest.approx(firsts["plain"][1], abs=2e-4)

@@ -149,7 +149,9 @@ def test_create_maps_onto_the_queue_with_the_policy(api):
     ({"hyperparameters": {"learning_rate_multiplier": 50}}, "hyperparameters.learning_rate_multiplier", "10"),
     ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}},
      "method.supervised.hyperparameters.n_epochs", "1..4"),
-    ({"method": {"type": "dpo"}}, "method.type", "supervised"),
+    ({"method": {"type": "reinforcement"}}, "method.type", "supervised, dpo"),
+    ({"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 0.1}}}},
+     "method.supervised.hyperparameters.beta", "not a supervised hyperparameter"),
     ({"suffix": "bad/name"}, "suffix", "suffix"),
     ({"extra_body": {"priority": 100}}, "priority", "operator"),
     ({"extra_body": {"base_model": "s3://x/y"}}, "base_model", "operator"),
@@ -161,6 +163,80 @@ def test_create_outside_policy_is_400_naming_the_field(api, kwargs, param, words
     with pytest.raises(openai.BadRequestError) as exc:
         acme.fine_tuning.jobs.create(**args)
     assert exc.value.body["param"] == param and words in exc.value.message
+    assert api.queue.list() == []
+
+
+PREFS = [
+    {"input": {"messages": [{"role": "user", "content": "How do I reset my sensor?"}]},
+     "preferred_output": [{"role": "assistant", "content": "Hold the button for ten seconds."}],
+     "non_preferred_output": [{"role": "assistant", "content": "Buy a new sensor."}]},
+    {"input": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]},
+     "preferred_output": [{"role": "assistant", "content": "Hello."}],
+     "non_preferred_output": [{"role": "assistant", "content": "What do you want?"}]},
+]
+
+
+def test_a_dpo_job_is_created_from_openai_preference_lines(api):
+    """OpenAI's DPO request shape (checked against the openai client's own types): the preference file is
+    processed at upload, the job queues a `method: dpo` manifest with the request's beta, and the job
+    object answers with method.dpo.hyperparameters."""
+    acme = api.client("acme")
+    f = upload(acme, jsonl(PREFS), "prefs.jsonl")
+    assert f.status == "processed"
+    job = acme.fine_tuning.jobs.create(
+        model="tiny-llama", training_file=f.id, validation_file=f.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": "auto"}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.25
+    assert job.method.dpo.hyperparameters.n_epochs == 2 and job.hyperparameters.n_epochs == 2
+    m = api.queue.get(job.id.removeprefix("ftjob-")).manifest
+    assert m["method"] == "dpo" and m["dpo"]["beta"] == 0.25 and m["dataset"]["format"] == "preference"
+    auto = acme.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id, method={"type": "dpo"})
+    assert auto.method.dpo.hyperparameters.beta == 0.1  # "auto": the documented starting point
+    assert acme.fine_tuning.jobs.retrieve(auto.id).method.type == "dpo"
+    # the stored preference lines are what the trainer reads: prompt = input.messages, chosen, rejected
+    from farm.manifest import DatasetSpec
+    from farm.modeling import load_tokenizer
+    from farm.train.data import load_prepared
+
+    d = load_prepared(DatasetSpec(train=m["dataset"]["train"], eval=m["dataset"]["train"]),
+                      load_tokenizer(api.policy.base_model, None), task="causal_lm", max_seq_len=128, seed=0,
+                      method="dpo")
+    assert d.stats["train"]["format"] == "preference" and d.stats["train"]["rows"] == 2
+
+
+@pytest.mark.parametrize("rows, words", [
+    ([{**PREFS[0], "non_preferred_output": PREFS[0]["preferred_output"]}], "line 1: 'non_preferred_output' is the same"),
+    ([PREFS[0], {**PREFS[1], "preferred_output": []}], "line 2: 'preferred_output' must be a string or a list of one"),
+    ([PREFS[0], {**PREFS[1], "preferred_output": "Hello."}], "line 2: 'preferred_output' must be a list of one assistant"),
+    ([PREFS[0], {k: v for k, v in PREFS[1].items() if k != "non_preferred_output"}], "line 2: 'non_preferred_output'"),
+    ([PREFS[0], {**PREFS[1], "preferred_output": [{"role": "assistant", "content": " "}]}], "must not be empty"),
+    ([{**PREFS[0], "input": {"messages": [{"role": "robot", "content": "x"}]}}], "line 1: 'input.messages'"),
+    ([PREFS[0], {"input": "hi", "preferred_output": [], "non_preferred_output": []}], "line 2: 'input' must be an object"),
+])
+def test_bad_preference_files_get_status_error_naming_the_line(api, rows, words):
+    f = upload(api.client("acme"), jsonl(rows))
+    assert f.status == "error" and words in f.status_details, f.status_details
+
+
+def test_a_file_of_the_wrong_format_for_the_method_is_400_at_create(api):
+    acme = api.client("acme")
+    chat, prefs = upload(acme, jsonl(CHAT)), upload(acme, jsonl(PREFS), "prefs.jsonl")
+    with pytest.raises(openai.BadRequestError) as exc:
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=chat.id, method={"type": "dpo"})
+    assert exc.value.body["param"] == "training_file" and "is chat (line 1" in exc.value.message
+    assert "preferred_output" in exc.value.message
+    for kwargs in ({}, {"method": {"type": "supervised"}}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            acme.fine_tuning.jobs.create(model="tiny-llama", training_file=prefs.id, **kwargs)
+        assert exc.value.body["param"] == "training_file" and "preference lines" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=prefs.id, validation_file=chat.id,
+                                     method={"type": "dpo"})
+    assert exc.value.body["param"] == "validation_file"
+    with pytest.raises(openai.BadRequestError) as exc:
+        acme.fine_tuning.jobs.create(model="tiny-llama", training_file=prefs.id,
+                                     method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}})
+    assert exc.value.body["param"] == "method.dpo.hyperparameters.beta"
     assert api.queue.list() == []
 
 

@@ -93,7 +93,7 @@ def test_good_manifest_defaults():
         ),
         pytest.param(
             with_(dataset={"format": "sharegpt"}),
-            "dataset.format: must be one of 'auto', 'text', 'prompt_completion', 'chat', 'classification' (got 'sharegpt')",
+            "dataset.format: must be one of 'auto', 'text', 'prompt_completion', 'chat', 'classification', 'preference' (got 'sharegpt')",
             id="enum-format",
         ),
         pytest.param(with_(lora={"r": 0}), "lora.r: must be greater than or equal to 1 (got 0)", id="range-r"),

@@ -39,8 +39,10 @@ def _progress(job: Job) -> str:
     if not p.get("total_steps"):
         return "-"
     text = f"{p.get('step', 0)}/{p['total_steps']}"
-    if isinstance(p.get("loss"), (int, float)):
-        text += f" loss {p['loss']:.3f}"
+    for key, label in (("loss", "loss"), ("eval_loss", "eval loss"), ("reward_accuracy", "reward acc"),
+                       ("reward_margin", "margin"), ("eval_reward_accuracy", "eval reward acc")):
+        if isinstance(p.get(key), (int, float)):  # reward_*: a dpo job (TRL's rewards/* metrics)
+            text += f" {label} {p[key]:.3f}"
     return text
 
 

@@ -78,6 +78,9 @@ def _render(r: dict) -> None:
     params.add_row("total params (with adapter)", f"{p['total']:,}")
     params.add_row("trainable params", f"{p['trainable']:,} ({p['trainable_percent']:.4f}%)")
     params.add_row("adapter file", f"{human_bytes(a['file_bytes'])} ({a['tensors']} fp32 tensors)")
+    w = r["work"]
+    params.add_row(f"{w['method']}: sequences/step", f"{w['sequences_per_step']:,} (at most {w['max_tokens_per_step']:,} tokens)"
+                   + (": chosen + rejected of each pair" if w["method"] == "dpo" else ""))
     console.print(params)
 
     table = Table(title="Base model weights in memory")

@@ -1,5 +1,9 @@
-"""A create request's hyperparameters against the policy: "auto" becomes the policy default, a
-number outside the policy is a 400 naming the field and the limit."""
+"""A create request's method and hyperparameters against the policy: "auto" becomes the policy
+default, a number outside the policy is a 400 naming the field and the limit.
+
+Where they come from, as OpenAI's API takes them: `method: {"type": "supervised", "supervised":
+{"hyperparameters": {...}}}`, `method: {"type": "dpo", "dpo": {"hyperparameters": {..., "beta"}}}`,
+or (legacy, supervised) a top-level `hyperparameters`."""
 
 from __future__ import annotations
 
@@ -18,28 +22,42 @@ def _number(value: Any, name: str, *, integer: bool) -> float | int | None:
     return int(value) if integer else float(value)
 
 
-def hyperparameters_of(body: dict) -> tuple[dict, str]:
-    """The request's hyperparameters and the field name they came from."""
+METHODS = ("supervised", "dpo")
+ALLOWED = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
+           "dpo": ("n_epochs", "batch_size", "learning_rate_multiplier", "beta")}
+DEFAULT_BETA = 0.1  # OpenAI's documented starting point, TRL's default
+
+
+def hyperparameters_of(body: dict) -> tuple[dict, str, str]:
+    """The request's hyperparameters, the field name they came from and the method type."""
     method = body.get("method")
+    kind = "supervised"
     if method is not None:
-        if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
-            kind = method.get("type") if isinstance(method, dict) else method
-            raise bad_request(f"method.type {kind!r} is not offered (allowed: supervised)", "method.type")
-        hp = ((method.get("supervised") or {}).get("hyperparameters")) or {}
-        where = "method.supervised.hyperparameters"
+        if not isinstance(method, dict):
+            raise bad_request(f"method must be an object like {{\"type\": \"supervised\"}} (got {method!r})", "method")
+        kind = method.get("type")
+        if kind not in METHODS:
+            raise bad_request(f"method.type {kind!r} is not offered (allowed: {', '.join(METHODS)})", "method.type")
+        section = method.get(kind)
+        if section is not None and not isinstance(section, dict):
+            raise bad_request(f"method.{kind} must be an object", f"method.{kind}")
+        hp = (section or {}).get("hyperparameters") or {}
+        where = f"method.{kind}.hyperparameters"
+        if body.get("hyperparameters"):
+            raise bad_request("give hyperparameters in method, not also at the top level", "hyperparameters")
     else:
         hp, where = body.get("hyperparameters") or {}, "hyperparameters"
     if not isinstance(hp, dict):
         raise bad_request(f"{where} must be an object", where)
-    unknown = sorted(set(hp) - {"n_epochs", "batch_size", "learning_rate_multiplier"})
+    unknown = sorted(set(hp) - set(ALLOWED[kind]))
     if unknown:
-        raise bad_request(f"{where}.{unknown[0]} is not a supervised hyperparameter "
-                          "(allowed: n_epochs, batch_size, learning_rate_multiplier)", f"{where}.{unknown[0]}")
-    return hp, where
+        raise bad_request(f"{where}.{unknown[0]} is not a {kind} hyperparameter "
+                          f"(allowed: {', '.join(ALLOWED[kind])})", f"{where}.{unknown[0]}")
+    return hp, where, kind
 
 
-def resolve(hp: dict, where: str, policy: TrainingPolicy) -> dict:
-    """{n_epochs, batch_size, learning_rate_multiplier} as numbers, within the policy."""
+def resolve(hp: dict, where: str, policy: TrainingPolicy, method: str = "supervised") -> dict:
+    """{n_epochs, batch_size, learning_rate_multiplier} (and beta for dpo) as numbers, within the policy."""
     n = _number(hp.get("n_epochs"), f"{where}.n_epochs", integer=True)
     bs = _number(hp.get("batch_size"), f"{where}.batch_size", integer=True)
     lr = _number(hp.get("learning_rate_multiplier"), f"{where}.learning_rate_multiplier", integer=False)
@@ -59,4 +77,9 @@ def resolve(hp: dict, where: str, policy: TrainingPolicy) -> dict:
         raise bad_request(f"{where}.learning_rate_multiplier={m:g} is outside the policy: > 0 and <= "
                           f"{policy.max_learning_rate_multiplier:g} (max_learning_rate_multiplier)",
                           f"{where}.learning_rate_multiplier")
+    if method == "dpo":
+        beta = _number(hp.get("beta"), f"{where}.beta", integer=False)
+        out["beta"] = DEFAULT_BETA if beta is None else beta
+        if not out["beta"] > 0:
+            raise bad_request(f"{where}.beta={out['beta']:g} must be > 0", f"{where}.beta")
     return out

@@ -152,8 +152,8 @@ class Jobs:
             if name in body:
                 raise bad_request(f"{name} is set by the operator's training policy, not by the request", name)
         policy = self._policy(body.get("model"))
-        hp_in, where = hyperparameters_of(body)
-        hp = resolve(hp_in, where, policy)
+        hp_in, where, method = hyperparameters_of(body)
+        hp = resolve(hp_in, where, policy, method)
         suffix = body.get("suffix")
         if suffix is not None and (not isinstance(suffix, str) or not SUFFIX_RE.fullmatch(suffix.lower())):
             raise bad_request("suffix must be 1-40 characters: letters, digits, '-' or '_', starting with a "
@@ -185,13 +185,26 @@ class Jobs:
             "created_at": time.time(), "request_sha256": digest, "hyperparameters": hp,
             "training_file": train["id"], "validation_file": valid["id"] if valid else None,
             "suffix": suffix, "seed": seed if seed is not None else 0, "metadata": metadata,
-            "checkpoint_every": policy.checkpoint_every, "idempotency_key": key,
+            "checkpoint_every": policy.checkpoint_every, "idempotency_key": key, "method": method,
         }
         # validating_files: the files were checked at upload; a bad one fails the job here, by name.
         for param, meta in (("training_file", train), ("validation_file", valid)):
             if meta is not None and meta.get("status") != "processed":
                 return self._failed(record, "invalid_" + param, param,
                                     f"{param} {meta['id']} ({meta['filename']}) is not usable: {meta.get('status_details')}")
+        want = "preference" if method == "dpo" else None
+        for param, meta in (("training_file", train), ("validation_file", valid)):
+            if meta is None:
+                continue
+            if want and meta.get("format") != want:
+                raise bad_request(f"{param} {meta['id']} ({meta['filename']}) is {meta.get('format')} (line 1 set its "
+                                  "format); method dpo trains on preference lines: {\"input\": {\"messages\": [...]}, "
+                                  "\"preferred_output\": [...], \"non_preferred_output\": [...]}", param,
+                                  code="invalid_" + param)
+            if not want and meta.get("format") == "preference":
+                raise bad_request(f"{param} {meta['id']} ({meta['filename']}) holds preference lines (line 1 has "
+                                  "'input'/'preferred_output'); they train with method {\"type\": \"dpo\"}, not "
+                                  f"{method}", param, code="invalid_" + param)
         if valid is not None and valid.get("format") != train.get("format"):
             return self._failed(record, "invalid_validation_file", "validation_file",
                                 f"validation_file {valid['id']} is {valid.get('format')} but training_file "
@@ -271,6 +284,8 @@ class Jobs:
             # API jobs never move the customer's alias to a version that scores worse (farm.train.gate)
             "alias": API_ALIAS, "alias_policy": "if_better",
         }
+        if record.get("method") == "dpo":
+            doc.update(method="dpo", dpo={"beta": hp["beta"]})
         try:
             manifest: Manifest = parse_manifest(doc, source=f"fine-tuning job for {c}")
         except ManifestError as exc:  # a policy/request combination the manifest refuses
@@ -288,6 +303,9 @@ class Jobs:
         for _, obj in json_lines(self.store.file_bytes(customer, file_id)):  # checked at upload: no RowError
             if "messages" in obj:
                 texts.append("\n".join(m["content"] for m in obj["messages"]))
+            elif "input" in obj:  # a preference pair trains two sequences: prompt + each response
+                prompt = "\n".join(m["content"] for m in obj["input"]["messages"])
+                texts += [prompt + obj[k][0]["content"] for k in ("preferred_output", "non_preferred_output")]
             else:
                 texts.append(obj["prompt"] + obj["completion"])
         # No truncation argument: it would make the shared tokenizer mutate its settings per call,
@@ -359,6 +377,7 @@ class Jobs:
             error = {"code": "training_failed", "message": msg, "param": None}
         fin = final.get("finished_at") or (job.finished_at if job and job.done else None)
         hp = record["hyperparameters"]
+        method = record.get("method", "supervised")
         result_files = []
         trained_tokens = None
         if status == "succeeded":
@@ -376,11 +395,12 @@ class Jobs:
             "finished_at": int(fin) if fin else None, "model": record["model"],
             "fine_tuned_model": job.adapter_ref if status == "succeeded" else None,
             "organization_id": record["customer"], "status": status, "error": error,
-            "hyperparameters": hp, "result_files": result_files, "trained_tokens": trained_tokens,
+            "hyperparameters": {k: v for k, v in hp.items() if k != "beta"}, "result_files": result_files,
+            "trained_tokens": trained_tokens,
             "training_file": record["training_file"], "validation_file": record["validation_file"],
             "seed": record["seed"], "estimated_finish": estimated, "integrations": [],
             "metadata": record.get("metadata"), "user_provided_suffix": record.get("suffix"),
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+            "method": {"type": method, method: {"hyperparameters": hp}},
         }
 
     def _history(self, job) -> list[dict]:

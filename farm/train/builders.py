@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     import peft
 
     from farm.manifest import Manifest
-    from farm.train.spec import OptimSpec
+    from farm.train.spec import MemberSpec, OptimSpec
 
 
 def lora_config(manifest: Manifest) -> peft.LoraConfig:
@@ -68,9 +68,20 @@ def data_config(manifest: Manifest, expect: dict | None = None) -> dict:
         "spec": manifest.dataset,
         "tokenizer": {"source": manifest.base_model, "revision": manifest.revision},
         "options": {"task": manifest.task, "max_seq_len": t.max_seq_len, "seed": t.seed, "labels": manifest.labels,
-                    "num_labels": manifest.num_labels, "packing": t.packing},
+                    "num_labels": manifest.num_labels, "packing": t.packing, "method": manifest.method},
         "expect": expect,
     }
+
+
+def member_spec(manifest: Manifest, job_id: str, train_rows: int, stats: dict | None, pad_token_id: int, *,
+                identity: dict | None = None, parity_rows: int = 0) -> MemberSpec:
+    """The job as the training engine takes it (the solo worker and the pack driver both build it here)."""
+    from farm.train.spec import MemberSpec
+
+    return MemberSpec(job_id=job_id, lora=lora_config(manifest), optim=optim_config(manifest, train_rows),
+                      data=data_config(manifest, stats), pad_token_id=pad_token_id, task=manifest.task,
+                      method=manifest.method, method_options=manifest.method_options, identity=identity,
+                      parity_rows=parity_rows)
 
 
 def optim_config(manifest: Manifest, train_rows: int) -> OptimSpec:

@@ -13,12 +13,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import DataError
-from farm.rows import message_problem
+from farm.rows import message_problem, preference_problems
 
 if TYPE_CHECKING:
     from farm.manifest import DatasetSpec
 
 MAX_REPORTED = 10  # row problems listed in one error; the rest are counted
+OPENAI_PREFERENCE = ("input", "preferred_output", "non_preferred_output")
+"""OpenAI's preference JSONL (method dpo): read as prompt = input.messages, chosen, rejected."""
 
 
 def detect_format(columns: list[str], spec: DatasetSpec, task: str) -> str:
@@ -31,6 +33,8 @@ def detect_format(columns: list[str], spec: DatasetSpec, task: str) -> str:
             f"expected columns {spec.text_column!r} and {spec.label_column!r} for task seq_cls "
             f"(columns found: {', '.join(columns)})"
         )
+    if {spec.prompt_column, spec.chosen_column, spec.rejected_column} <= cols or set(OPENAI_PREFERENCE) <= cols:
+        return "preference"
     if spec.messages_column in cols:
         return "chat"
     if {spec.prompt_column, spec.completion_column} <= cols:
@@ -40,7 +44,8 @@ def detect_format(columns: list[str], spec: DatasetSpec, task: str) -> str:
     raise DataError(
         "cannot tell the format from the columns: expected "
         f"{spec.messages_column!r} (chat), {spec.prompt_column!r} + {spec.completion_column!r} "
-        f"(prompt_completion) or {spec.text_column!r} (text) (columns found: {', '.join(columns)})"
+        f"(prompt_completion), {spec.text_column!r} (text) or {spec.prompt_column!r} + {spec.chosen_column!r} + "
+        f"{spec.rejected_column!r} (preference) (columns found: {', '.join(columns)})"
     )
 
 
@@ -50,6 +55,7 @@ def required_columns(fmt: str, spec: DatasetSpec) -> list[str]:
         "prompt_completion": [spec.prompt_column, spec.completion_column],
         "chat": [spec.messages_column],
         "classification": [spec.text_column, spec.label_column],
+        "preference": [spec.prompt_column, spec.chosen_column, spec.rejected_column],
     }[fmt]
 
 
@@ -92,6 +98,20 @@ def check_messages(p: Problems, where: str, col: str, msgs: Any) -> None:
     """A chat row's messages, by farm.rows' rules (the same the upload check applies)."""
     problem = message_problem(msgs)
     if problem:
+        p.add(where, col, problem)
+
+
+def openai_preference_row(spec: DatasetSpec, row: dict) -> dict:
+    """An OpenAI preference line as the preference columns of `spec`."""
+    inp = row.get("input")
+    return {spec.prompt_column: inp.get("messages") if isinstance(inp, dict) else inp,
+            spec.chosen_column: row.get("preferred_output"), spec.rejected_column: row.get("non_preferred_output")}
+
+
+def check_preference(p: Problems, where: str, spec: DatasetSpec, row: dict) -> None:
+    """A preference row (prompt, chosen, rejected) by farm.rows' rules (the same the upload check applies)."""
+    names = (spec.prompt_column, spec.chosen_column, spec.rejected_column)
+    for col, problem in preference_problems(*(row.get(c) for c in names), names=names):
         p.add(where, col, problem)
 
 

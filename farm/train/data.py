@@ -24,13 +24,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from farm.errors import DataError
+from farm.rows import response_text
 from farm.train import sources
 from farm.train.checks import (
+    OPENAI_PREFERENCE,
     Labels,
     Problems,
     check_messages,
+    check_preference,
     check_str,
     detect_format,
+    openai_preference_row,
     parse_messages,
     required_columns,
 )
@@ -134,6 +138,8 @@ class _Counts:
         self.rows = self.tokens = self.trainable = self.dropped = self.sequences = 0
         self._cur = 0
         self.columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+        if fmt == "preference":
+            self.columns.update(rejected_input_ids=[], rejected_labels=[])
 
     def add(self, ids: list[int], label: Any) -> None:
         ok = bool(ids) if self.fmt == "classification" else any(t != IGNORE_INDEX for t in label)
@@ -152,6 +158,18 @@ class _Counts:
             self.columns["input_ids"].append(ids)
             self.columns["attention_mask"].append([1] * len(ids))
             self.columns["labels"].append(label)
+
+    def add_pair(self, chosen: list[int], chosen_labels: list[int], rejected: list[int], rejected_labels: list[int]) -> None:
+        """A preference pair: one example of two sequences (both count as tokens)."""
+        self.rows += 1
+        self.tokens += len(chosen) + len(rejected)
+        self.trainable += sum(t != IGNORE_INDEX for t in chosen_labels) + sum(t != IGNORE_INDEX for t in rejected_labels)
+        if self.keep:
+            self.columns["input_ids"].append(chosen)
+            self.columns["attention_mask"].append([1] * len(chosen))
+            self.columns["labels"].append(chosen_labels)
+            self.columns["rejected_input_ids"].append(rejected)
+            self.columns["rejected_labels"].append(rejected_labels)
 
     def entry(self, side: _Side) -> dict:
         e = {"source": side.source, "sha256": side.scanned.sha256, "format": self.fmt, "rows": self.rows,
@@ -195,13 +213,63 @@ def _tokenize_chat(spec: DatasetSpec, tokenizer, max_seq_len: int, source: str, 
     out.add(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
 
 
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _tokenize_preference(spec: DatasetSpec, tokenizer, max_seq_len: int, p: Problems, where: str, row: dict,
+                         out: _Counts) -> None:
+    """One pair, tokenized as TRL's DPOTrainer does: prompt, prompt+chosen and prompt+rejected each
+    tokenized whole (chat messages through the chat template, the prompt with the generation prompt;
+    plain text with EOS appended to each response), the responses starting where the tokenized
+    prompt and prompt+response first differ; each sequence cut to max_seq_len from the end. A prompt
+    that leaves no response token within max_seq_len is a row problem (TRL drops such rows)."""
+    prompt = row[spec.prompt_column]
+    chosen, rejected = (response_text(row[c]) for c in (spec.chosen_column, spec.rejected_column))
+    if isinstance(prompt, list):
+        def ids(msgs, **kw):
+            return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)["input_ids"])
+        try:
+            prompt_ids = ids(prompt, add_generation_prompt=True)
+            seqs = [ids(prompt + [{"role": "assistant", "content": r}]) for r in (chosen, rejected)]
+        except Exception as exc:  # noqa: BLE001 - templates raise their own errors (e.g. "no system role")
+            p.add(where, spec.prompt_column, f"the tokenizer's chat template rejected this conversation "
+                                             f"({type(exc).__name__}: {exc})")
+            return
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_ids = list(tokenizer(prompt)["input_ids"])
+        seqs = [list(tokenizer(prompt + (r if r.endswith(eos) else r + eos))["input_ids"]) for r in (chosen, rejected)]
+    start = min(_common_prefix(prompt_ids, s) for s in seqs)
+    if start >= max_seq_len:
+        p.add(where, spec.prompt_column, f"the prompt is {start} tokens, which leaves no room for the response "
+                                         f"within max_seq_len={max_seq_len}; shorten it or raise training.max_seq_len")
+        return
+    pair = []
+    for col, s in zip((spec.chosen_column, spec.rejected_column), seqs):
+        if len(s) <= start:
+            p.add(where, col, "tokenizes to nothing after the prompt")
+            return
+        s = s[:max_seq_len]
+        pair += [s, [IGNORE_INDEX] * start + s[start:]]
+    out.add_pair(*pair)
+
+
 def _run_side(side: _Side, fmt: str, spec: DatasetSpec, tokenizer, max_seq_len: int, labels, num_labels, *,
               keep: bool, pack: bool) -> _Counts:
     """One streaming pass over a side. Errors come in the order a whole-file check gives them: row
     problems (all listed), then the chat template, then the first row the template rejects, then
     "no trainable tokens". Once a row is bad, the rest are only checked, not tokenized."""
     columns = side.scanned.columns
-    for col in required_columns(fmt, spec):
+    # OpenAI's preference lines (input.messages, preferred_output, non_preferred_output), read as the columns
+    openai_form = (fmt == "preference" and set(OPENAI_PREFERENCE) <= set(columns)
+                   and spec.chosen_column not in columns)
+    for col in (OPENAI_PREFERENCE if openai_form else required_columns(fmt, spec)):
         if col not in columns:
             raise DataError(
                 f"{side.source}: missing column {col!r} needed by format {fmt} (columns found: {', '.join(columns)})"
@@ -215,6 +283,7 @@ def _run_side(side: _Side, fmt: str, spec: DatasetSpec, tokenizer, max_seq_len: 
             _check_template(tokenizer, side.source)
         except DataError as exc:
             late = exc
+    chat_prompts = False  # preference rows whose prompt is chat messages: the template must exist
     pending: list[tuple[str, dict, int]] = []
 
     def flush() -> None:
@@ -229,6 +298,11 @@ def _run_side(side: _Side, fmt: str, spec: DatasetSpec, tokenizer, max_seq_len: 
         elif fmt == "prompt_completion":
             check_str(p, where, spec.prompt_column, r.get(spec.prompt_column))
             check_str(p, where, spec.completion_column, r.get(spec.completion_column), allow_empty=False)
+        elif fmt == "preference":
+            if openai_form:
+                r = openai_preference_row(spec, r)
+            r[spec.prompt_column] = parse_messages(r.get(spec.prompt_column))  # chat messages in a CSV cell
+            check_preference(p, where, spec, r)
         else:
             r[spec.messages_column] = parse_messages(r.get(spec.messages_column))
             check_messages(p, where, spec.messages_column, r[spec.messages_column])
@@ -243,6 +317,15 @@ def _run_side(side: _Side, fmt: str, spec: DatasetSpec, tokenizer, max_seq_len: 
             except DataError as exc:
                 late = exc
             continue
+        if fmt == "preference":
+            if isinstance(r[spec.prompt_column], list) and not chat_prompts:
+                if not getattr(tokenizer, "chat_template", None):
+                    late = DataError(f"{side.source}: {where}: column {spec.prompt_column!r} holds chat messages, "
+                                     "but this base model's tokenizer has no chat template; give the prompt as text")
+                    continue
+                chat_prompts = True
+            _tokenize_preference(spec, tokenizer, max_seq_len, p, where, r, out)
+            continue
         pending.append((where, r, label))
         if len(pending) >= TOKENIZE_BATCH:
             flush()
@@ -254,6 +337,7 @@ def _run_side(side: _Side, fmt: str, spec: DatasetSpec, tokenizer, max_seq_len: 
         why = {
             "prompt_completion": f"every prompt fills max_seq_len={max_seq_len} tokens, so no completion token is left",
             "chat": f"no assistant token is left within max_seq_len={max_seq_len} tokens",
+            "preference": "no pair is left",
         }.get(fmt, "every row is empty")
         raise DataError(f"{side.source}: no trainable tokens left after truncation: {why}")
     return out
@@ -263,7 +347,8 @@ def _run_side(side: _Side, fmt: str, spec: DatasetSpec, tokenizer, max_seq_len: 
 # Entry points
 
 
-def _plan(spec: DatasetSpec, task: str, seed: int, labels, num_labels, packing: bool) -> tuple[str, list[_Side]]:
+def _plan(spec: DatasetSpec, task: str, seed: int, labels, num_labels, packing: bool,
+          method: str = "sft") -> tuple[str, list[_Side]]:
     """Check the arguments, scan the files (one pass each), pick the format, split: the two sides."""
     if task not in ("causal_lm", "seq_cls"):
         raise DataError(f"task must be causal_lm or seq_cls (got {task!r})")
@@ -279,6 +364,15 @@ def _plan(spec: DatasetSpec, task: str, seed: int, labels, num_labels, packing: 
 
     train = sources.scan(spec.train)
     fmt = spec.format if spec.format != "auto" else detect_format(train.columns, spec, task)
+    if method == "dpo" and fmt != "preference":
+        raise DataError(f"{train.source}: method dpo trains on preference rows (columns {spec.prompt_column!r}, "
+                        f"{spec.chosen_column!r}, {spec.rejected_column!r}); this file is format {fmt} "
+                        f"(columns found: {', '.join(train.columns)})")
+    if fmt == "preference" and method != "dpo":
+        raise DataError(f"{train.source}: preference rows (prompt, chosen, rejected) train with method: dpo, "
+                        f"not {method}")
+    if fmt == "preference" and packing:
+        raise DataError("packing is not possible with preference data")
     if spec.eval:
         return fmt, [_Side("train", train.source, train), _Side("eval", spec.eval, sources.scan(spec.eval))]
     mask = split_mask(train.n_rows, spec.eval_fraction, seed, train.source)
@@ -293,14 +387,15 @@ def _label_names(task: str, labels, num_labels) -> list[str] | None:
 
 
 def check_data(spec: DatasetSpec, *, task: str, tokenizer, max_seq_len: int, seed: int,
-               labels: list[str] | None = None, num_labels: int | None = None, packing: bool = False) -> DataSummary:
+               labels: list[str] | None = None, num_labels: int | None = None, packing: bool = False,
+               method: str = "sft") -> DataSummary:
     """Check every row of train and eval data by streaming it (the driver, before training).
 
     Keeps no rows and no token ids, only counts: memory stays flat in the size of the data. Raises
     DataError naming the file, row, column and what is expected for any bad input; the errors and
     the stats are exactly those `load_prepared` gives for the same files.
     """
-    fmt, sides = _plan(spec, task, seed, labels, num_labels, packing)
+    fmt, sides = _plan(spec, task, seed, labels, num_labels, packing, method)
     stats = {}
     for side in sides:
         counts = _run_side(side, fmt, spec, tokenizer, max_seq_len, labels, num_labels,
@@ -312,7 +407,7 @@ def check_data(spec: DatasetSpec, *, task: str, tokenizer, max_seq_len: int, see
 
 def load_prepared(spec: DatasetSpec, tokenizer, *, task: str, max_seq_len: int, seed: int,
                   labels: list[str] | None = None, num_labels: int | None = None, packing: bool = False,
-                  expect: dict | None = None) -> LoadedData:
+                  expect: dict | None = None, method: str = "sft") -> LoadedData:
     """Read, check and tokenize a job's data where it trains (the Ray Train worker, the pack worker).
 
     Reads the same sources the driver checked (a local path, or s3:// with the farm's storage
@@ -321,7 +416,7 @@ def load_prepared(spec: DatasetSpec, tokenizer, *, task: str, max_seq_len: int, 
     the train side packed when `packing`). `expect` is the driver's `DataSummary.stats`: a file whose
     bytes changed since the driver checked it is refused (DataError) rather than trained on unchecked.
     """
-    fmt, sides = _plan(spec, task, seed, labels, num_labels, packing)
+    fmt, sides = _plan(spec, task, seed, labels, num_labels, packing, method)
     if expect:
         for side in sides:
             was = (expect.get(side.name) or {}).get("sha256")
@@ -350,7 +445,8 @@ def load_worker_data(cfg: dict) -> LoadedData:
 
 
 def prepare_data(spec: DatasetSpec, *, task: str, tokenizer, max_seq_len: int, seed: int,
-                 labels: list[str] | None = None, num_labels: int | None = None, packing: bool = False) -> PreparedData:
+                 labels: list[str] | None = None, num_labels: int | None = None, packing: bool = False,
+                 method: str = "sft") -> PreparedData:
     """Read, check and tokenize train and eval data for a task (causal_lm or seq_cls), whole in memory.
 
     Raises DataError naming the file, row, column and what is expected for any bad input.
@@ -358,7 +454,7 @@ def prepare_data(spec: DatasetSpec, *, task: str, tokenizer, max_seq_len: int, s
     import datasets
 
     d = load_prepared(spec, tokenizer, task=task, max_seq_len=max_seq_len, seed=seed, labels=labels,
-                      num_labels=num_labels, packing=packing)
+                      num_labels=num_labels, packing=packing, method=method)
     return PreparedData(train=datasets.Dataset.from_dict(d.train), eval=datasets.Dataset.from_dict(d.eval),
                         stats=d.stats, label_names=d.label_names)
 

@@ -14,8 +14,9 @@ What it owns, per member, in one place:
     position, micro-batch counter, history and best weights (farm.train.checkpoint's layout);
   * cost: a step's time is split between its members by their share of its tokens.
 
-What a member learns is its *method* (farm.train.methods: how micro-batches are built and the loss
-computed): today SFT; the engine does not care which.
+What a member learns is its *method* (farm.train.methods: a pass over its rows with no adapter on
+the base, how micro-batches are built, the loss and its eval): SFT or DPO; the engine does not care
+which, and members of different methods share one grouped forward.
 
 Randomness: nothing here draws from a global RNG. Adapter init is seeded by the job's seed (PackLoRA),
 data order by (seed, epoch), dropout masks by (seed, micro-batches consumed): so a member's run does
@@ -33,7 +34,7 @@ from typing import Any
 
 from farm.train import checkpoint as ckpt_io
 from farm.train.methods import Method, method
-from farm.train.modelops import evaluate, make_optimizer, token_logprobs
+from farm.train.modelops import make_optimizer, token_logprobs
 from farm.train.schedule import after_step, batches_for_epoch, new_state, next_batch
 from farm.train.spec import MemberSpec
 
@@ -109,6 +110,7 @@ class Engine:
         from farm.train.pack_step import JobTrainer
 
         job_id, opt = spec.job_id, spec.optim
+        meth = method(spec.method, spec.method_options)  # an unknown method or option: refused before anything
         try:
             params = self.pack.add_job(job_id, spec.lora, opt.seed)
             optimizer, opt_name = make_optimizer(opt.optimizer, params, opt.learning_rate, opt.weight_decay, self.kind)
@@ -118,7 +120,13 @@ class Engine:
             trainer = JobTrainer(job_id, params, optimizer, sched, grad_accum=opt.grad_accum,
                                  max_grad_norm=opt.max_grad_norm, seed=opt.seed)
             trainable = sum(p.numel() for p in params)
-            m = Member(spec, method(spec.method), trainer, train_rows, eval_rows, Collator(spec.pad_token_id),
+            collate = Collator(spec.pad_token_id)
+            # the method's pass with no adapter on the base (DPO: the reference log-probabilities)
+            with self.pack.rows({}):
+                train_rows = meth.prepare(self.model, train_rows, collate, opt.batch_size, self.device)
+                eval_rows = meth.prepare(self.model, eval_rows, collate, opt.batch_size, self.device)
+            self.model.train()
+            m = Member(spec, meth, trainer, train_rows, eval_rows, collate,
                        opt_name=opt_name, info={"params_trainable": trainable,
                                                 "params_total": self.base_params + trainable,
                                                 "base_footprint_bytes": self.footprint})
@@ -204,10 +212,10 @@ class Engine:
             m.step_tokens += res.tokens
             m.step_seconds += share
             if res.stepped:
-                updates.append(self._after_step(m, res.step_loss, n_members=len(results)))
+                updates.append(self._after_step(m, res.step_loss, res.step_metrics or {}, n_members=len(results)))
         return updates
 
-    def _after_step(self, m: Member, loss: float, n_members: int) -> Update:
+    def _after_step(self, m: Member, loss: float, method_metrics: dict, n_members: int) -> Update:
         st, opt = m.state, m.spec.optim
         st["step"] = m.trainer.step
         tokens, seconds = m.step_tokens, m.step_seconds
@@ -217,7 +225,7 @@ class Engine:
             "learning_rate": m.trainer.scheduler.get_last_lr()[0], "tokens": st["tokens"],
             "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
             "train_seconds": st["train_seconds"], "step_tokens": tokens, "step_seconds": seconds,
-            "attempt_resumed_from": m.resumed_from, "pack_jobs": n_members,
+            "attempt_resumed_from": m.resumed_from, "pack_jobs": n_members, **method_metrics,
         }
         after = after_step(st, opt, metrics, lambda: self.evaluate(m))
         if after.new_best:
@@ -228,7 +236,7 @@ class Engine:
     # ---- eval and the end ----------------------------------------------------------------------
     def evaluate(self, m: Member) -> dict:
         with self.pack.rows({m.job_id: slice(None)}):
-            out = evaluate(self.model, m.eval_rows, m.collate, m.spec.optim.batch_size, self.device, m.spec.task)
+            out = m.method.evaluate(self.model, m.eval_rows, m.collate, m.spec.optim.batch_size, self.device, m.spec.task)
         self.model.train()
         return out
 
@@ -270,7 +278,8 @@ class Engine:
             return {"baseline_error": f"{type(exc).__name__}: {exc}"}
         try:
             with self.pack.rows({slot: slice(None)}):
-                out = evaluate(self.model, m.eval_rows, m.collate, m.spec.optim.batch_size, self.device, m.spec.task)
+                out = m.method.evaluate(self.model, m.eval_rows, m.collate, m.spec.optim.batch_size, self.device,
+                                        m.spec.task)
             return {"baseline_" + k: v for k, v in out.items()}
         finally:
             self.pack.remove_job(slot)

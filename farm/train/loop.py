@@ -97,8 +97,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_report[0] = time.monotonic()
 
     base, footprint = build_base(config["model"], kind)
-    if config["model"]["task"] == "causal_lm" and not _engine_problems(base, config["lora"]):
+    problems = _engine_problems(base, config["lora"])
+    if config["model"]["task"] == "causal_lm" and not problems:
         _train_on_engine(config, base, footprint, data, device, emit, resumed)
+    elif config["member"].method != "sft":
+        from farm.errors import TrainingError
+
+        raise TrainingError(f"method {config['member'].method} runs on the training engine, which cannot hold this "
+                            f"adapter: {'; '.join(problems) or 'task ' + config['model']['task']}")
     else:
         _train_on_peft(config, base, footprint, data, device, emit, resumed)
 
@@ -124,14 +130,10 @@ def _train_on_engine(config: dict, base, footprint: int, data, device, emit, res
 
     from farm.errors import TrainingError
     from farm.train.engine import Engine
-    from farm.train.spec import MemberSpec
 
-    identity = config.get("identity")
     engine = Engine(base, device, footprint=footprint, base_source=config["model"].get("source"),
                     base_revision=config["model"].get("revision"))
-    spec = MemberSpec(job_id=(identity or {}).get("job_id", "job"), lora=config["lora"], optim=config["optim"],
-                      pad_token_id=config["pad_token_id"], task=config["model"]["task"], identity=identity,
-                      parity_rows=config.get("parity_rows") or 0)
+    spec = config["member"]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:

@@ -241,13 +241,11 @@ class _Driver:
             m = job.manifest
             self.jobs[job_id] = job
             self.costs[job_id] = AttemptCost(self.placement.gpus if self.placement else 0)
-            self.channel.admit.remote(MemberSpec(
-                job_id=job_id, lora=builders.lora_config(m), optim=builders.optim_config(m, job.data.train_rows),
-                data=builders.data_config(m, job.data.stats),  # the worker reads and tokenizes it
-                pad_token_id=job.pad_token_id, task=m.task, identity=job.identity,
-                # the worker records these eval rows' logprobs; publish compares them with the server's
-                parity_rows=PARITY_ROWS if self.check_parity is not None and m.task == "causal_lm" else 0,
-            ))
+            # the worker reads and tokenizes the data itself; it records the parity rows' logprobs and
+            # publish compares them with the server's
+            self.channel.admit.remote(builders.member_spec(
+                m, job_id, job.data.train_rows, job.data.stats, job.pad_token_id, identity=job.identity,
+                parity_rows=PARITY_ROWS if self.check_parity is not None and m.task == "causal_lm" else 0))
 
     def _cost(self, job_id: str) -> dict:
         from farm.costs import attempt_cost

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,7 @@ class JobTrainer:
     micro_total: int = 0  # micro-batches consumed in all (seeds dropout masks; checkpoint it)
     step_loss: float = 0.0  # mean loss of the step so far (sum of loss / accum)
     step_tokens: int = 0
+    step_metrics: dict = field(default_factory=dict)  # the method's metrics, mean over the step so far
     failed: str | None = None  # why the job stopped (non-finite loss or gradients)
 
     def dropout_seed(self) -> int:
@@ -72,6 +73,8 @@ class JobStepResult:
     step_loss: float | None = None  # when stepped: mean loss over the step's micro-batches
     step_tokens: int | None = None
     grad_norm: float | None = None  # when stepped: norm before clipping
+    metrics: dict = field(default_factory=dict)  # this micro-batch's method metrics
+    step_metrics: dict | None = None  # when stepped: their mean over the step's micro-batches
     failed: str | None = None
     out_of_memory: bool = False  # failed because the step ran out of device memory with it in the batch
 
@@ -102,18 +105,22 @@ def collate_pack(micro_batches: dict[str, dict], pad_token_id: int):
     return {k: torch.cat(v) for k, v in parts.items()}, rows, widths
 
 
-def _job_loss(model, logits, labels):
+PACKED_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def _job_loss(model, logits, batch):
     # The model's own loss (transformers' ForCausalLMLoss: shifted, float, mean over label tokens):
     # what `model(**batch).loss` is for that job's micro-batch alone.
-    return model.loss_function(logits=logits, labels=labels, vocab_size=model.config.vocab_size)
+    return model.loss_function(logits=logits, labels=batch["labels"], vocab_size=model.config.vocab_size)
 
 
 def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[str, dict], pad_token_id: int, device=None,
               losses: dict[str, Callable] | None = None) -> dict[str, JobStepResult]:
     """One forward/backward over one micro-batch of each job; steps each job whose accumulation is complete.
 
-    `losses[job]` (a training method's loss, farm.train.methods) maps `(model, logits, labels)` of
-    the job's block to its loss; a job without one gets the causal-LM loss."""
+    `losses[job]` (a training method's loss, farm.train.methods) maps `(model, logits, batch)` of the
+    job's block (its micro-batch, labels padded to the pack's width, extra tensors on the device) to
+    its loss or (loss, metrics); a job without one gets the causal-LM loss."""
     dead = [j for j in micro_batches if trainers[j].failed]
     if dead:
         raise TrainingError(f"pack step: micro-batches for failed jobs {dead}")
@@ -129,9 +136,13 @@ def pack_step(model, pack, trainers: dict[str, JobTrainer], micro_batches: dict[
             total = None
             for j, r in rows.items():
                 t = trainers[j]
-                loss = (losses or {}).get(j, _job_loss)(model, out.logits[r], batch["labels"][r])
+                block = {k: (v.to(device) if device is not None and hasattr(v, "to") else v)
+                         for k, v in micro_batches[j].items() if k not in PACKED_KEYS}
+                block.update({k: batch[k][r] for k in PACKED_KEYS})
+                loss = (losses or {}).get(j, _job_loss)(model, out.logits[r], block)
+                loss, metrics = loss if isinstance(loss, tuple) else (loss, {})
                 value = float(loss.detach())
-                results[j] = JobStepResult(loss=value, tokens=int(batch["attention_mask"][r].sum()))
+                results[j] = JobStepResult(loss=value, tokens=int(batch["attention_mask"][r].sum()), metrics=metrics)
                 if not math.isfinite(value):
                     results[j].failed = t.failed = f"non-finite loss {value} at step {t.step + 1}"
                     continue
@@ -156,6 +167,8 @@ def _step_jobs(trainers: dict[str, JobTrainer], results: dict[str, JobStepResult
         t.micro += 1
         t.step_loss += res.loss / t.grad_accum
         t.step_tokens += res.tokens
+        for k, v in res.metrics.items():
+            t.step_metrics[k] = t.step_metrics.get(k, 0.0) + v / t.grad_accum
         if t.micro < t.grad_accum:
             continue
         norm = float(torch.nn.utils.clip_grad_norm_(t.params, t.max_grad_norm))
@@ -168,7 +181,8 @@ def _step_jobs(trainers: dict[str, JobTrainer], results: dict[str, JobStepResult
         t.optimizer.zero_grad(set_to_none=True)
         t.step += 1
         res.stepped, res.step_loss, res.step_tokens, res.grad_norm = True, t.step_loss, t.step_tokens, norm
-        t.micro, t.step_loss, t.step_tokens = 0, 0.0, 0
+        res.step_metrics = t.step_metrics
+        t.micro, t.step_loss, t.step_tokens, t.step_metrics = 0, 0.0, 0, {}
     return results
 
 
@@ -219,7 +233,7 @@ def pack_step_isolating_oom(model, pack, trainers: dict[str, JobTrainer], micro_
                 elif exc.in_backward or other.micro == 0:
                     other.drop_grads()  # partial gradients of the failed attempt
                     if exc.in_backward and other.micro:
-                        other.micro, other.step_loss, other.step_tokens = 0, 0.0, 0
+                        other.micro, other.step_loss, other.step_tokens, other.step_metrics = 0, 0.0, 0, {}
             _free_device_memory()
     else:
         results = {}

@@ -83,9 +83,12 @@ def build_metadata(
     """The lineage record stored in the version's farm.json."""
     train_seconds = float(final.get("train_seconds", 0.0))
     metrics = {k: v for k, v in final.items() if k.startswith(("eval_", "baseline_"))}
-    train_losses = [h["loss"] for h in history if "loss" in h and not h.get("final")]
-    if train_losses:
-        metrics["train_loss"] = train_losses[-1]
+    steps = [h for h in history if "loss" in h and not h.get("final")]
+    if steps:
+        metrics["train_loss"] = steps[-1]["loss"]
+        for k in ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"):  # a dpo job's
+            if k in steps[-1]:
+                metrics["train_" + k] = steps[-1][k]
     metrics.update(openai_metrics(final, history))
     return {
         "job_id": job_id,

@@ -149,6 +149,7 @@ def prepare(manifest: Manifest, job_id: str) -> Prepared:
         labels=manifest.labels,
         num_labels=manifest.num_labels,
         packing=manifest.training.packing,
+        method=manifest.method,
     )
     return Prepared(job_id, manifest, data, tokenizer.pad_token_id,
                     config_fingerprint(manifest.base_model, manifest.revision))
@@ -170,6 +171,9 @@ def loop_config(job: Prepared, progress: Any, cpu_threads: int | None) -> dict[s
         "identity": job.identity,
         "baseline_adapter": job.baseline_ref,
         "parity_rows": job.parity_rows,
+        # what the training engine trains (a job it can hold runs there as a pack of one)
+        "member": builders.member_spec(m, job.job_id, job.data.train_rows, job.data.stats, job.pad_token_id,
+                                       identity=job.identity, parity_rows=job.parity_rows),
     }
 
 

@@ -43,6 +43,8 @@ class MemberSpec:
     task: str = "causal_lm"
     method: str = "sft"
     """The training method (farm.train.methods): how batches are built and the loss computed."""
+    method_options: dict | None = None
+    """The method's settings (DPO: beta, label_smoothing, loss_type)."""
     identity: dict | None = None
     """What its checkpoints are stamped with (farm.train.checkpoint.check_identity)."""
     parity_rows: int = 0
