@@ -162,6 +162,18 @@ def _solo_bars(r: dict) -> tuple[str, dict[str, float]]:
     return "ms per optimizer step", bars
 
 
+def _dpo_headline(r: dict) -> str:
+    res = r.get("results") or {}
+    return (f"held-out label accuracy base {_fmt(_get(res, 'base', 'label_accuracy'), '.3f')}, "
+            f"SFT {_fmt(_get(res, 'sft', 'label_accuracy'), '.3f')}, DPO {_fmt(_get(res, 'dpo', 'label_accuracy'), '.3f')}; "
+            f"DPO reward accuracy {_fmt(_get(res, 'dpo', 'reward_accuracy'), '.3f')}")
+
+
+def _dpo_bars(r: dict) -> tuple[str, dict[str, float]]:
+    res = r.get("results") or {}
+    return "held-out label accuracy", {k: res[k]["label_accuracy"] for k in ("base", "sft", "dpo") if k in res}
+
+
 BENCHES = [
     Bench("train_overhead", [], ["--steps", "20"], 1200, _train_headline, _train_bars),
     Bench("catalog", [], ["--quick"], 900, _catalog_headline, _catalog_bars, log_scale=True),
@@ -173,6 +185,7 @@ BENCHES = [
     Bench("pack", [], ["--jobs", "4", "--steps", "10"], 1800, _pack_headline, _pack_bars),
     Bench("solo_engine", ["--base", str(REPO / "models" / "smollm2-135m-instruct"), "--steps", "10", "--warmup", "2"],
           ["--rounds", "2"], 1800, _solo_headline, _solo_bars),
+    Bench("dpo", [], ["--steps", "10", "--eval-rows", "60"], 1800, _dpo_headline, _dpo_bars),
 ]
 
 

@@ -268,7 +268,7 @@ class Manifest(_Section):
             if self.dpo.label_smoothing and self.dpo.loss_type != "sigmoid":
                 problems.append("dpo.label_smoothing: only with loss_type sigmoid")
         else:
-            if "dpo" in self.model_fields_set:
+            if self.dpo != DPOSpec():  # the defaults ride along in every dumped manifest
                 problems.append("dpo: only with method: dpo")
             if self.dataset.format == "preference":
                 problems.append("dataset.format: preference needs method: dpo")

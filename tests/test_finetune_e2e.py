@@ -1,6 +1,7 @@
 """The fine-tuning API end to end with the official openai client: real Ray Serve on 127.0.0.1, the
-real scheduler actor and Ray Train on the tiny Llama (ONE training job), then the adapter answered
-by the same service and compared with stock PEFT. A cancel of a running job uses a scheduler whose
+real scheduler actor and Ray Train on the tiny Llama (an SFT job of acme and, beside it, a DPO job of
+globex from OpenAI's preference lines), then each adapter answered by the same service (acme's
+compared with stock PEFT). A cancel of a running job uses a scheduler whose
 runner only reports progress (no second training run)."""
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ def chat_rows() -> list[dict]:
                                   {"role": "user", "content": f"How do I {q}?"},
                                   {"role": "assistant", "content": f"To {q}, hold the button for {i + 2} seconds."}]})
     return rows
+
+
+def preference_rows() -> list[dict]:
+    return [{"input": {"messages": [{"role": "user", "content": f"How do I {q}?"}]},
+             "preferred_output": [{"role": "assistant", "content": f"To {q}, hold the button."}],
+             "non_preferred_output": [{"role": "assistant", "content": "I do not know."}]} for q in QUESTIONS * 2]
 
 
 def slow_runner(manifest, *, job_id: str, on_progress=None):
@@ -98,6 +105,14 @@ def test_upload_train_poll_and_call_the_fine_tuned_model(farm):
                                        hyperparameters={"n_epochs": 2})
     assert job.status in ("queued", "running")
     assert job.id.removeprefix("ftjob-") in {j.id for j in open_store(farm.home / "queue.db").list()}  # farm jobs
+    # another tenant's preference-tuning job, created with OpenAI's DPO shapes, trains beside it
+    globex = client(farm, "globex")
+    prefs = "".join(json.dumps(r) + "\n" for r in preference_rows()).encode()
+    pf = globex.files.create(file=("prefs.jsonl", io.BytesIO(prefs)), purpose="fine-tune")
+    assert pf.status == "processed", pf.status_details
+    dpo = globex.fine_tuning.jobs.create(model=farm.cfg.served_name, training_file=pf.id, suffix="prefs",
+                                         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}})
+    assert dpo.method.type == "dpo" and dpo.method.dpo.hyperparameters.beta == 0.2
 
     def finished():
         j = acme.fine_tuning.jobs.retrieve(job.id)
@@ -136,8 +151,20 @@ def test_upload_train_poll_and_call_the_fine_tuned_model(farm):
     text = acme.completions.create(model=model, prompt="How do I", max_tokens=6, temperature=0)
     assert text.model == model
     assert acme.models.retrieve(model).id == model  # '/' in the path, percent-encoded by the client
+    # the DPO job: published, its reward metrics in farm.json, served to its own tenant only
+    pref_done = wait_for(lambda: (j := globex.fine_tuning.jobs.retrieve(dpo.id)).status in
+                         ("succeeded", "failed", "cancelled") and j, timeout=420, what="the DPO job", every=1.0)
+    assert pref_done.status == "succeeded", pref_done.error
+    pref_model = pref_done.fine_tuned_model
+    assert pref_model.startswith("globex/ft-prefs-") and pref_done.method.type == "dpo"
+    metrics = cat.resolve(pref_model).metadata["metrics"]
+    assert 0.0 <= metrics["eval_reward_accuracy"] <= 1.0 and "train_reward_margin" in metrics, metrics
+    assert cat.resolve(pref_model).metadata["manifest"]["method"] == "dpo"
+    pref_reply = globex.chat.completions.create(model=pref_model, messages=messages, max_tokens=4, temperature=0)
+    assert pref_reply.model == pref_model
+    with pytest.raises(openai.NotFoundError):
+        acme.chat.completions.create(model=pref_model, messages=messages, max_tokens=4)
     # another customer sees none of it
-    globex = client(farm, "globex")
     with pytest.raises(openai.NotFoundError):
         globex.fine_tuning.jobs.retrieve(job.id)
     with pytest.raises(openai.NotFoundError):

@@ -286,6 +286,9 @@ class Jobs:
         }
         if record.get("method") == "dpo":
             doc.update(method="dpo", dpo={"beta": hp["beta"]})
+            # DPO trains LoRA on the training engine, whose reference is the base with the adapter off:
+            # modules trained in full (the tiny demo policy's lm_head) are left out of a DPO job
+            doc["lora"]["modules_to_save"] = None
         try:
             manifest: Manifest = parse_manifest(doc, source=f"fine-tuning job for {c}")
         except ManifestError as exc:  # a policy/request combination the manifest refuses
