@@ -264,7 +264,8 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
     one = manifest("one", customer="acme", adapter="left", steps=4, checkpoint_every=2)
     two = manifest("two", customer="globex", adapter="right", steps=4, checkpoint_every=2)
     first = [j["id"] for j in json.loads(farm("submit", one, two, "--json"))]
-    jobs = [finished(j, 240) for j in first]
+    # generous: under `make test` the other xdist worker's Ray Train runs share the two cores
+    jobs = [finished(j, 420) for j in first]
     where = {j.id: j.progress["node_id"] for j in jobs}
     assert set(where.values()) == {ids["a"], ids["b"]}, f"jobs should land on both nodes: {where} vs {ids}"
     for j in jobs:
