@@ -91,8 +91,6 @@ def reference_cost(engine, collate, rows: dict, batch: int, repeats: int = 3) ->
     """Seconds of one no-grad forward of a micro-batch of pairs (what scoring the reference costs, per
     pair and pass) against one training forward + backward of the same batch under a LoRA: the
     trade-off between scoring the reference once before training and scoring it in every step."""
-    import time
-
     import torch
     from peft import LoraConfig
 

@@ -18,6 +18,7 @@ it needs only the row count, so both sides stream from the same file.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,15 +214,6 @@ def _tokenize_chat(spec: DatasetSpec, tokenizer, max_seq_len: int, source: str, 
     out.add(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _tokenize_preference(spec: DatasetSpec, tokenizer, max_seq_len: int, p: Problems, where: str, row: dict,
                          out: _Counts) -> None:
     """One pair, tokenized as TRL's DPOTrainer does: prompt, prompt+chosen and prompt+rejected each
@@ -245,7 +237,7 @@ def _tokenize_preference(spec: DatasetSpec, tokenizer, max_seq_len: int, p: Prob
         eos = tokenizer.eos_token or ""
         prompt_ids = list(tokenizer(prompt)["input_ids"])
         seqs = [list(tokenizer(prompt + (r if r.endswith(eos) else r + eos))["input_ids"]) for r in (chosen, rejected)]
-    start = min(_common_prefix(prompt_ids, s) for s in seqs)
+    start = min(len(os.path.commonprefix([prompt_ids, s])) for s in seqs)  # works on any sequences
     if start >= max_seq_len:
         p.add(where, spec.prompt_column, f"the prompt is {start} tokens, which leaves no room for the response "
                                          f"within max_seq_len={max_seq_len}; shorten it or raise training.max_seq_len")

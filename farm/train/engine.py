@@ -125,7 +125,7 @@ class Engine:
             with self.pack.rows({}):
                 train_rows = meth.prepare(self.model, train_rows, collate, opt.batch_size, self.device)
                 eval_rows = meth.prepare(self.model, eval_rows, collate, opt.batch_size, self.device)
-            self.model.train()
+            self.model.train()  # the engine owns the mode: whatever a method's pass left, steps train
             m = Member(spec, meth, trainer, train_rows, eval_rows, collate,
                        opt_name=opt_name, info={"params_trainable": trainable,
                                                 "params_total": self.base_params + trainable,
