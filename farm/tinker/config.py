@@ -1,0 +1,52 @@
+"""What the Tinker extension of a serve app needs, as plain data carried in ServeConfig.extra."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXTENSION = "farm.tinker.routes:extension"
+
+
+class TinkerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    base_model: str
+    """The base the pack worker holds: local folder, s3:// URL or hub id (the serve config's)."""
+    served_name: str
+    """Its name for clients: what `get_server_capabilities` lists and `create_model` takes as base_model."""
+    quantization: str = "nf4"
+    """nf4 | fp4 | int8 | none: how the worker holds the base (the training engine's loader)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """Ray CPUs of the pack worker (also its torch threads)."""
+    num_gpus: float = Field(0.0, ge=0)
+    """Ray GPUs of the pack worker; > 0 puts the base on CUDA."""
+    window_ms: float = Field(20.0, ge=0)
+    """After the first operation of a quiet worker arrives, how long it waits for others to group with it."""
+    poll_s: float = Field(5.0, gt=0, le=30)
+    """How long `retrieve_future` holds a pending future before answering try_again (the SDK re-polls
+    at once, so this is the long-poll that keeps it from spinning; its read timeout is 45 s)."""
+    max_request_tokens: int = Field(262_144, ge=1)
+    """Most tokens in one forward_backward request (the SDK splits a batch into ~5 MB chunks)."""
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest request body (forward_backward protobuf included)."""
+    result_ttl_s: float = Field(1800.0, gt=0)
+    """How long a finished future's result is kept for the SDK to fetch (and fetch again after a lost reply)."""
+    worker_name: str | None = None
+    """The pack worker's Ray actor name; default `farm-tinker-<served_name>`."""
+
+    @property
+    def actor_name(self) -> str:
+        return self.worker_name or f"farm-tinker-{self.served_name}"
+
+
+def mount(serve_cfg, **fields) -> TinkerConfig:
+    """Mount the Tinker API on a serve config (`ServeConfig`): its base, beside any other extension."""
+    cfg = TinkerConfig(base_model=serve_cfg.base_model, served_name=serve_cfg.served_name,
+                       quantization=fields.pop("quantization", serve_cfg.quantization),
+                       num_gpus=fields.pop("num_gpus", 1.0 if serve_cfg.gpus_per_replica else 0.0), **fields)
+    extensions = list(serve_cfg.extra.get("extensions", ()))
+    if EXTENSION not in extensions:
+        extensions.append(EXTENSION)
+    serve_cfg.extra["extensions"] = extensions
+    serve_cfg.extra["tinker"] = cfg.model_dump(mode="json")
+    return cfg

@@ -1,0 +1,109 @@
+"""The JSON bodies of the Tinker API the farm answers, as pydantic models (tinker 0.38's field names).
+
+Requests tolerate fields the farm does not read (a newer SDK may add some); what the farm reads is
+typed and checked, and `parse` turns any problem into a 400 naming the field and the value.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from farm.tinker.errors import TinkerApiError, bad
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False)
+
+
+class LoraConfig(_Body):
+    rank: int = Field(ge=1, le=256)
+    seed: int | None = None
+    train_unembed: bool = True
+    train_mlp: bool = True
+    train_attn: bool = True
+
+
+class OptimizerConfig(_Body):
+    model_config = ConfigDict(extra="allow")
+    type: str = "adamw"
+
+
+class CreateSession(_Body):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    project_id: str | None = None
+    display_name: str | None = None
+
+
+class SessionRef(_Body):
+    session_id: str
+
+
+class CreateModel(_Body):
+    session_id: str
+    model_seq_id: int = Field(ge=0)
+    base_model: str
+    lora_config: LoraConfig | None = None
+    optimizer_config: OptimizerConfig = OptimizerConfig()
+    user_metadata: dict[str, Any] | None = None
+
+    @field_validator("optimizer_config")
+    @classmethod
+    def _adamw(cls, v: OptimizerConfig) -> OptimizerConfig:
+        if v.type != "adamw":
+            raise ValueError(f"{v.type!r}: the farm's optimizer is adamw")
+        return v
+
+
+class ModelRef(_Body):
+    model_id: str
+
+
+class AdamParams(_Body):
+    """Tinker's AdamParams and its defaults (torch AdamW: decoupled weight decay, bias correction)."""
+
+    learning_rate: float = Field(1e-4, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-12, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip_norm: float = Field(0.0, ge=0)
+
+
+class OptimStep(_Body):
+    model_id: str
+    seq_id: int = Field(ge=1)
+    adam_params: AdamParams | None = None
+    optimizer_params: dict[str, Any] | None = None
+
+
+class RetrieveFuture(_Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse(model: type[BaseModel], raw: bytes):
+    """A JSON body as `model`: a 400 naming the first bad field and the value it had."""
+    try:
+        doc = json.loads(raw or b"{}", parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise TinkerApiError(400, f"body: not JSON ({exc})", "body") from None
+    if not isinstance(doc, dict):
+        raise TinkerApiError(400, f"body: a JSON object is expected, got {type(doc).__name__}", "body")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(map(str, e["loc"])) or "body"
+        value = e.get("input")
+        shown = "missing" if e["type"] == "missing" else f"{value!r}"[:80]
+        raise bad(where, f"{shown}: {e['msg']}") from None
+
