@@ -110,7 +110,15 @@ class Engine:
         from farm.train.pack_step import JobTrainer
 
         job_id, opt = spec.job_id, spec.optim
-        meth = method(spec.method, spec.method_options)  # an unknown method or option: refused before anything
+        # an unknown method or option, or a method that cannot train the task: refused before anything
+        meth = method(spec.method, spec.method_options, spec.task)
+        alone = [f"job {j!r} is task {m.spec.task}" for j, m in self.members.items()
+                 if "seq_cls" in (m.spec.task, spec.task)]
+        if alone:  # a seq_cls micro-batch has a label per row, a causal one per token: one pack cannot mix them
+            from farm.errors import TrainingError
+
+            raise TrainingError(f"job {job_id!r} (task {spec.task}) cannot join this engine: {'; '.join(alone)}; "
+                                f"a seq_cls job trains as a pack of one")
         try:
             params = self.pack.add_job(job_id, spec.lora, opt.seed)
             optimizer, opt_name = make_optimizer(opt.optimizer, params, opt.learning_rate, opt.weight_decay, self.kind)
@@ -244,9 +252,9 @@ class Engine:
         """The member's end: best weights back (early stopping), final eval, parity rows; its final metrics."""
         st, opt = m.state, m.spec.optim
         if st["stopped_early"] and m.best_weights is not None:
-            self._set_weights(m.job_id, m.best_weights)
+            self.pack.set_weights(m.job_id, m.best_weights, where="best weights")
         final = self.evaluate(m)
-        if m.spec.parity_rows:  # the training side of the train/serve parity gate
+        if m.spec.parity_rows and m.spec.task == "causal_lm":  # the training side of the train/serve parity gate
             with self.pack.rows({m.job_id: slice(None)}):
                 st["parity_rows"] = token_logprobs(self.model, m.eval_rows, m.spec.parity_rows, self.device)
             self.model.train()
@@ -284,15 +292,6 @@ class Engine:
         finally:
             self.pack.remove_job(slot)
             self.model.train()
-
-    def _set_weights(self, job_id: str, weights: dict) -> None:
-        import torch
-
-        with torch.no_grad():
-            for name in self.pack.jobs[job_id].targets:
-                ad = self.pack.layers[name].adapter(job_id)
-                ad.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
-                ad.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def write_checkpoint(self, m: Member, folder: str | Path, *, final: bool) -> Path:

@@ -13,6 +13,11 @@ A method (the `Method` protocol; subclass `MethodBase` for its defaults) supplie
   * `token_factor`: sequences a data row becomes in a forward (SFT 1, DPO 2: chosen and rejected),
     for the packer's memory estimate and `farm plan`.
 
+The job's task picks the method's class with its name: `method("sft", task="seq_cls")` is
+`ClassifierSFT` (cross-entropy of the classification head's pooled logits, eval accuracy), the rest
+train causal LMs (`METHODS`). A seq_cls job's head is a whole trained module of its own
+(farm.train.pack_lora holds it as PEFT's modules_to_save); the method only sees its logits.
+
 The engine (farm.train.engine) owns everything else: the resident base, the adapters, one
 forward/backward per pack step, accumulation, clipping, optimizer and LR schedule, the eval schedule,
 early stopping, checkpoints, cost and progress. So a new method is a new class here, and it packs
@@ -80,6 +85,18 @@ class SFT(MethodBase):
         # The model's own loss (transformers' ForCausalLMLoss: shifted, float, mean over label
         # tokens): exactly `model(**batch).loss` of that job's micro-batch alone.
         return model.loss_function(logits=logits, labels=batch["labels"], vocab_size=model.config.vocab_size)
+
+
+class ClassifierSFT(MethodBase):
+    """Supervised fine-tuning of a sequence classifier (task seq_cls): rows carry one class id each
+    (`labels`, a 1-D tensor once collated); the loss is the model's own classification loss of the
+    head's pooled logits (the last non-pad token's), so `model(**batch).loss` of the micro-batch alone;
+    eval reports `eval_loss` and `eval_accuracy`."""
+
+    name = "sft"
+
+    def loss(self, model, logits, batch):
+        return model.loss_function(labels=batch["labels"], pooled_logits=logits, config=model.config)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,12 +216,18 @@ class DPO(MethodBase):
 
 
 METHODS: dict[str, type] = {"sft": SFT, "dpo": DPO}
+"""Methods of causal-LM jobs, by name."""
+TASK_METHODS: dict[str, dict[str, type]] = {"causal_lm": METHODS, "seq_cls": {"sft": ClassifierSFT}}
+"""Each task's methods, by name (a task's head decides what a loss can be)."""
 
 
-def method(name: str, options: dict | None = None) -> Method:
-    """The method `name` with its options (DPO: beta, label_smoothing, loss_type)."""
+def method(name: str, options: dict | None = None, task: str = "causal_lm") -> Method:
+    """The method `name` for a job of `task` with its options (DPO: beta, label_smoothing, loss_type)."""
+    known = TASK_METHODS.get(task)
+    if known is None:
+        raise ValueError(f"task {task!r}: the engine trains {sorted(TASK_METHODS)}")
     try:
-        cls = METHODS[name]
+        cls = known[name]
     except KeyError:
-        raise ValueError(f"training method {name!r}: the engine knows {sorted(METHODS)}") from None
+        raise ValueError(f"training method {name!r}: the engine knows {sorted(known)} for task {task}") from None
     return cls(**(options or {}))

@@ -1,6 +1,6 @@
 """Packed LoRA: one frozen (NF4 or plain) base model carrying the trainable adapters of several jobs.
 
-`PackLoRA(model)` takes a transformers model (quantized and prepared as the single-job loop does);
+`PackLoRA(model)` takes a transformers model (quantized and prepared by farm.train.modelops.build_base);
 `add_job(job_id, lora_config, seed)` wraps each module the job targets in a `PackLinear` (once per
 module, shared by every job that targets it) and gives the job its own leaf `lora_A`/`lora_B`
 parameters there, initialised like PEFT's (A kaiming-uniform, B zeros) from a generator seeded by
@@ -10,16 +10,25 @@ forward, `with pack.rows({job_id: rows, ...}):` says which batch rows belong to 
 rows only (`farm.grouped_lora.add_segments`, PEFT's own arithmetic per block). A module a job does
 not target adds nothing to its rows. Plain autograd: a job's A/B get gradients only from its rows.
 
-`remove_job` releases a job (its parameters leave every layer; a layer no job targets any more is
-unwrapped). `export_adapter` writes one job's adapter as a plain PEFT folder (adapter_config.json
-from PEFT's LoraConfig, adapter_model.safetensors with PEFT's key names) that stock
-`PeftModel.from_pretrained` loads; `load_adapter` reads one back (resume from a checkpoint).
+Whole trained modules (PEFT's `modules_to_save`; a seq_cls job's classification head, which PEFT
+adds itself as `classifier`/`score` for task type SEQ_CLS) are held the way PEFT's
+ModulesToSaveWrapper holds them: the module is wrapped in a `PackSaved`, and each job that saves it
+gets its own full copy (a deep copy of the base's module, trainable), which runs on that job's rows
+only; rows of other jobs go through the frozen original. Matching follows PEFT: a module whose name
+ends with an entry of modules_to_save, and LoRA never targets a module inside one.
 
-What packs: vanilla LoRA on Linear layers (bitsandbytes Linear4bit/Linear8bitLt are Linear
-subclasses), any rank/alpha/dropout/targets/rslora per job. What runs alone (add_job refuses it,
-naming the field): DoRA, trained biases (`bias` other than none, `lora_bias`), `modules_to_save`
-(a whole trained module cannot be shared by rows of several jobs), rank/alpha patterns and
-non-Linear targets (GPT-2's Conv1D on an unquantized base).
+`remove_job` releases a job (its parameters leave every layer; a layer no job uses any more is
+unwrapped). `export_adapter` writes one job's adapter as a plain PEFT folder (adapter_config.json as
+PEFT saves it: targets resolved, seq_cls heads named in modules_to_save, fan_in_fan_out for GPT-2's
+Conv1D; adapter_model.safetensors with PEFT's key names, a saved module's tensors as
+`base_model.model.<module>.<param>`) that stock `PeftModel.from_pretrained` loads; `load_adapter`
+reads one back (resume from a checkpoint, an alias's baseline version).
+
+What it holds: LoRA on Linear layers (bitsandbytes Linear4bit/Linear8bitLt are Linear subclasses)
+and on transformers' Conv1D (GPT-2 on an unquantized base), any rank/alpha/dropout/targets/rslora
+per job, and modules_to_save. What it refuses (add_job names the field): DoRA, trained biases
+(`bias` other than none, `lora_bias`), rank/alpha patterns, other init schemes, target_parameters,
+and other module types as targets (Embedding, Conv2d). The manifest can ask for none of these.
 
 Dropout is per job and counter-seeded (the pack step passes a seed per job and micro-batch): the
 mask of a job's rows depends on that job's seed, step and its own batch width only, never on the
@@ -32,6 +41,7 @@ import contextlib
 import copy
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +53,22 @@ from farm.grouped_lora import Segment, add_segments
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."  # PEFT's prefix of every saved key
+SEQ_CLS_HEADS = ("classifier", "score")  # what PEFT adds to modules_to_save for task type SEQ_CLS
+
+
+def _is_conv1d(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _features(module) -> tuple[int, int]:
+    """(in, out) features of a Linear or of transformers' Conv1D (weight stored (in, out)), as PEFT reads them."""
+    if _is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return int(n_in), int(n_out)
+    return module.in_features, module.out_features
 
 
 @dataclass
@@ -73,6 +99,7 @@ class PackLinear(torch.nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.name, self.layer_id, self.ctx = name, layer_id, ctx
+        self._in, self._out = _features(base_layer)
         self.adapters = torch.nn.ModuleDict()  # slot key -> JobAdapter
         self.key_of: dict[str, str] = {}  # job id -> slot key (ModuleDict keys cannot hold '.')
 
@@ -83,11 +110,11 @@ class PackLinear(torch.nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self._in
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self._out
 
     def adapter(self, job_id: str):
         key = self.key_of.get(job_id)
@@ -135,15 +162,73 @@ class PackLinear(torch.nn.Module):
         return add_segments(result, x, segs)
 
 
+class PackSaved(torch.nn.Module):
+    """A frozen base module plus a trained full copy of it for every job of the pack that saves it
+    (modules_to_save): each job's rows go through its own copy, other rows through the original."""
+
+    def __init__(self, original, name: str, ctx: PackRows):
+        super().__init__()
+        self.original = original
+        self.name, self.ctx = name, ctx
+        self.copies = torch.nn.ModuleDict()  # slot key -> the job's copy
+        self.key_of: dict[str, str] = {}
+
+    @property
+    def weight(self):  # code around a head sometimes reads it (dtype checks)
+        return self.original.weight
+
+    def copy_of(self, job_id: str):
+        key = self.key_of.get(job_id)
+        return None if key is None else self.copies[key]
+
+    def forward(self, x, *args, **kwargs):
+        ctx = self.ctx
+        if not ctx.active:
+            raise TrainingError(
+                f"pack: {self.name} ran outside `with pack.rows(...)`: the rows of each job must be known"
+            )
+        own = [(rows, self.copy_of(j)) for j, rows in ctx.rows.items() if j in self.key_of]
+        if len(own) == 1 and _covers(own[0][0], x.shape[0]):  # a pack of one: every row is its own
+            return own[0][1](x, *args, **kwargs)
+        result = self.original(x, *args, **kwargs)
+        if not own:
+            return result
+        result = result.clone()
+        for rows, module in own:
+            if not isinstance(rows, slice) and rows.device != x.device:
+                rows = rows.to(x.device)
+            result[rows] = module(x[rows], *args, **kwargs)
+        return result
+
+
+def _covers(rows, n: int) -> bool:
+    """Whether `rows` (a slice or index tensor) is every row of a batch of n."""
+    if not isinstance(rows, slice):
+        return False
+    start, stop, step = rows.indices(n)
+    return start == 0 and stop == n and step == 1
+
+
 @dataclass
 class PackedJob:
-    """A job's place in the pack: its config, the modules it targets and its parameters."""
+    """A job's place in the pack: its config, the modules it adapts or saves and its parameters."""
 
     job_id: str
-    config: Any  # peft.LoraConfig
+    config: Any  # peft.LoraConfig, as PEFT would save it (farm.train.pack_lora.as_peft_saves)
     seed: int
-    targets: list[str]  # full module names, in model order
-    key: str  # slot key inside every PackLinear
+    targets: list[str]  # full module names of its LoRA, in model order
+    key: str  # slot key inside every PackLinear / PackSaved
+    saved: list[str] = field(default_factory=list)  # full names of the modules it trains whole, in model order
+
+
+def as_peft_saves(config):
+    """A copy of a LoraConfig as PEFT's model for its task leaves it (and saves it): task type SEQ_CLS
+    adds the classification heads' names to modules_to_save (PeftModelForSequenceClassification)."""
+    cfg = copy.deepcopy(config)
+    if getattr(cfg, "task_type", None) == "SEQ_CLS":  # TaskType is a str Enum
+        mts = list(cfg.modules_to_save or [])
+        cfg.modules_to_save = mts + [h for h in SEQ_CLS_HEADS if h not in mts]
+    return cfg
 
 
 def _problems_of(config) -> list[str]:
@@ -159,8 +244,6 @@ def _problems_of(config) -> list[str]:
         p.append(f"lora.bias: {config.bias!r} trains base biases shared by every job; packs need 'none'")
     if getattr(config, "lora_bias", False):
         p.append("lora.lora_bias: LoRA biases are not packed; use false")
-    if config.modules_to_save:
-        p.append(f"lora.modules_to_save: {list(config.modules_to_save)}: jobs training whole modules run alone")
     if getattr(config, "rank_pattern", None) or getattr(config, "alpha_pattern", None):
         p.append("lora.rank_pattern/alpha_pattern: per-module ranks are not packed")
     if config.init_lora_weights not in (True, "gaussian"):
@@ -182,6 +265,7 @@ class PackLoRA:
         self.ctx = PackRows()
         self.jobs: dict[str, PackedJob] = {}
         self.layers: dict[str, Any] = {}  # module name -> PackLinear
+        self.saved: dict[str, PackSaved] = {}  # module name -> PackSaved
         self._next_key = 0
         # Names and modules as the base has them (PEFT matches targets on these), fixed before wrapping.
         self._modules: list[tuple[str, Any]] = list(model.named_modules())
@@ -192,21 +276,44 @@ class PackLoRA:
         # repacks its weight and later backprops wrongly. Every quantized layer of a pack trains.
         disable_cpu_repack(model)
 
-    # ---- which modules a job targets -----------------------------------------------------
+    # ---- which modules a job adapts and saves --------------------------------------------
+    def _resolve_saved(self, config) -> tuple[list[str], list[str]]:
+        """The modules a job trains whole (PEFT's rule: the name ends with an entry of modules_to_save;
+        the outermost match), and why any of them cannot be held."""
+        wanted = list(config.modules_to_save or [])
+        names, problems = [], []
+        for name, module in self._modules:
+            if not name or not any(name.endswith(t) for t in wanted):
+                continue
+            if any(name.startswith(n + ".") for n in names):
+                continue  # inside a module already saved whole
+            if any(not p.is_floating_point() for p in module.parameters()):
+                problems.append(f"lora.modules_to_save: {name} is quantized; only unquantized modules train whole")
+                continue
+            names.append(name)
+        return names, problems
+
     def _resolve_targets(self, config) -> tuple[list[str], list[str]]:
         from peft.tuners.tuners_utils import check_target_module_exists
 
         tm = config.target_modules
+        saved = [re.compile(rf"(^|.*\.){m}($|\..*)") for m in (config.modules_to_save or [])]
+
+        def in_saved(name: str) -> bool:  # PEFT never puts LoRA on (or inside) a module saved whole
+            return any(r.match(name) for r in saved)
+
         if isinstance(tm, str) and tm.lower() == "all-linear":
-            names = [n for n, m in self._modules if isinstance(m, torch.nn.Linear) and n != self._output_name]
+            names = [n for n, m in self._modules if (isinstance(m, torch.nn.Linear) or _is_conv1d(m))
+                     and n != self._output_name and not in_saved(n)]
             return names, []
         matched, problems = [], []
         for name, module in self._modules:
-            if not name or not check_target_module_exists(config, name):  # an excluded module is falsy too
+            if not name or in_saved(name) or not check_target_module_exists(config, name):  # excluded: falsy
                 continue
-            if not isinstance(module, torch.nn.Linear):
+            if not (isinstance(module, torch.nn.Linear) or _is_conv1d(module)):
                 problems.append(
-                    f"lora.target_modules: {name} is a {type(module).__name__}; packs adapt Linear layers only"
+                    f"lora.target_modules: {name} is a {type(module).__name__}; the engine adapts Linear layers only "
+                    f"(and GPT-2's Conv1D)"
                 )
                 continue
             matched.append(name)
@@ -219,17 +326,33 @@ class PackLoRA:
         """Why a job with this LoraConfig cannot be held here (empty: it can); changes nothing."""
         problems = _problems_of(config)
         if not problems:
-            problems += self._resolve_targets(config)[1]
+            config = as_peft_saves(config)
+            problems += self._resolve_targets(config)[1] + self._resolve_saved(config)[1]
         return problems
 
-    def add_job(self, job_id: str, config, seed: int) -> list:
-        """Admit a job: wrap the modules it targets, create its parameters; returns them (for its optimizer)."""
+    def _clashes(self, job_id: str, targets: list[str], saved: list[str]) -> list[str]:
+        """A module one job adapts while another trains it whole cannot hold both."""
+        out = [f"{n}: job {job_id!r} adapts it, another job of the pack trains it whole (modules_to_save)"
+               for n in targets if n in self.saved]
+        out += [f"{n}: job {job_id!r} trains it whole (modules_to_save), another job of the pack adapts it"
+                for n in saved if n in self.layers]
+        return out
 
+    def add_job(self, job_id: str, config, seed: int) -> list:
+        """Admit a job: wrap the modules it targets and saves, create its parameters; returns them in
+        model order (for its optimizer, in the order PEFT's model lists them)."""
         problems = [f"job {job_id!r} is already in this pack"] if job_id in self.jobs else []
         problems += self.problems(config)
         if problems:
             raise TrainingError(f"job {job_id!r} cannot join the pack:\n" + "\n".join(f"  - {p}" for p in problems))
+        config = as_peft_saves(config)
         targets, _ = self._resolve_targets(config)
+        saved, _ = self._resolve_saved(config)
+        problems = self._clashes(job_id, targets, saved)
+        if problems:
+            raise TrainingError(f"job {job_id!r} cannot join the pack:\n" + "\n".join(f"  - {p}" for p in problems))
+        if any(_is_conv1d(self._modules[self._index[n]][1]) for n in targets):
+            config.fan_in_fan_out = True  # as PEFT sets (and saves) it for a Conv1D target
         key = f"job{self._next_key}"
         self._next_key += 1
         r, alpha = int(config.r), float(config.lora_alpha)
@@ -238,10 +361,9 @@ class PackLoRA:
         # default init), then re-initialises A and zeros B, module by module in model order. The same
         # draws from a generator of the job's own seed: PEFT's adapter after torch.manual_seed(seed).
         g = torch.Generator().manual_seed(int(seed))
-        params = []
         for name in targets:
             base = self._modules[self._index[name]][1]
-            n_in, n_out = base.in_features, base.out_features
+            n_in, n_out = _features(base)
             A = torch.empty(r, n_in)
             torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=g)
             B = torch.empty(n_out, r)
@@ -257,12 +379,18 @@ class PackLoRA:
             ad.train(layer.training)
             layer.adapters[key] = ad
             layer.key_of[job_id] = key
-            params += [ad.lora_A, ad.lora_B]
-        self.jobs[job_id] = PackedJob(job_id, copy.deepcopy(config), int(seed), targets, key)
-        return params
+        for name in saved:  # PEFT's ModulesToSaveWrapper: a deep copy of the module, trainable
+            holder = self._wrap_saved(name)
+            own = copy.deepcopy(holder.original)
+            own.requires_grad_(True)
+            own.train(holder.training)
+            holder.copies[key] = own
+            holder.key_of[job_id] = key
+        self.jobs[job_id] = PackedJob(job_id, config, int(seed), targets, key, saved)
+        return self.parameters(job_id)
 
     def remove_job(self, job_id: str) -> None:
-        """Release a job: its parameters leave every layer; layers no job targets are unwrapped."""
+        """Release a job: its parameters leave every layer; layers no job uses are unwrapped."""
         job = self.jobs.pop(job_id, None)
         if job is None:
             raise TrainingError(f"job {job_id!r} is not in this pack (jobs: {sorted(self.jobs)})")
@@ -271,15 +399,28 @@ class PackLoRA:
             del layer.adapters[layer.key_of.pop(job_id)]
             if not layer.key_of:
                 self._unwrap(name)
+        for name in job.saved:
+            holder = self.saved[name]
+            del holder.copies[holder.key_of.pop(job_id)]
+            if not holder.key_of:
+                self._unwrap_saved(name)
 
-    def parameters(self, job_id: str) -> list:
-        """The job's trainable parameters (A, B per targeted module, in model order)."""
+    def _named_parameters(self, job_id: str) -> list[tuple[str, Any]]:
+        """(PEFT's saved key, parameter) of the job, in model order (A before B in a module)."""
         job = self._job(job_id)
         out = []
         for name in job.targets:
             ad = self.layers[name].adapter(job_id)
-            out += [ad.lora_A, ad.lora_B]
-        return out
+            out.append((self._index[name], [(f"{PREFIX}{name}.lora_A.weight", ad.lora_A),
+                                            (f"{PREFIX}{name}.lora_B.weight", ad.lora_B)]))
+        for name in job.saved:
+            own = self.saved[name].copy_of(job_id)
+            out.append((self._index[name], [(f"{PREFIX}{name}.{k}", p) for k, p in own.named_parameters()]))
+        return [kp for _, kps in sorted(out, key=lambda t: t[0]) for kp in kps]
+
+    def parameters(self, job_id: str) -> list:
+        """The job's trainable parameters (A, B per targeted module; a saved module's own; in model order)."""
+        return [p for _, p in self._named_parameters(job_id)]
 
     def _job(self, job_id: str) -> PackedJob:
         if job_id not in self.jobs:
@@ -306,6 +447,22 @@ class PackLoRA:
         parent, child = self._parent(name)
         setattr(parent, child, layer.base_layer)
 
+    def _wrap_saved(self, name: str) -> PackSaved:
+        holder = self.saved.get(name)
+        if holder is None:
+            parent, child = self._parent(name)
+            original = getattr(parent, child)
+            holder = PackSaved(original, name, self.ctx)
+            holder.train(original.training)
+            setattr(parent, child, holder)
+            self.saved[name] = holder
+        return holder
+
+    def _unwrap_saved(self, name: str) -> None:
+        holder = self.saved.pop(name)
+        parent, child = self._parent(name)
+        setattr(parent, child, holder.original)
+
     # ---- forwards -------------------------------------------------------------------------
     @contextlib.contextmanager
     def rows(self, rows: dict[str, Any], widths: dict[str, int] | None = None, dropout_seeds: dict[str, int] | None = None):
@@ -328,17 +485,28 @@ class PackLoRA:
 
     # ---- PEFT folders ----------------------------------------------------------------------
     def state_dict(self, job_id: str) -> dict:
-        """The job's weights under PEFT's saved key names (what get_peft_model_state_dict gives)."""
-        job = self._job(job_id)
-        sd = {}
-        for name in job.targets:
-            ad = self.layers[name].adapter(job_id)
-            sd[f"base_model.model.{name}.lora_A.weight"] = ad.lora_A.detach().cpu().contiguous()
-            sd[f"base_model.model.{name}.lora_B.weight"] = ad.lora_B.detach().cpu().contiguous()
-        return sd
+        """The job's weights under PEFT's saved key names (what get_peft_model_state_dict gives: LoRA's
+        `<module>.lora_A.weight`, a saved module's `<module>.<param>`)."""
+        return {k: p.detach().cpu().contiguous() for k, p in self._named_parameters(job_id)}
+
+    def set_weights(self, job_id: str, weights: dict, where: str = "weights") -> None:
+        """Copy a state dict under PEFT's key names (state_dict's) into the job's parameters; the
+        tensors must match the job's modules and shapes exactly."""
+        own = dict(self._named_parameters(job_id))
+        problems = [f"missing {k}" for k in own if k not in weights]
+        problems += [f"unexpected {k}" for k in weights if k not in own]
+        problems += [
+            f"{k}: shape {tuple(weights[k].shape)}, the job has {tuple(v.shape)}"
+            for k, v in own.items() if k in weights and weights[k].shape != v.shape
+        ]
+        if problems:
+            raise TrainingError(f"{where}: does not fit job {job_id!r}:\n" + "\n".join(f"  - {p}" for p in problems[:20]))
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(weights[k])
 
     def peft_config(self, job_id: str, base_model_name_or_path: str | None = None, revision: str | None = None):
-        """The job's LoraConfig as PEFT saves it (targets resolved, inference mode)."""
+        """The job's LoraConfig as PEFT saves it (targets resolved, task heads in modules_to_save, inference mode)."""
         job = self._job(job_id)
         cfg = copy.deepcopy(job.config)
         if isinstance(cfg.target_modules, str):  # all-linear: save the modules it meant on this base
@@ -359,30 +527,15 @@ class PackLoRA:
         return folder
 
     def load_adapter(self, job_id: str, folder) -> None:
-        """Load a job's weights from a PEFT folder written by export_adapter (resume); the folder's
-        tensors must match the job's modules and shapes exactly."""
+        """Load a job's weights from a PEFT folder written by export_adapter (resume) or by PEFT; the
+        folder's tensors must match the job's modules and shapes exactly."""
         from safetensors.torch import load_file
 
         folder = Path(folder)
         path = folder / ADAPTER_WEIGHTS
         if not path.exists():
             raise TrainingError(f"{folder}: no {ADAPTER_WEIGHTS} (not an adapter folder)")
-        weights = load_file(str(path))
-        want = self.state_dict(job_id)
-        problems = [f"missing {k}" for k in want if k not in weights]
-        problems += [f"unexpected {k}" for k in weights if k not in want]
-        problems += [
-            f"{k}: shape {tuple(weights[k].shape)}, the job has {tuple(v.shape)}"
-            for k, v in want.items() if k in weights and weights[k].shape != v.shape
-        ]
-        if problems:
-            raise TrainingError(f"{path}: does not fit job {job_id!r}:\n" + "\n".join(f"  - {p}" for p in problems[:20]))
-        job = self.jobs[job_id]
-        with torch.no_grad():
-            for name in job.targets:
-                ad = self.layers[name].adapter(job_id)
-                ad.lora_A.copy_(weights[f"base_model.model.{name}.lora_A.weight"])
-                ad.lora_B.copy_(weights[f"base_model.model.{name}.lora_B.weight"])
+        self.set_weights(job_id, load_file(str(path)), where=str(path))
 
 
 def read_adapter_config(folder) -> dict:
