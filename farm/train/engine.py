@@ -1,11 +1,14 @@
 """The training engine: one resident base, the adapters of the jobs on it, stepped together.
 
-A job alone is a pack of one. The engine is plain Python on torch (no Ray, no storage, no queue):
-the pack worker (farm.train.pack_loop) wraps it with its channel, run storage and progress, and
-tests drive it directly (tests/test_engine.py: bit-exact resume of solo and packed members).
+A job alone is a pack of one, and this is the only training loop: every task and feature runs here.
+The engine is plain Python on torch (no Ray, no storage, no queue): the pack worker
+(farm.train.pack_loop) and the solo worker (farm.train.loop) wrap it with their run storage and
+progress, and tests drive it directly (tests/test_engine.py: bit-exact resume of solo and packed
+members; tests/test_engine_heads.py: seq_cls heads and modules_to_save against stock PEFT).
 
 What it owns, per member, in one place:
-  * the adapter (a `PackLoRA` slot), its optimizer, LR schedule and gradient accumulation
+  * the adapter (a `PackLoRA` slot: LoRA, plus a full copy of each module it trains whole, such as
+    a seq_cls job's classification head), its optimizer, LR schedule and gradient accumulation
     (farm.train.pack_step.JobTrainer), stepped by one grouped forward/backward per engine step;
   * the data position: a deterministic shuffle per (seed, epoch) and the index in it;
   * the eval schedule (`eval_every`), early stopping (`early_stopping_patience`) with best-weights
@@ -16,12 +19,15 @@ What it owns, per member, in one place:
 
 What a member learns is its *method* (farm.train.methods: a pass over its rows with no adapter on
 the base, how micro-batches are built, the loss and its eval): SFT or DPO; the engine does not care
-which, and members of different methods share one grouped forward.
+which, and members of different methods share one grouped forward. The task picks the method's class
+(task seq_cls: `ClassifierSFT`); a seq_cls member has a label per row, not per token, so it trains as
+a pack of one (admit refuses to put it beside another member).
 
 Randomness: nothing here draws from a global RNG. Adapter init is seeded by the job's seed (PackLoRA),
 data order by (seed, epoch), dropout masks by (seed, micro-batches consumed): so a member's run does
 not depend on the other members of its pack, and a resumed member continues bit for bit (the
-checkpoint carries the counters; the torch RNG state is saved as well, for methods that draw).
+checkpoint carries the counters; the torch RNG state is saved as well, for methods that draw and for
+a base whose own dropout layers draw from it, such as GPT-2's: the worker seeds it before loading).
 """
 
 from __future__ import annotations

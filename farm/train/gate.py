@@ -6,7 +6,7 @@ Two checks, both recorded in farm.json and in the job's events:
     imports serve). Beyond `PARITY_TOLERANCE` the version is not published.
   * alias policy: `always` moves the manifest's alias to the new version; `if_better` only when the
     new version's eval loss is not worse than the version the alias points at, both scored on this
-    job's eval rows in the worker (farm.train.loop.evaluate_baseline), else on the figures farm.json
+    job's eval rows in the worker (farm.train.engine.Engine.evaluate_baseline), else on the figures farm.json
     recorded when both versions were evaluated on the same eval file.
 """
 

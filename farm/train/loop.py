@@ -1,35 +1,26 @@
-"""The Ray Train worker of a job that runs outside a pack, on a whole PEFT model: load the base
-(quantized), attach LoRA, train, evaluate, checkpoint. Packs (and the engine's packs of one) run in
-farm.train.engine; both shells share the schedule (farm.train.schedule: data order, eval cadence,
-early stopping, checkpoint cadence) and the eval and optimizer helpers below.
+"""The Ray Train worker of a job that runs outside a pack: the job as a pack of one on the training
+engine (farm.train.engine), checkpointed through Ray Train. Every task kind (causal_lm, seq_cls with
+its classification head) and every feature (methods, modules_to_save, eval cadence, early stopping
+with best-weights restore, the baseline adapter's eval, parity rows) is the engine's; this shell owns
+Ray: the device, progress to the driver, `ray.train.report` and its checkpoints.
 
 Runs inside a Ray Train worker process; gets plain arguments (see farm.train.run.loop_config), never
 a manifest, and reads and tokenizes the job's data itself (farm.train.data.load_worker_data).
-Checkpoints (farm.train.checkpoint) hold everything needed to resume exactly: adapter weights,
+Checkpoints (the engine's `write_checkpoint`, farm.train.checkpoint's layout) hold everything needed
+to resume exactly: adapter weights (a classification head or other saved modules included),
 optimizer, scheduler, RNG state, the data position and the best weights so far, so a restarted
 worker ends at the planned step count and early stopping still publishes the best weights.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
 from typing import Any
 
 from farm.train import checkpoint as ckpt_io
-from farm.train.modelops import (
-    adapter_state,
-    build_base,
-    evaluate,
-    evaluate_baseline,
-    make_optimizer,
-    peft_model,
-    token_logprobs,
-)
-from farm.train.schedule import after_step, batches_for_epoch, new_state, next_batch
-from farm.train.step import train_step
+from farm.train.modelops import build_base
 
 # Kept for callers that import them from here.
 STATE_FILE, FINAL_MARKER = ckpt_io.STATE_FILE, ckpt_io.FINAL_MARKER
@@ -52,15 +43,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save_checkpoint(model, optimizer, scheduler, state: dict, final: bool, best_weights: dict | None = None):
-    """A PEFT model's checkpoint (farm.train.checkpoint's layout) as a Ray Train Checkpoint."""
-    return _ray_checkpoint(lambda d: ckpt_io.write(d, model, optimizer, scheduler, state, final=final,
-                                                   best_weights=best_weights))
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (one worker per job). A job the training engine can hold (causal LM,
-    plain LoRA on Linear layers) trains there as a pack of one; the rest on a whole PEFT model."""
+    """Ray Train entry point (one worker per job): the job as a pack of one on the training engine."""
     import ray
     import ray.train
     import torch
@@ -97,22 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             last_report[0] = time.monotonic()
 
     base, footprint = build_base(config["model"], kind)
-    problems = _engine_problems(base, config["lora"])
-    if config["model"]["task"] == "causal_lm" and not problems:
-        _train_on_engine(config, base, footprint, data, device, emit, resumed)
-    elif config["member"].method != "sft":
-        from farm.errors import TrainingError
-
-        raise TrainingError(f"method {config['member'].method} runs on the training engine, which cannot hold this "
-                            f"adapter: {'; '.join(problems) or 'task ' + config['model']['task']}")
-    else:
-        _train_on_peft(config, base, footprint, data, device, emit, resumed)
-
-
-def _engine_problems(base, lora) -> list[str]:
-    from farm.train.pack_lora import PackLoRA
-
-    return PackLoRA(base).problems(lora)
+    _train_on_engine(config, base, footprint, data, device, emit, resumed)
 
 
 def _ray_checkpoint(write) -> Any:
@@ -157,92 +126,3 @@ def _train_on_engine(config: dict, base, footprint: int, data, device, emit, res
             emit(metrics, ckpt)
     emit(m.state.get("final_metrics", {"final": True}),
          _ray_checkpoint(lambda d: engine.write_checkpoint(m, d, final=True)))
-
-
-def _train_on_peft(config: dict, base, footprint: int, data, device, emit, resumed: list) -> None:
-    """The job on a whole PEFT model (seq_cls heads, modules_to_save, DoRA, trained biases...)."""
-    import ray.train
-    from transformers import get_scheduler
-
-    from farm.train.data import Collator
-
-    kind = device.type
-    opt = config["optim"]
-    task = config["model"]["task"]
-    train_rows, eval_rows = data.train, data.eval
-    model, info = peft_model(base, footprint, config["lora"], kind)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, opt_name = make_optimizer(opt.optimizer, params, opt.learning_rate, opt.weight_decay, kind)
-    total_steps = opt.total_steps
-    scheduler = get_scheduler(
-        opt.lr_scheduler,
-        optimizer,
-        num_warmup_steps=int(math.ceil(opt.warmup_ratio * total_steps)),
-        num_training_steps=total_steps,
-    )
-    collate = Collator(config["pad_token_id"])
-    n_train = len(train_rows["input_ids"])
-    bs, accum = opt.batch_size, opt.grad_accum
-
-    state = new_state()
-    best_weights = None
-    identity = config.get("identity")
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            restored, best_weights = ckpt_io.restore(d, model, optimizer, scheduler, identity)
-        state.update(restored)
-        resumed[0] = state["step"]
-    if identity:
-        state["identity"] = identity
-    final_already = state.pop("final", False)
-
-    model.train()
-    epoch_batches = batches_for_epoch(n_train, bs, opt.seed, state["epoch"])
-
-    def micro_batches():
-        for _ in range(accum):
-            idx = next_batch(state, epoch_batches, n_train, opt)
-            yield collate([{k: train_rows[k][j] for k in train_rows} for j in idx])
-
-    while not final_already and state["step"] < total_steps and not state["stopped_early"]:
-        res = train_step(model, optimizer, params, micro_batches(), device=device,
-                         max_grad_norm=opt.max_grad_norm, scheduler=scheduler)
-        dt = res.seconds
-        state["step"] += 1
-        state["tokens"] += res.tokens
-        state["train_seconds"] += dt
-        metrics = {
-            "step": state["step"], "total_steps": total_steps, "epoch": state["epoch"],
-            "loss": res.loss, "learning_rate": scheduler.get_last_lr()[0],
-            "tokens": state["tokens"], "tokens_per_s": res.tokens / dt if dt > 0 else 0.0,
-            "train_seconds": state["train_seconds"],
-            "step_tokens": res.tokens, "step_seconds": dt,  # this step alone: per-attempt cost
-        }
-        after = after_step(state, opt, metrics, lambda: evaluate(model, eval_rows, collate, bs, device, task))
-        if after.new_best:
-            best_weights = {k: v.detach().clone() for k, v in adapter_state(model).items()}
-        ckpt = None
-        if after.checkpoint_due:
-            ckpt = _save_checkpoint(model, optimizer, scheduler, state, final=False, best_weights=best_weights)
-        emit(metrics, ckpt)
-
-    if not final_already:
-        if state["stopped_early"] and best_weights is not None:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, best_weights)
-        final = evaluate(model, eval_rows, collate, bs, device, task)
-        if config.get("baseline_adapter"):
-            final.update(evaluate_baseline(model, config["baseline_adapter"], eval_rows, collate, bs, device, task))
-        if task == "causal_lm" and config.get("parity_rows"):
-            state["parity_rows"] = token_logprobs(model, eval_rows, config["parity_rows"], device)
-        final.update({
-            "step": state["step"], "total_steps": total_steps, "tokens": state["tokens"],
-            "train_seconds": state["train_seconds"], "optimizer": opt_name, "stopped_early": state["stopped_early"],
-            "final": True, **info,
-        })
-        state["history"].append(final)
-        state["final_metrics"] = final
-    final_metrics = state.get("final_metrics", {"final": True})
-    emit(final_metrics, _save_checkpoint(model, optimizer, scheduler, state, final=True))

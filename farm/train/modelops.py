@@ -1,8 +1,9 @@
-"""The model-side helpers both worker shells use: the prepared base (and a whole PEFT model on it),
-the optimizer, evaluation, per-token logprobs for the parity gate, and scoring an alias's version.
+"""The model-side helpers of training: the prepared base (and a whole PEFT model on it, the reference
+the tests and benches compare the engine with), the optimizer, evaluation and per-token logprobs for
+the parity gate.
 
-farm.train.engine (packs, packs of one) and farm.train.loop (jobs on a whole PEFT model) call these;
-so do bench/gpu_bench.py and the tests. Heavy libraries are imported inside the functions.
+farm.train.engine calls these (every job trains there: packs and packs of one); so do
+bench/gpu_bench.py, bench/solo_engine.py and the tests. Heavy libraries are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_base(model_cfg: dict, device: str):
 
 
 def build_model(model_cfg: dict, lora_config, device: str):
-    """Quantized base + PEFT LoRA, ready to train. Returns (peft_model, info)."""
+    """Quantized base + PEFT LoRA, ready to train (the stock-PEFT reference). Returns (peft_model, info)."""
     base, footprint = build_base(model_cfg, device)
     return peft_model(base, footprint, lora_config, device)
 
@@ -116,28 +117,3 @@ def token_logprobs(model, rows: dict, count: int, device) -> list[dict]:
             out.append({"input_ids": ids, "logprobs": [float(v) for v in lp]})
     model.train()
     return out
-
-
-def evaluate_baseline(model, baseline: dict, rows: dict, collate, batch_size: int, device, task: str) -> dict:
-    """The version an alias points at ({"catalog": url, "ref": ...}), scored on this job's eval rows: its adapter
-    fetched (hashes verified), loaded beside the trained one on the same base, evaluated, removed.
-    {"baseline_error": why} when it cannot be (another base shape, a deleted version)."""
-    from farm.catalog import Catalog
-
-    try:
-        path = str(Catalog(baseline["catalog"]).fetch(baseline["ref"]))
-        model.load_adapter(path, adapter_name="farm_baseline", is_trainable=False)
-    except Exception as exc:  # noqa: BLE001 - a baseline that does not fit this base is no comparison
-        return {"baseline_error": f"{type(exc).__name__}: {exc}"}
-    try:
-        model.set_adapter("farm_baseline")
-        return {"baseline_" + k: v for k, v in evaluate(model, rows, collate, batch_size, device, task).items()}
-    finally:
-        model.set_adapter("default")
-        model.delete_adapter("farm_baseline")
-
-
-def adapter_state(model) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)

@@ -1,5 +1,5 @@
-"""A job's training schedule, one owner for both worker shells (farm.train.engine for packs and packs
-of one, farm.train.loop for the jobs that need a whole PEFT model): the loop state a checkpoint
+"""A job's training schedule, one owner (farm.train.engine, under both worker shells: farm.train.pack_loop
+for packs, farm.train.loop for a job alone): the loop state a checkpoint
 carries, the data order, and what happens after an optimizer step (eval cadence, best eval, early
 stopping, checkpoint cadence, the end).
 """

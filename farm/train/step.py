@@ -1,7 +1,8 @@
 """One optimizer step of LoRA training: forward/backward over the micro-batches, clip, step.
 
-The single-job worker (farm.train.loop) and bench/gpu_bench.py call this same function, and packed
-training will too: it takes a model, an optimizer and already-collated batches, nothing farm-specific.
+The stock-PEFT reference that the engine (farm.train.engine, every job's loop) is measured and tested
+against: bench/gpu_bench.py, bench/solo_engine.py and tests/test_engine_heads.py call it. It takes a
+model, an optimizer and already-collated batches, nothing farm-specific.
 """
 
 from __future__ import annotations
