@@ -1,4 +1,4 @@
-"""Checkpoint layout (farm.train.checkpoint) and the training step, on a tiny real PEFT model, no Ray."""
+"""Checkpoint layout (farm.train.checkpoint), written and read back by the training engine, no Ray."""
 
 from __future__ import annotations
 
@@ -8,65 +8,56 @@ from farm.errors import TrainingError
 from farm.train import checkpoint as ckpt
 
 
-def _setup(tiny_llama):
+def _engine_and_spec(tiny_llama, identity: dict):
     import torch
     from peft import LoraConfig
-    from transformers import get_scheduler
 
-    from farm.train.modelops import build_model, make_optimizer
+    from farm.train.engine import Engine
+    from farm.train.modelops import build_base
+    from farm.train.spec import MemberSpec, OptimSpec
 
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     quant = {"mode": "none", "double_quant": False, "compute_dtype": "fp32"}
-    model, _ = build_model({"source": str(tiny_llama), "task": "causal_lm", "quant": quant}, lora, "cpu")
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, _ = make_optimizer("adamw", params, 1e-2, 0.0, "cpu")
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
-    return model, params, optimizer, scheduler
+    model, _ = build_base({"source": str(tiny_llama), "task": "causal_lm", "quant": quant}, "cpu")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    optim = OptimSpec(optimizer="adamw", learning_rate=1e-2, weight_decay=0.0, max_grad_norm=1.0,
+                      lr_scheduler="linear", warmup_ratio=0.0, batch_size=2, grad_accum=1, seed=0, total_steps=10,
+                      eval_every=2, early_stopping_patience=3)
+    return Engine(model, torch.device("cpu")), MemberSpec("j1", lora, optim, pad_token_id=0, identity=identity)
 
 
-def _batch(vocab: int = 64):
+def _rows(n: int) -> dict:
     import torch
 
-    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def _adapter(model) -> dict:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    ids = torch.randint(5, 600, (n, 8), generator=torch.Generator().manual_seed(1)).tolist()
+    return {"input_ids": ids, "attention_mask": [[1] * 8 for _ in ids], "labels": ids}
 
 
 def test_a_resumed_run_gets_back_the_best_weights_and_its_identity(tiny_llama, tmp_path):
     """Early stopping after a restart must restore the best weights, so the checkpoint carries them."""
     import torch
 
-    from farm.train.step import train_step
-
-    model, params, optimizer, scheduler = _setup(tiny_llama)
-    res = train_step(model, optimizer, params, [_batch(), _batch()], device="cpu", max_grad_norm=1.0,
-                     scheduler=scheduler)
-    assert res.tokens == 32 and res.loss > 0 and res.seconds > 0
-    best = _adapter(model)  # the "best eval" weights
-    train_step(model, optimizer, params, [_batch()], device="cpu", max_grad_norm=1.0, scheduler=scheduler)
-    current = _adapter(model)
-    assert any(not torch.equal(best[k], current[k]) for k in best)
     ident = {"job_id": "j1", "customer": "acme", "adapter": "a", "manifest_sha256": "abc"}
-    state = {"step": 2, "best_eval": 1.5, "history": [{"step": 1, "loss": 2.0}], "identity": ident}
-    ckpt.write(tmp_path, model, optimizer, scheduler, state, final=False, best_weights=best)
+    engine, spec = _engine_and_spec(tiny_llama, ident)
+    m = engine.admit(spec, _rows(6), _rows(2))
+    for _ in range(3):  # eval at step 2 keeps the best weights; step 3 moves on from them
+        engine.step()
+    best, current = m.best_weights, engine.pack.state_dict("j1")
+    assert m.state["best_step"] == 2 and any(not torch.equal(best[k], current[k]) for k in best)
+    engine.write_checkpoint(m, tmp_path, final=False)
 
-    fresh, _, opt2, sched2 = _setup(tiny_llama)
-    restored, best_back = ckpt.restore(tmp_path, fresh, opt2, sched2, ident)
-    assert restored["step"] == 2 and restored["best_eval"] == 1.5 and restored["final"] is False
-    assert best_back is not None and set(best_back) == set(best)
-    assert all(torch.equal(best_back[k], best[k]) for k in best), "the best weights, not the current ones"
-    assert all(torch.equal(_adapter(fresh)[k], current[k]) for k in current), "training resumes from current"
-    assert sched2.last_epoch == scheduler.last_epoch
+    fresh, _ = _engine_and_spec(tiny_llama, ident)
+    back = fresh.admit(spec, _rows(6), _rows(2), resume=tmp_path)
+    assert back.resumed_from == 3 and back.state["best_eval"] == m.state["best_eval"] and not back.finished
+    assert back.best_weights is not None and set(back.best_weights) == set(best)
+    assert all(torch.equal(back.best_weights[k], best[k]) for k in best), "the best weights, not the current ones"
+    assert all(torch.equal(fresh.pack.state_dict("j1")[k], current[k]) for k in current), "training resumes from current"
+    assert back.trainer.scheduler.last_epoch == m.trainer.scheduler.last_epoch
 
-    other = {**ident, "customer": "globex"}
+    from dataclasses import replace
+
+    other, _ = _engine_and_spec(tiny_llama, ident)
     with pytest.raises(TrainingError, match="another job .*customer 'acme'.*pick a new one"):
-        ckpt.restore(tmp_path, fresh, opt2, sched2, other)
+        other.admit(replace(spec, identity={**ident, "customer": "globex"}), _rows(6), _rows(2), resume=tmp_path)
 
 
 def test_checkpoint_state_loads_weights_only(tmp_path):

@@ -180,6 +180,17 @@ def test_seq_cls_on_the_engine_matches_stock_peft_and_exports_its_layout(tiny_gp
     evals = _rows(m.spec.optim.seed + 1, 5, "seq_cls")
     again = evaluate(stock, evals, Collator(PAD), 3, "cpu", "seq_cls")
     assert again["eval_loss"] == pytest.approx(final["eval_loss"], abs=1e-5)
+    # an alias's version as Engine.evaluate_baseline holds it: PEFT's own folder (head included) in a
+    # second slot beside the member, on the same base, scores as stock PEFT does
+    slot = "farm_baseline"
+    engine.pack.add_job(slot, LoraConfig.from_pretrained(str(tmp_path / "peft")), seed=0)
+    engine.pack.load_adapter(slot, tmp_path / "peft")
+    with engine.pack.rows({slot: slice(None)}):
+        got = m.method.evaluate(engine.model, evals, m.collate, 3, engine.device, "seq_cls")
+    engine.pack.remove_job(slot)
+    ref = evaluate(model, evals, Collator(PAD), 3, "cpu", "seq_cls")
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+    assert got["eval_accuracy"] == ref["eval_accuracy"]
 
 
 def test_seq_cls_on_unquantized_gpt2_adapts_conv1d_like_peft(tiny_gpt2, tmp_path):
@@ -192,24 +203,6 @@ def test_modules_to_save_on_the_engine_matches_stock_peft(tiny_llama, tmp_path):
     engine, m, model, final = _assert_matches_peft(tiny_llama, _spec("mts", _mts_lora(), task="causal_lm", steps=3))
     assert "base_model.model.lm_head.weight" in engine.pack.state_dict("mts")
     _assert_exports_like_peft(engine, m, model, tmp_path, fan_in_fan_out=False)
-
-
-def test_a_baseline_with_a_head_is_scored_beside_the_member(tiny_gpt2, tmp_path):
-    """What Engine.evaluate_baseline does with a fetched seq_cls version: stock PEFT's folder (head
-    included) held in a second slot on the same base scores as stock PEFT does."""
-    spec = _spec("cls", _seq_cls_lora(), task="seq_cls", steps=2)
-    train, evals = _rows(3, 9, "seq_cls"), _rows(4, 5, "seq_cls")
-    model, _, ref_final = _train_peft(tiny_gpt2, spec, train, evals)
-    model.save_pretrained(str(tmp_path / "peft"))
-    engine, m, _, _ = _train_engine(tiny_gpt2, spec, train, evals)
-    slot = "farm_baseline"
-    engine.pack.add_job(slot, LoraConfig.from_pretrained(str(tmp_path / "peft")), seed=0)
-    engine.pack.load_adapter(slot, tmp_path / "peft")
-    with engine.pack.rows({slot: slice(None)}):
-        got = m.method.evaluate(engine.model, evals, m.collate, 3, engine.device, "seq_cls")
-    engine.pack.remove_job(slot)
-    assert got["eval_loss"] == pytest.approx(ref_final["eval_loss"], abs=1e-5)
-    assert got["eval_accuracy"] == ref_final["eval_accuracy"]
 
 
 def test_a_seq_cls_member_trains_as_a_pack_of_one(tiny_gpt2):
