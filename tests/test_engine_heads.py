@@ -289,3 +289,31 @@ def test_early_stopping_restores_the_best_head(tiny_gpt2):
     now = engine.pack.state_dict("es")
     assert all(torch.equal(now[k], m.best_weights[k]) for k in now)
     assert final["eval_loss"] == pytest.approx(m.state["best_eval"], abs=1e-6)
+
+
+def test_members_with_saved_modules_share_a_pack_as_if_alone(tiny_llama):
+    """The pack key keeps modules_to_save jobs alone today, but the engine holds them together: each
+    member's rows go through its own lm_head copy, a plain member's through the frozen original, and
+    each member's losses are those it has alone (the tolerance of tests/test_pack_lora.py)."""
+    specs = [_spec("h1", _mts_lora(), task="causal_lm", seed=1, steps=3),
+             _spec("h2", _mts_lora(), task="causal_lm", seed=2, steps=3, accum=1),
+             _spec("plain", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]),
+                   task="causal_lm", seed=3, steps=3)]
+    data = {s.job_id: (_rows(s.optim.seed, 9, "causal_lm"), _rows(s.optim.seed + 1, 3, "causal_lm")) for s in specs}
+    alone = {s.job_id: _train_engine(tiny_llama, s, *data[s.job_id])[2] for s in specs}
+    model, footprint = _base(tiny_llama, "causal_lm")
+    engine = Engine(model, torch.device("cpu"), footprint=footprint)
+    for s in specs:
+        engine.admit(s, *data[s.job_id])
+    assert sorted(engine.pack.saved) == ["lm_head"]
+    packed: dict[str, list] = {s.job_id: [] for s in specs}
+    while engine.members:
+        for up in engine.step():
+            assert up.failed is None, up.failed
+            packed[up.job_id].append(up.metrics["loss"])
+            if up.done:
+                engine.finish(engine.members[up.job_id])
+                engine.release(up.job_id)
+    for s in specs:
+        assert max(abs(a - b) for a, b in zip(packed[s.job_id], alone[s.job_id])) <= LOSS_TOL, s.job_id
+    assert not engine.pack.saved and not engine.pack.layers, "released members leave no wrapper"
