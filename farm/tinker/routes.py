@@ -1,0 +1,219 @@
+"""The HTTP routes of the Tinker API (`/api/v1/*`) as a FastAPI app the serve ingress mounts
+(`extension`), in front of the pack worker (farm.tinker.worker).
+
+Auth: the farm's key store; the SDK sends its key as `X-API-Key` (never `Authorization`), so both
+headers are read. A tenant is the key's customer (an admin key is the tenant "admin": it sees its own
+models only). Every refusal is a 4xx JSON body (farm.tinker.errors); a model or future of another
+tenant is the same 404 as a missing one. Operations return a future at once; `retrieve_future`
+long-polls the worker for `poll_s` and answers try_again while the operation waits or runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+
+from farm.serve.auth import KeyStore
+from farm.tinker import types as t
+from farm.tinker import wire
+from farm.tinker.config import TinkerConfig
+from farm.tinker.errors import TinkerApiError, bad
+
+PREFIXES = ("/api/v1/",)
+MAX_JSON_BYTES = 1024 * 1024
+# Known Tinker endpoints the farm does not answer yet: a 422 that says so (a 404 reads like a wrong URL).
+NOT_BUILT = ("save_weights", "load_weights", "save_weights_for_sampler", "create_sampling_session", "asample",
+             "join_sampling_session", "retrieve_futures", "create_custom_loss", "cancel_future", "save_weights_external",
+             "copy_weights", "weights_info", "unload_model")
+
+log = logging.getLogger("farm.tinker")
+
+
+def tenant_of(keys: KeyStore, request: Request) -> str:
+    """The caller's tenant from `X-API-Key` or `Authorization: Bearer`; a 401 without a known key."""
+    key = request.headers.get("x-api-key")
+    principal = keys.authenticate(f"Bearer {key}" if key else request.headers.get("authorization"))
+    if principal is None:
+        raise TinkerApiError(401, "missing or unknown API key (send X-API-Key: <key> or Authorization: Bearer <key>)",
+                             "api_key")
+    return principal.customer or "admin"
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise TinkerApiError(413, f"body: {declared} bytes is over the {cap}-byte limit", "body")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > cap:
+            raise TinkerApiError(413, f"body: over the {cap}-byte limit", "body")
+    return bytes(raw)
+
+
+def _raise_error(answer: dict) -> dict:
+    """A worker answer as is, or its {"_error": [status, message, field]} raised."""
+    if "_error" in answer:
+        status, message, field = answer["_error"]
+        raise TinkerApiError(status, message, field)
+    return answer
+
+
+def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    worker_handle: list[Any] = []
+
+    def worker():
+        """The pack worker's actor handle, started by the first replica that needs it (get_if_exists)."""
+        if not worker_handle:
+            import ray
+
+            from farm.tinker.worker import TinkerWorker
+
+            actor = ray.remote(TinkerWorker).options(
+                name=cfg.actor_name, get_if_exists=True, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                max_concurrency=1000, max_restarts=0)
+            worker_handle.append(actor.remote(cfg.model_dump(mode="json")))
+        return worker_handle[0]
+
+    @app.exception_handler(TinkerApiError)
+    async def _refused(_req, exc: TinkerApiError):
+        return JSONResponse(exc.body(), exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_req, exc: HTTPException):
+        status = exc.status_code if exc.status_code in (404, 405) else 400
+        return JSONResponse({"error": "no such route" if status == 404 else str(exc.detail), "field": None,
+                             "category": "user"}, status)
+
+    @app.exception_handler(Exception)
+    async def _bug(_req, exc: Exception):
+        # a 5xx makes the SDK retry for minutes; a bug is reported as a 400 it raises at once
+        log.exception("tinker: internal error", exc_info=exc)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"[:500], "field": None,
+                             "category": "server"}, 400)
+
+    async def json_body(request: Request, model):
+        return t.parse(model, await read_body(request, MAX_JSON_BYTES))
+
+    # ---- client and session -------------------------------------------------------------------
+    @app.post("/api/v1/client/config")
+    async def client_config(request: Request):
+        tenant_of(keys, request)  # a bad key fails here, the SDK's first call, at once
+        # no JWT exchange, plain fwd/bwd bodies, futures polled one by one
+        return {"pjwt_auth_enabled": False, "proto_compress_fwdbwd": False, "sample_use_retrieve_futures": False,
+                "custom_loss_server_side": False}
+
+    @app.post("/api/v1/client/dynamic_config")
+    async def dynamic_config(request: Request):
+        tenant_of(keys, request)
+        return {}
+
+    @app.post("/api/v1/create_session")
+    async def create_session(request: Request):
+        tenant = tenant_of(keys, request)
+        await json_body(request, t.CreateSession)
+        return await worker().create_session.remote(tenant)
+
+    @app.post("/api/v1/session_heartbeat")
+    async def heartbeat(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.SessionRef)
+        return _raise_error(await worker().touch_session.remote(tenant, body.session_id))
+
+    @app.post("/api/v1/sessions/{session_id}/finish")
+    async def finish(session_id: str, request: Request):
+        tenant = tenant_of(keys, request)
+        _raise_error(await worker().touch_session.remote(tenant, session_id))
+        return {}
+
+    @app.post("/api/v1/telemetry")
+    async def telemetry(request: Request):
+        tenant_of(keys, request)
+        await read_body(request, MAX_JSON_BYTES)  # read and dropped: the farm keeps its own metrics
+        return {"status": "accepted"}
+
+    @app.get("/api/v1/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/api/v1/get_server_capabilities")
+    async def capabilities(request: Request):
+        tenant_of(keys, request)
+        return {"supported_models": [{"model_name": cfg.served_name, "trainable": True, "sampleable": False}]}
+
+    # ---- models and training ------------------------------------------------------------------
+    @app.post("/api/v1/create_model")
+    async def create_model(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.CreateModel)
+        if body.lora_config is None:
+            raise bad("lora_config", "is required (the farm trains LoRA models)")
+        return _raise_error(await worker().submit.remote(tenant, "create_model", body))
+
+    @app.post("/api/v1/get_info")
+    async def get_info(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.ModelRef)
+        info = _raise_error(await worker().model_info.remote(tenant, body.model_id))
+        return {"model_id": body.model_id, "type": "get_info", "is_lora": True, "lora_rank": info["lora_rank"],
+                "optimizer_config": {"type": "adamw"}, "model_name": cfg.served_name,
+                "model_data": {"model_name": cfg.served_name, "tokenizer_id": cfg.base_model}}
+
+    @app.post("/api/v1/forward_backward")
+    async def forward_backward(request: Request):
+        tenant = tenant_of(keys, request)
+        ctype = request.headers.get("content-type", "")
+        if wire.PROTO_TYPE not in ctype:
+            raise bad("content-type", f"{ctype!r}: forward_backward takes a protobuf body ({wire.PROTO_TYPE})")
+        encoding = request.headers.get("content-encoding")
+        if encoding and encoding != "identity":
+            raise bad("content-encoding", f"{encoding!r}: send the body uncompressed (client/config answers "
+                                          "proto_compress_fwdbwd: false)")
+        req = wire.parse_forward_backward(await read_body(request, cfg.max_body_bytes), cfg.max_request_tokens)
+        return _raise_error(await worker().submit.remote(tenant, "forward_backward", req))
+
+    @app.post("/api/v1/optim_step")
+    async def optim_step(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.OptimStep)
+        if body.adam_params is None:
+            if body.optimizer_params is not None:
+                raise TinkerApiError(422, f"optimizer_params: {body.optimizer_params.get('type')!r}: the farm's "
+                                          "optimizer is adamw; send adam_params", "optimizer_params")
+            body.adam_params = t.AdamParams()
+        return _raise_error(await worker().submit.remote(tenant, "optim_step", body))
+
+    @app.post("/api/v1/retrieve_future")
+    async def retrieve_future(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.RetrieveFuture)
+        answer = _raise_error(await worker().retrieve.remote(tenant, body.request_id, cfg.poll_s))
+        if "try_again" in answer:
+            return {"type": "try_again", "request_id": body.request_id, "queue_state": answer["try_again"]}
+        result = answer["result"]
+        if "error" in result:
+            return {"error": result["error"], "category": result.get("category", "unknown")}
+        if answer["kind"] == "forward_backward":
+            outputs = {"logprobs": result["logprobs"], "elementwise_loss": result["elementwise_loss"]}
+            return Response(wire.forward_backward_output(outputs, result["metrics"]), media_type=wire.PROTO_TYPE)
+        return result
+
+    @app.post("/api/v1/{name}")
+    async def not_built(name: str, request: Request):
+        tenant_of(keys, request)
+        if name in NOT_BUILT:
+            raise TinkerApiError(422, f"{name}: this farm does not offer it yet (built: create_model, "
+                                      "forward_backward, forward, optim_step)", "path")
+        raise TinkerApiError(404, f"/api/v1/{name}: no such endpoint", "path")
+
+    return app
+
+
+def extension(serve_cfg, keys: KeyStore) -> tuple[tuple[str, ...], Any]:
+    """What the serve ingress mounts: (path prefixes, ASGI app). Config from serve_cfg.extra["tinker"]."""
+    return PREFIXES, build(TinkerConfig.model_validate(serve_cfg.extra["tinker"]), keys)

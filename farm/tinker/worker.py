@@ -1,0 +1,264 @@
+"""The pack worker: one long-lived Ray actor per base that holds the base once and every Tinker
+model on it, runs each model's operations in seq_id order, and answers futures.
+
+Why a Ray actor and not the Serve replica: the SDK's consecutive calls of one model may reach any
+ingress replica (and `retrieve_future` another one again), so the models, their order and their
+futures must live in one place that every replica reaches by name; the training base (prepared for
+k-bit training, gradients through it) is not the serving engine's inference base; and a step
+(seconds on a big batch) must not hold the ingress's event loop. The actor is named
+(`TinkerConfig.actor_name`, in the Serve app's namespace) and created by the first ingress replica
+that needs it; it is not detached, so it ends with that replica and its models with it (durable
+state is save_state's job, not built yet).
+
+Clock cycles: the actor is async; requests are queued and answered with a request id at once. A
+loop takes, after a short window (`window_ms`) for others to arrive, the next operation of every
+model whose next seq_id is there (a gap waits: the SDK sends chunks of a batch in parallel), runs
+them in one thread call (`Executor`): all forward_backward requests of the cycle in one grouped
+forward/backward, then each optim_step, and starts the next cycle at once while operations are
+ready. `retrieve_future` waits up to `poll_s` for the result and otherwise answers try_again with
+queue_state "active": a busy farm queues, it never refuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from farm.tinker.errors import TinkerApiError, bad, not_found
+
+log = logging.getLogger("farm.tinker")
+
+
+@dataclass
+class Op:
+    kind: str  # create_model | forward_backward | optim_step
+    request_id: str
+    model_id: str
+    payload: Any
+    seq_id: int = 0
+    tenant: str = ""
+
+
+class Sequencer:
+    """Each model's pending operations by seq_id; `ready()` pops the next one of every model whose
+    next seq_id has arrived. A model's first operation is seq 1 (create_model is outside the order)."""
+
+    def __init__(self):
+        self.next: dict[str, int] = {}
+        self.pending: dict[str, dict[int, Op]] = {}
+
+    def add_model(self, model_id: str, first: int = 1) -> None:
+        self.next[model_id], self.pending[model_id] = first, {}
+
+    def drop_model(self, model_id: str) -> list[Op]:
+        self.next.pop(model_id, None)
+        return list(self.pending.pop(model_id, {}).values())
+
+    def add(self, op: Op) -> None:
+        nxt, pending = self.next[op.model_id], self.pending[op.model_id]
+        if op.seq_id < nxt:
+            raise bad("seq_id", f"{op.seq_id} of model {op.model_id!r} has run already (the next is {nxt})")
+        if op.seq_id in pending:
+            raise bad("seq_id", f"{op.seq_id} of model {op.model_id!r} is queued already")
+        pending[op.seq_id] = op
+
+    def ready(self) -> list[Op]:
+        out = []
+        for model_id, pending in self.pending.items():
+            op = pending.pop(self.next[model_id], None)
+            if op is not None:
+                self.next[model_id] += 1
+                out.append(op)
+        return out
+
+    def waiting(self) -> int:
+        return sum(len(p) for p in self.pending.values())
+
+
+@dataclass
+class Future:
+    tenant: str
+    kind: str
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: dict | None = None
+    finished: float | None = None
+
+
+class TinkerWorker:
+    """The actor's class (farm.tinker.routes starts it with `ray.remote`); see the module docstring."""
+
+    def __init__(self, cfg: dict):
+        from farm.tinker.config import TinkerConfig
+
+        self.cfg = TinkerConfig.model_validate(cfg)
+        self.executor = None  # loaded on the first cycle, in the compute thread
+        self.sessions: dict[str, str] = {}  # session id -> tenant
+        self.models: dict[str, str] = {}  # model id -> tenant (from the create request on)
+        self.ranks: dict[str, int] = {}
+        self.futures: dict[str, Future] = {}
+        self.seq = Sequencer()
+        self.controls: list[Op] = []
+        self.wake: asyncio.Event | None = None
+        self.loop_task: asyncio.Task | None = None
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self.loop_task is None:
+            self.wake = asyncio.Event()
+            self.loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _session(self, tenant: str, session_id: str) -> None:
+        if self.sessions.get(session_id) != tenant:
+            raise not_found("session_id", session_id)
+
+    def _model(self, tenant: str, model_id: str) -> None:
+        if self.models.get(model_id) != tenant:  # another tenant's model looks exactly like a missing one
+            raise not_found("model_id", model_id)
+
+    def _future(self, tenant: str, kind: str) -> str:
+        now = time.time()
+        for rid in [r for r, f in self.futures.items() if f.finished and now - f.finished > self.cfg.result_ttl_s]:
+            del self.futures[rid]
+        rid = uuid.uuid4().hex
+        self.futures[rid] = Future(tenant, kind)
+        return rid
+
+    @staticmethod
+    def _answer(fn, *args):
+        """Run fn; a TinkerApiError becomes {"_error": [status, message, field]} (Ray would wrap it)."""
+        try:
+            return fn(*args)
+        except TinkerApiError as exc:
+            return {"_error": [exc.status, exc.message, exc.field]}
+
+    # ---- sessions -----------------------------------------------------------------------------
+    async def create_session(self, tenant: str) -> dict:
+        sid = "farm-" + secrets.token_hex(8)
+        self.sessions[sid] = tenant
+        return {"session_id": sid, "type": "create_session"}
+
+    async def touch_session(self, tenant: str, session_id: str) -> dict:
+        return self._answer(lambda: self._session(tenant, session_id) or {"type": "session_heartbeat"})
+
+    # ---- operations ---------------------------------------------------------------------------
+    async def submit(self, tenant: str, kind: str, payload: Any) -> dict:
+        """Queue an operation; {"request_id", "model_id"} at once, or {"_error": ...}."""
+        self._start()
+        return self._answer(self._submit, tenant, kind, payload)
+
+    def _submit(self, tenant: str, kind: str, payload: Any) -> dict:
+        if kind == "create_model":
+            self._session(tenant, payload.session_id)
+            if payload.base_model != self.cfg.served_name:
+                raise bad("base_model", f"{payload.base_model!r} is not served here; get_server_capabilities "
+                                        f"lists {self.cfg.served_name!r}")
+            model_id = f"{payload.session_id}:train:{payload.model_seq_id}"  # the SDK derives ids this way too
+            if model_id in self.models:
+                raise bad("model_seq_id", f"{payload.model_seq_id}: model {model_id!r} exists already")
+            self.models[model_id] = tenant
+            self.ranks[model_id] = payload.lora_config.rank
+            self.seq.add_model(model_id)
+            rid = self._future(tenant, kind)
+            self.controls.append(Op(kind, rid, model_id, payload, tenant=tenant))
+        else:
+            model_id = payload.model_id
+            self._model(tenant, model_id)
+            op = Op(kind, "", model_id, payload, payload.seq_id, tenant)
+            self.seq.add(op)  # refused (used or queued seq_id) before a future exists
+            rid = op.request_id = self._future(tenant, kind)
+        self.wake.set()
+        return {"request_id": rid, "model_id": model_id}
+
+    async def retrieve(self, tenant: str, request_id: str, wait_s: float) -> dict:
+        """The result ({"result": ...}), {"try_again": queue_state} after wait_s, or {"_error": ...}."""
+        fut = self.futures.get(request_id)
+        if fut is None or fut.tenant != tenant:
+            return {"_error": [404, f"request_id {request_id!r} not found", "request_id"]}
+        try:
+            await asyncio.wait_for(fut.done.wait(), timeout=wait_s)
+        except TimeoutError:
+            return {"try_again": "active"}
+        return {"result": fut.result, "kind": fut.kind}
+
+    async def model_info(self, tenant: str, model_id: str) -> dict:
+        return self._answer(lambda: self._model(tenant, model_id) or {"lora_rank": self.ranks[model_id]})
+
+    async def state(self) -> dict:
+        """Counters for tests and operators: models, sessions, queued operations, base loaded."""
+        return {"models": len(self.models), "sessions": len(self.sessions), "waiting": self.seq.waiting(),
+                "loaded": self.executor is not None}
+
+    # ---- the clock ----------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.cfg.window_ms:
+                await asyncio.sleep(self.cfg.window_ms / 1000)
+            while True:
+                controls, self.controls = self.controls, []
+                ready = self.seq.ready()
+                if not controls and not ready:
+                    break
+                try:
+                    results = await asyncio.to_thread(self._cycle, controls, ready)
+                except Exception as exc:  # noqa: BLE001 - a bug or an OOM fails the cycle's operations, not the worker
+                    log.exception("tinker cycle failed")
+                    why = {"error": f"internal error: {type(exc).__name__}: {exc}"[:500], "category": "server"}
+                    results = {op.request_id: why for op in controls + ready}
+                for op in controls:  # a model that could not be created: its queued operations fail too
+                    if "error" in results.get(op.request_id, {}):
+                        self._forget(op.model_id)
+                now = time.time()
+                for rid, res in results.items():
+                    fut = self.futures.get(rid)
+                    if fut is not None:
+                        fut.result, fut.finished = res, now
+                        fut.done.set()
+
+    def _cycle(self, controls: list[Op], ready: list[Op]) -> dict[str, dict]:
+        """One clock cycle, in the compute thread: creations, one grouped forward/backward, optimizer steps."""
+        if self.executor is None:
+            import torch
+
+            from farm.tinker.executor import Executor
+
+            torch.set_num_threads(max(1, int(self.cfg.num_cpus)))
+            device = "cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+            self.executor = Executor.load(self.cfg.base_model, quantization=self.cfg.quantization, device=device)
+        ex = self.executor
+        out: dict[str, dict] = {}
+        for op in controls:
+            lora = op.payload.lora_config
+            seed = lora.seed if lora.seed is not None else secrets.randbelow(2**31)
+            try:
+                ex.create(op.model_id, op.tenant, rank=lora.rank, seed=seed, train_attn=lora.train_attn,
+                          train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+                out[op.request_id] = {"model_id": op.model_id, "type": "create_model"}
+            except TinkerApiError as exc:
+                out[op.request_id] = {"error": exc.message, "category": "user"}
+        fbs = [op for op in ready if op.kind == "forward_backward"]
+        if fbs:
+            for op, res in zip(fbs, ex.forward_backward([op.payload for op in fbs])):
+                out[op.request_id] = ({"error": res["error"], "category": "user"} if "error" in res else res)
+        for op in ready:
+            if op.kind == "optim_step":
+                try:
+                    out[op.request_id] = {**ex.optim_step(op.model_id, op.payload.adam_params), "type": "optim_step"}
+                except TinkerApiError as exc:
+                    out[op.request_id] = {"error": exc.message, "category": "user"}
+        return out
+
+    def _forget(self, model_id: str) -> None:
+        self.models.pop(model_id, None)
+        self.ranks.pop(model_id, None)
+        for op in self.seq.drop_model(model_id):
+            fut = self.futures.get(op.request_id)
+            if fut is not None:
+                fut.result, fut.finished = {"error": f"model {model_id!r} was not created", "category": "user"}, time.time()
+                fut.done.set()

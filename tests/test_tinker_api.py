@@ -1,0 +1,189 @@
+"""The Tinker API end to end with the official `tinker` SDK (0.38) against a real `farm serve` app on
+127.0.0.1 (real HTTP, the pack worker actor on the tiny Llama, NF4 as served): a training client made
+with a `tml-` key trains and its loss falls, a fresh model scores as stock transformers does, another
+tenant gets the same 404 as for a missing model, and bad requests are 4xx JSON naming the field."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+
+from farm.serve.auth import KeyStore, Principal, hash_key
+from tests.ports import free_port
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.ray
+
+KEYS = {"acme": "tml-acme-tinker-key", "globex": "tml-globex-tinker-key"}
+TOKENS = [5, 17, 33, 40, 12, 9, 60, 3, 21, 8]
+
+
+@pytest.fixture(scope="module")
+def farm(ray_cluster, tiny_llama, module_farm_home):
+    from ray import serve
+
+    from farm.serve.app import deploy
+    from farm.serve.config import ServeConfig
+    from farm.tinker.config import mount
+
+    cfg = ServeConfig(base_model=str(tiny_llama), catalog_url=(module_farm_home / "catalog").as_uri(), replicas=1,
+                      max_tokens_cap=16, port=free_port())
+    mount(cfg, poll_s=2.0, window_ms=50, worker_name="farm-tinker-test")
+    keys = KeyStore({hash_key(KEYS["acme"]): Principal("acme"), hash_key(KEYS["globex"]): Principal("globex")})
+    base = deploy(cfg, keys, name="farm-tinker-test")
+    wait_for(lambda: _healthy(base), timeout=120, what="the tinker healthz")
+    yield SimpleNamespace(base=base, cfg=cfg, tiny=tiny_llama)
+    serve.delete("farm-tinker-test")
+    serve.shutdown()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/api/v1/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _service(farm, who: str = "acme"):
+    import tinker
+
+    return tinker.ServiceClient(base_url=farm.base, api_key=KEYS[who])
+
+
+def _datum(tokens: list[int], weights: list[float] | None = None):
+    from tinker import types
+
+    weights = weights if weights is not None else [1.0] * (len(tokens) - 1)
+    return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]),
+                       loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights})
+
+
+def _stock_logprobs(tiny, tokens: list[int]) -> np.ndarray:
+    """Per-token logprobs of the base alone with stock transformers (NF4 as the worker holds it)."""
+    import torch
+
+    from farm.modeling import disable_cpu_repack, load_base_model
+
+    model = load_base_model(str(tiny), device="cpu").eval()
+    disable_cpu_repack(model)  # the same bitsandbytes CPU kernel as the worker's
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens[:-1]])).logits[0].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0].numpy()
+
+
+def test_a_tml_key_trains_a_lora_and_its_loss_falls_and_fresh_logprobs_are_the_bases(farm):
+    from tinker import types
+
+    started = time.monotonic()
+    service = _service(farm)
+    import tinker
+
+    caps = tinker.RestClient(base_url=farm.base, api_key=KEYS["acme"]).get_server_capabilities().result()
+    assert [m.model_name for m in caps.supported_models] == [farm.cfg.served_name]
+    tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=3).result()
+    assert tc.model_id.endswith(":train:0")
+    data = [_datum(TOKENS), _datum(TOKENS[:6], [0.0, 1.0, 1.0, 1.0, 1.0])]
+    losses, first = [], None
+    for _ in range(4):
+        fb = tc.forward_backward(data, "cross_entropy")
+        op = tc.optim_step(types.AdamParams(learning_rate=5e-3))
+        out = fb.result()
+        op.result()
+        first = first or out
+        losses.append(out.metrics["loss:sum"])
+    # cross_entropy is a sum of -logprob * weight over every datum and position
+    lp = [np.asarray(o["logprobs"].tolist()) for o in first.loss_fn_outputs]
+    assert [len(x) for x in lp] == [len(TOKENS) - 1, 5]
+    weighted = -(lp[0].sum() + lp[1][1:].sum())
+    assert abs(first.metrics["loss:sum"] - weighted) < 1e-3
+    # B starts at zero: the first step's logprobs are the base's, as stock transformers computes them
+    np.testing.assert_allclose(lp[0], _stock_logprobs(farm.tiny, TOKENS), atol=1e-4)
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    # forward() scores with the trained weights and takes no gradient
+    fwd = tc.forward([_datum(TOKENS)], "cross_entropy").result()
+    assert fwd.metrics["loss:sum"] < losses[0]
+    print(f"train loop: {time.monotonic() - started:.1f} s, losses {losses}")
+
+
+def test_another_tenant_gets_the_404_of_a_missing_model(farm):
+    acme = _service(farm, "acme")
+    tc = acme.create_lora_training_client(base_model=farm.cfg.served_name, rank=2, seed=1).result()
+    fb_id = httpx.post(f"{farm.base}/api/v1/forward_backward", content=_proto_request(tc.model_id, 1),
+                       headers={"X-API-Key": KEYS["acme"], "Content-Type": "application/x-protobuf"}, timeout=30)
+    assert fb_id.status_code == 200, fb_id.text
+    request_id = fb_id.json()["request_id"]
+
+    def call(key: str, path: str, **kw):
+        return httpx.post(f"{farm.base}/api/v1/{path}", headers={"X-API-Key": key, **kw.pop("headers", {})},
+                          timeout=30, **kw)
+
+    theirs = call(KEYS["globex"], "get_info", json={"model_id": tc.model_id})
+    missing = call(KEYS["globex"], "get_info", json={"model_id": tc.model_id + "0"})
+    assert theirs.status_code == missing.status_code == 404
+    assert theirs.json()["error"] == missing.json()["error"].replace(tc.model_id + "0", tc.model_id)
+    stolen = call(KEYS["globex"], "forward_backward", content=_proto_request(tc.model_id, 2),
+                  headers={"Content-Type": "application/x-protobuf"})
+    assert stolen.status_code == 404 and "not found" in stolen.json()["error"]
+    peek = call(KEYS["globex"], "retrieve_future", json={"request_id": request_id})
+    assert peek.status_code == 404
+    # the owner still gets its result (protobuf)
+    mine = wait_for(lambda: _done(call(KEYS["acme"], "retrieve_future", json={"request_id": request_id},
+                                       headers={"Accept": "application/x-protobuf"})), timeout=120,
+                    what="acme's forward_backward result")
+    assert mine.headers["content-type"].startswith("application/x-protobuf")
+
+
+def _done(r: httpx.Response):
+    if r.headers.get("content-type", "").startswith("application/json") and r.json().get("type") == "try_again":
+        return None
+    return r
+
+
+def _proto_request(model_id: str, seq_id: int, loss_fn: str = "cross_entropy", weights: int | None = None) -> bytes:
+    from tinker import types
+    from tinker.proto.request_conv import forward_backward_request_to_proto
+
+    d = _datum(TOKENS, None if weights is None else [1.0] * weights)
+    req = types.ForwardBackwardRequest(forward_backward_input=types.ForwardBackwardInput(data=[d], loss_fn=loss_fn),
+                                       model_id=model_id, seq_id=seq_id)
+    return forward_backward_request_to_proto(req).SerializeToString()
+
+
+def test_refusals_are_4xx_json_naming_the_field(farm):
+    def post(path: str, key: str | None = KEYS["acme"], **kw):
+        headers = {"X-API-Key": key} if key else {}
+        headers.update(kw.pop("headers", {}))
+        return httpx.post(f"{farm.base}/api/v1/{path}", headers=headers, timeout=30, **kw)
+
+    nokey = post("client/config", key=None, json={"sdk_version": "0.38.0"})
+    assert nokey.status_code == 401 and "API key" in nokey.json()["error"]
+    assert post("client/config", key="tml-unknown", json={}).status_code == 401
+    bearer = httpx.post(f"{farm.base}/api/v1/client/config", json={},
+                        headers={"Authorization": f"Bearer {KEYS['globex']}"}, timeout=30)
+    assert bearer.status_code == 200 and bearer.json()["pjwt_auth_enabled"] is False
+    session = post("create_session", json={"tags": [], "sdk_version": "0.38.0", "type": "create_session"}).json()
+    sid = session["session_id"]
+    wrong_base = post("create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": "gpt-9",
+                                            "lora_config": {"rank": 4}})
+    assert wrong_base.status_code == 400 and wrong_base.json()["field"] == "base_model"
+    assert "'gpt-9'" in wrong_base.json()["error"]
+    bad_rank = post("create_model", json={"session_id": sid, "model_seq_id": 0, "base_model": farm.cfg.served_name,
+                                          "lora_config": {"rank": 0}})
+    assert bad_rank.status_code == 400 and bad_rank.json()["field"] == "lora_config.rank"
+    other_session = post("create_model", key=KEYS["globex"], json={"session_id": sid, "model_seq_id": 0,
+                                                                   "base_model": farm.cfg.served_name,
+                                                                   "lora_config": {"rank": 4}})
+    assert other_session.status_code == 404
+    proto = {"Content-Type": "application/x-protobuf"}
+    ppo = post("forward_backward", content=_proto_request("x:train:0", 1, loss_fn="ppo"), headers=proto)
+    assert ppo.status_code == 422 and ppo.json()["field"] == "loss_fn"
+    short = post("forward_backward", content=_proto_request("x:train:0", 1, weights=3), headers=proto)
+    assert short.status_code == 400 and short.json()["field"] == "data[0].loss_fn_inputs.weights"
+    as_json = post("forward_backward", json={"model_id": "x"})
+    assert as_json.status_code == 400 and as_json.json()["field"] == "content-type"
+    later = post("save_weights", json={"model_id": "x", "path": "a", "seq_id": 2})
+    assert later.status_code == 422 and "does not offer it yet" in later.json()["error"]
