@@ -143,3 +143,44 @@ def test_each_models_operations_run_in_seq_id_order_and_a_gap_waits():
     with pytest.raises(TinkerApiError, match="queued already"):
         seq.add(Op("optim_step", "twice", "a", None, 3))
     assert [op.request_id for op in seq.ready()] == ["a3"] and seq.ready() == [] and seq.waiting() == 0
+
+
+def _request_with(headers: dict[str, str]):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "POST", "path": "/api/v1/client/config",
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+
+
+def test_a_minted_tml_key_authenticates_from_x_api_key_or_bearer(capsys):
+    from farm.serve.auth import KeyStore, Principal, main
+    from farm.tinker.routes import tenant_of
+
+    main(["--customer", "acme", "--tinker"])
+    printed = capsys.readouterr()
+    key = printed.err.split("key (shown once): ", 1)[1].strip()
+    digest = printed.out.split("sha256: ", 1)[1].split()[0]
+    assert key.startswith("tml-")  # the SDK refuses any other form before sending a request
+    keys = KeyStore({digest: Principal("acme")})
+    assert tenant_of(keys, _request_with({"X-API-Key": key})) == "acme"
+    assert tenant_of(keys, _request_with({"Authorization": f"Bearer {key}"})) == "acme"
+    for headers in ({}, {"X-API-Key": "tml-someone-else"}, {"Authorization": key}):
+        with pytest.raises(TinkerApiError) as err:
+            tenant_of(keys, _request_with(headers))
+        assert err.value.status == 401 and "X-API-Key" in err.value.message
+
+
+def test_mounting_the_tinker_api_keeps_the_fine_tuning_api_beside_it():
+    from farm.finetune.config import serve_extra
+    from farm.finetune.policy import default_policy
+    from farm.serve.config import ServeConfig
+    from farm.tinker.config import EXTENSION, TinkerConfig, mount
+
+    cfg = ServeConfig(base_model="models/tiny-llama", gpus_per_replica=1)
+    cfg.extra.update(serve_extra(cfg.served_name, default_policy("models/tiny-llama")))
+    mount(cfg, poll_s=3)
+    assert cfg.extra["extensions"] == ["farm.finetune.routes:extension", EXTENSION]
+    tc = TinkerConfig.model_validate(cfg.extra["tinker"])
+    assert (tc.served_name, tc.num_gpus, tc.poll_s, tc.actor_name) == ("tiny-llama", 1.0, 3, "farm-tinker-tiny-llama")
+    with pytest.raises(ValueError, match="poll_s"):
+        mount(cfg, poll_s=60)  # the SDK's read timeout on retrieve_future is 45 s

@@ -28,6 +28,7 @@ def serve_cmd(
     engine: Annotated[str, typer.Option(help="farm | vllm | auto (vllm on GPU replicas when vLLM is installed, else farm).")] = "auto",
     lora_slots: Annotated[int | None, typer.Option("--lora-slots", help="vllm engine: adapters per batch (max_loras); default --max-adapters.")] = None,
     max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", help="vllm engine: largest adapter rank served.")] = 16,
+    tinker: Annotated[bool, typer.Option("--tinker", help="Also serve the Tinker training API (/api/v1/*) on the first base (docs/tinker.md).")] = False,
 ) -> None:
     """Serve adapters over HTTP (OpenAI API) on the Ray cluster at RAY_ADDRESS, the farm `farm up` started, or a local one; Ctrl-C stops."""
     from farm.errors import FarmError
@@ -46,11 +47,11 @@ def serve_cmd(
     if config is not None:
         from farm.serve.config_file import load_serve_config
 
-        given = [p for p in ctx.params if p not in ("config", "catalog")
+        given = [p for p in ctx.params if p not in ("config", "catalog", "tinker")
                  and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"]
         if given:
             raise typer.BadParameter(f"--config {config} sets the bases; drop {', '.join('--' + g.replace('_', '-') for g in given)} "
-                                     "(only --catalog may be added)", param_hint="--config")
+                                     "(only --catalog and --tinker may be added)", param_hint="--config")
         serve_file = load_serve_config(config)
         cfgs = serve_file.to_configs()
         policy_section, policy_source = serve_file.training_policy, str(config)
@@ -66,6 +67,10 @@ def serve_cmd(
     cfg = cfgs[0]
     # The OpenAI fine-tuning API on the same service: the package's policy defaults, then the file's.
     cfg.extra.update(serve_extra(cfg.served_name, serve_policy(cfg.base_model, policy_section, policy_source)))
+    if tinker:
+        from farm.tinker.config import mount
+
+        mount(cfg)  # its pack worker holds the same base once more, for training
     store = KeyStore.load(cfg.keys_file)  # bad keys / non-loopback without keys fail before Ray starts
     check_bind(cfg.host, len(store))
     for c in cfgs:  # a base that cannot load fails here, not as replicas Serve restarts for minutes

@@ -13,7 +13,8 @@ customer name the catalog's ref rules refuse (it could never match an adapter), 
 customer and role, a role other than admin, and unknown fields.
 
 FARM_SERVE_KEYS adds keys from the environment: `<sha256>=customer:acme,<sha256>=admin`.
-`python -m farm.serve.auth --customer acme` mints a key and prints the line to add.
+`python -m farm.serve.auth --customer acme` mints a key and prints the line to add (`--tinker`: a `tml-` key,
+the form the tinker SDK insists on; the Tinker API also reads it from `X-API-Key`).
 """
 
 from __future__ import annotations
@@ -172,13 +173,15 @@ def main(argv: list[str] | None = None) -> None:
     who = ap.add_mutually_exclusive_group(required=True)
     who.add_argument("--customer")
     who.add_argument("--admin", action="store_true")
+    ap.add_argument("--tinker", action="store_true",
+                    help="a tml-... key: the tinker SDK refuses keys without that prefix before sending them")
     args = ap.parse_args(argv)
     if args.customer is not None:
         try:
             _customer(args.customer, "--customer")
         except FarmError as exc:
             ap.error(str(exc))
-    key = "farm-" + secrets.token_urlsafe(32)
+    key = ("tml-" if args.tinker else "farm-") + secrets.token_urlsafe(32)
     role = "role: admin" if args.admin else f"customer: {args.customer}"
     print(f"key (shown once): {key}", file=sys.stderr)
     print(f"  - sha256: {hash_key(key)}\n    {role}")
