@@ -118,3 +118,29 @@ def test_a_bad_request_fails_alone_and_the_others_of_its_group_run(executor):
     # second is refused for its token, naming the field, before that matters
     assert out[2]["status"] == 400
     assert out[2]["error"].startswith("data[0].loss_fn_inputs.target_tokens: token id")
+
+
+def test_save_then_load_state_resumes_with_the_same_next_losses(executor, tmp_path):
+    adam = AdamParams(learning_rate=5e-3)
+    executor.create("first", "acme", rank=4, seed=9, train_unembed=False)
+    for seq in (1, 3):
+        executor.forward_backward([_request("first", seq, A_TOKENS)])
+        executor.optim_step("first", adam)
+    folder = executor.save_state("first", tmp_path / "ckpt")
+    state = executor.read_state(folder)
+    assert (state["rank"], state["steps"], state["flags"]["train_unembed"]) == (4, 2, False)
+    executor.create("resumed", "acme", rank=4, seed=123, train_unembed=False)  # another init: the load replaces it
+    executor.load_state("resumed", folder, optimizer=True)
+    for seq in (5, 7):
+        a = executor.forward_backward([_request("first", seq, B_TOKENS)])[0]
+        b = executor.forward_backward([_request("resumed", seq, B_TOKENS)])[0]
+        assert a["metrics"]["loss:sum"] == pytest.approx(b["metrics"]["loss:sum"], rel=1e-6)
+        executor.optim_step("first", adam)
+        executor.optim_step("resumed", adam)
+    for got, want in zip(_weights(executor, "resumed"), _weights(executor, "first")):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # a checkpoint of another LoRA shape is refused naming the path, the model untouched
+    executor.create("other", "acme", rank=2, seed=1)
+    with pytest.raises(Exception) as err:
+        executor.load_state("other", folder, optimizer=False)
+    assert getattr(err.value, "status", None) == 400 and "rank 4" in err.value.message

@@ -29,6 +29,8 @@ class TinkerConfig(BaseModel):
     """Most tokens in one forward_backward request (the SDK splits a batch into ~5 MB chunks)."""
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest request body (forward_backward protobuf included)."""
+    storage: str | None = None
+    """Run storage (FARM_STORAGE) where save_state checkpoints go; None = the worker's FARM_STORAGE."""
     result_ttl_s: float = Field(1800.0, gt=0)
     """How long a finished future's result is kept for the SDK to fetch (and fetch again after a lost reply)."""
     worker_name: str | None = None
@@ -41,6 +43,9 @@ class TinkerConfig(BaseModel):
 
 def mount(serve_cfg, **fields) -> TinkerConfig:
     """Mount the Tinker API on a serve config (`ServeConfig`): its base, beside any other extension."""
+    from farm.settings import storage_path
+
+    fields.setdefault("storage", storage_path())  # resolved here: the worker writes where this farm reads
     cfg = TinkerConfig(base_model=serve_cfg.base_model, served_name=serve_cfg.served_name,
                        quantization=fields.pop("quantization", serve_cfg.quantization),
                        num_gpus=fields.pop("num_gpus", 1.0 if serve_cfg.gpus_per_replica else 0.0), **fields)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from farm.tinker.errors import TinkerApiError, bad
@@ -51,6 +52,7 @@ class TinkerModel:
     targets: list[str]
     params: list
     optimizer: Any  # torch.optim.AdamW
+    flags: dict = field(default_factory=dict)  # Tinker's train_attn / train_mlp / train_unembed
     steps: int = 0  # optimizer steps taken
     pending: int = 0  # forward_backward calls whose gradients wait for an optim_step
     tokens: int = 0  # tokens through forward/backward, for the cost ledger (not wired yet)
@@ -119,7 +121,8 @@ class Executor:
         config = LoraConfig(r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets, bias="none")
         params = self.pack.add_job(model_id, config, seed)
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-        m = TinkerModel(model_id, tenant, rank, seed, targets, params, optimizer)
+        flags = {"train_attn": train_attn, "train_mlp": train_mlp, "train_unembed": train_unembed}
+        m = TinkerModel(model_id, tenant, rank, seed, targets, params, optimizer, flags)
         self.models[model_id] = m
         return m
 
@@ -243,6 +246,49 @@ class Executor:
         m.steps += 1
         m.pending = 0
         return {"metrics": {"grad_norm:mean": norm, "learning_rate:mean": adam.learning_rate}}
+
+    # ---- state (save_state / load_state) -------------------------------------------------------
+    def save_state(self, model_id: str, folder) -> Path:
+        """The model as a stock PEFT folder plus STATE_FILE (AdamW's moments and step count, the LoRA's
+        Tinker flags, the steps taken), written into the local `folder`."""
+        import torch
+
+        from farm.tinker.state import STATE_FILE
+
+        m = self.models[model_id]
+        folder = self.pack.export_adapter(model_id, folder)
+        torch.save({"rank": m.rank, "seed": m.seed, "flags": m.flags, "steps": m.steps,
+                    "optimizer": m.optimizer.state_dict()}, Path(folder) / STATE_FILE)
+        return Path(folder)
+
+    @staticmethod
+    def read_state(folder) -> dict:
+        import torch
+
+        from farm.tinker.state import STATE_FILE
+
+        return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+
+    def load_state(self, model_id: str, folder, *, optimizer: bool) -> None:
+        """A checkpoint's weights (and, with `optimizer`, AdamW's moments and step count) into a model
+        of the same shape; a 400 when the checkpoint's LoRA does not fit it."""
+        from farm.errors import TrainingError
+
+        m = self.models[model_id]
+        state = self.read_state(folder)
+        if state["rank"] != m.rank or state["flags"] != m.flags:
+            raise bad("path", f"the checkpoint's LoRA (rank {state['rank']}, {state['flags']}) is not this model's "
+                              f"(rank {m.rank}, {m.flags})")
+        try:
+            self.pack.load_adapter(model_id, folder)
+        except TrainingError as exc:
+            raise bad("path", f"the checkpoint does not fit this base: {str(exc).splitlines()[0]}") from None
+        if optimizer:
+            m.optimizer.load_state_dict(state["optimizer"])
+            m.steps = int(state["steps"])
+        for p in m.params:
+            p.grad = None
+        m.pending = 0
 
     def info(self, model_id: str) -> dict:
         m = self.models[model_id]

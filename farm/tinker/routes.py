@@ -22,11 +22,12 @@ from farm.tinker import types as t
 from farm.tinker import wire
 from farm.tinker.config import TinkerConfig
 from farm.tinker.errors import TinkerApiError, bad
+from farm.tinker.state import check_name, parse_path
 
 PREFIXES = ("/api/v1/",)
 MAX_JSON_BYTES = 1024 * 1024
 # Known Tinker endpoints the farm does not answer yet: a 422 that says so (a 404 reads like a wrong URL).
-NOT_BUILT = ("save_weights", "load_weights", "save_weights_for_sampler", "create_sampling_session", "asample",
+NOT_BUILT = ("save_weights_for_sampler", "create_sampling_session", "asample",
              "join_sampling_session", "retrieve_futures", "create_custom_loss", "cancel_future", "save_weights_external",
              "copy_weights", "weights_info", "unload_model")
 
@@ -188,6 +189,25 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
             body.adam_params = t.AdamParams()
         return _raise_error(await worker().submit.remote(tenant, "optim_step", body))
 
+    @app.post("/api/v1/save_weights")
+    async def save_weights(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.SaveWeights)
+        check_name(body.path)
+        return _raise_error(await worker().submit.remote(tenant, "save_weights", body))
+
+    @app.post("/api/v1/load_weights")
+    async def load_weights(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.LoadWeights)
+        parse_path(body.path)
+        if body.session_id is not None:
+            if body.model_seq_id is None:
+                raise bad("model_seq_id", "is required with session_id (a load that creates a model)")
+        elif body.model_id is None or body.seq_id is None:
+            raise bad("session_id", "missing: send session_id + model_seq_id (create by load) or model_id + seq_id")
+        return _raise_error(await worker().submit.remote(tenant, "load_weights", body))
+
     @app.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request):
         tenant = tenant_of(keys, request)
@@ -208,7 +228,7 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
         tenant_of(keys, request)
         if name in NOT_BUILT:
             raise TinkerApiError(422, f"{name}: this farm does not offer it yet (built: create_model, "
-                                      "forward_backward, forward, optim_step)", "path")
+                                      "forward_backward, forward, optim_step, save_state, load_state)", "path")
         raise TinkerApiError(404, f"/api/v1/{name}: no such endpoint", "path")
 
     return app

@@ -81,6 +81,27 @@ class OptimStep(_Body):
     optimizer_params: dict[str, Any] | None = None
 
 
+class SaveWeights(_Body):
+    model_id: str
+    path: str
+    seq_id: int = Field(ge=1)
+    overwrite: bool = False
+    ttl_seconds: int | None = None
+
+
+class LoadWeights(_Body):
+    """Create-by-load (session_id + model_seq_id: the load is the new model's seq 0) or the legacy
+    load into an existing model (model_id + seq_id)."""
+
+    path: str
+    optimizer: bool = False
+    session_id: str | None = None
+    model_seq_id: int | None = Field(None, ge=0)
+    model_id: str | None = None
+    seq_id: int | None = Field(None, ge=1)
+    base_model: str | None = None
+
+
 class RetrieveFuture(_Body):
     request_id: str
     allow_metadata_only: bool = False

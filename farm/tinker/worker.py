@@ -152,17 +152,17 @@ class TinkerWorker:
         return self._answer(self._submit, tenant, kind, payload)
 
     def _submit(self, tenant: str, kind: str, payload: Any) -> dict:
-        if kind == "create_model":
+        if kind == "create_model" or (kind == "load_weights" and payload.session_id is not None):
             self._session(tenant, payload.session_id)
-            if payload.base_model != self.cfg.served_name:
+            if payload.base_model is not None and payload.base_model != self.cfg.served_name:
                 raise bad("base_model", f"{payload.base_model!r} is not served here; get_server_capabilities "
                                         f"lists {self.cfg.served_name!r}")
             model_id = f"{payload.session_id}:train:{payload.model_seq_id}"  # the SDK derives ids this way too
             if model_id in self.models:
                 raise bad("model_seq_id", f"{payload.model_seq_id}: model {model_id!r} exists already")
             self.models[model_id] = tenant
-            self.ranks[model_id] = payload.lora_config.rank
-            self.seq.add_model(model_id)
+            self.ranks[model_id] = payload.lora_config.rank if kind == "create_model" else 0  # a load: set once read
+            self.seq.add_model(model_id)  # a create or a load is seq 0: the model's own operations start at 1
             rid = self._future(tenant, kind)
             self.controls.append(Op(kind, rid, model_id, payload, tenant=tenant))
         else:
@@ -234,25 +234,83 @@ class TinkerWorker:
         ex = self.executor
         out: dict[str, dict] = {}
         for op in controls:
-            lora = op.payload.lora_config
-            seed = lora.seed if lora.seed is not None else secrets.randbelow(2**31)
             try:
-                ex.create(op.model_id, op.tenant, rank=lora.rank, seed=seed, train_attn=lora.train_attn,
-                          train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
-                out[op.request_id] = {"model_id": op.model_id, "type": "create_model"}
+                out[op.request_id] = self._create(op) if op.kind == "create_model" else self._create_by_load(op)
             except TinkerApiError as exc:
+                ex.release(op.model_id)
                 out[op.request_id] = {"error": exc.message, "category": "user"}
         fbs = [op for op in ready if op.kind == "forward_backward"]
         if fbs:
             for op, res in zip(fbs, ex.forward_backward([op.payload for op in fbs])):
                 out[op.request_id] = ({"error": res["error"], "category": "user"} if "error" in res else res)
+        steps = {"optim_step": lambda op: {**ex.optim_step(op.model_id, op.payload.adam_params), "type": "optim_step"},
+                 "save_weights": self._save, "load_weights": self._load_into}
         for op in ready:
-            if op.kind == "optim_step":
+            if op.kind in steps:
                 try:
-                    out[op.request_id] = {**ex.optim_step(op.model_id, op.payload.adam_params), "type": "optim_step"}
+                    out[op.request_id] = steps[op.kind](op)
                 except TinkerApiError as exc:
                     out[op.request_id] = {"error": exc.message, "category": "user"}
         return out
+
+    # ---- models and their state (compute thread) -----------------------------------------------
+    def _store(self):
+        from farm.settings import storage_path
+        from farm.tinker.state import StateStore
+
+        return StateStore(self.cfg.storage or storage_path())
+
+    def _create(self, op: Op) -> dict:
+        lora = op.payload.lora_config
+        seed = lora.seed if lora.seed is not None else secrets.randbelow(2**31)
+        self.executor.create(op.model_id, op.tenant, rank=lora.rank, seed=seed, train_attn=lora.train_attn,
+                             train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+        return {"model_id": op.model_id, "type": "create_model"}
+
+    def _fetch(self, op: Op, tmp: str):
+        """The checkpoint a load names, downloaded; only the caller's own checkpoints are found."""
+        from pathlib import Path
+
+        from farm.tinker.state import parse_path
+
+        source, kind, name = parse_path(op.payload.path)
+        if kind != "weights":
+            raise TinkerApiError(422, f"path: {op.payload.path!r}: loading sampler weights is not built yet; "
+                                      "load a save_state checkpoint (…/weights/<name>)", "path")
+        store = self._store()
+        return store.download(store.folder(op.tenant, source, name), Path(tmp) / "ckpt")
+
+    def _create_by_load(self, op: Op) -> dict:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
+            folder = self._fetch(op, tmp)
+            state = self.executor.read_state(folder)
+            self.executor.create(op.model_id, op.tenant, rank=int(state["rank"]), seed=int(state["seed"]),
+                                 **state["flags"])
+            self.executor.load_state(op.model_id, folder, optimizer=op.payload.optimizer)
+        self.ranks[op.model_id] = int(state["rank"])
+        return {"model_id": op.model_id, "path": op.payload.path, "type": "load_weights"}
+
+    def _load_into(self, op: Op) -> dict:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
+            self.executor.load_state(op.model_id, self._fetch(op, tmp), optimizer=op.payload.optimizer)
+        return {"model_id": op.model_id, "path": op.payload.path, "type": "load_weights"}
+
+    def _save(self, op: Op) -> dict:
+        import tempfile
+        from pathlib import Path
+
+        from farm.tinker.state import check_name, tinker_path
+
+        name = check_name(op.payload.path)
+        store = self._store()
+        with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
+            local = self.executor.save_state(op.model_id, Path(tmp) / "ckpt")
+            store.upload(local, store.folder(op.tenant, op.model_id, name), overwrite=op.payload.overwrite)
+        return {"path": tinker_path(op.model_id, name), "type": "save_weights"}
 
     def _forget(self, model_id: str) -> None:
         self.models.pop(model_id, None)
