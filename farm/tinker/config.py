@@ -29,12 +29,16 @@ class TinkerConfig(BaseModel):
     """Most tokens in one forward_backward request (the SDK splits a batch into ~5 MB chunks)."""
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     """Largest request body (forward_backward protobuf included)."""
+    catalog_url: str | None = None
+    """Where save_weights_for_sampler publishes versions (the serve app's catalog)."""
     storage: str | None = None
     """Run storage (FARM_STORAGE) where save_state checkpoints go; None = the worker's FARM_STORAGE."""
     result_ttl_s: float = Field(1800.0, gt=0)
     """How long a finished future's result is kept for the SDK to fetch (and fetch again after a lost reply)."""
     worker_name: str | None = None
     """The pack worker's Ray actor name; default `farm-tinker-<served_name>`."""
+    worker_namespace: str = "farm"
+    """Its Ray namespace (the farm's, beside the scheduler), so operators and tests find it by name."""
 
     @property
     def actor_name(self) -> str:
@@ -43,9 +47,10 @@ class TinkerConfig(BaseModel):
 
 def mount(serve_cfg, **fields) -> TinkerConfig:
     """Mount the Tinker API on a serve config (`ServeConfig`): its base, beside any other extension."""
-    from farm.settings import storage_path
+    from farm.settings import catalog_url, storage_path
 
     fields.setdefault("storage", storage_path())  # resolved here: the worker writes where this farm reads
+    fields.setdefault("catalog_url", serve_cfg.catalog_url or catalog_url())  # and publishes where it serves from
     cfg = TinkerConfig(base_model=serve_cfg.base_model, served_name=serve_cfg.served_name,
                        quantization=fields.pop("quantization", serve_cfg.quantization),
                        num_gpus=fields.pop("num_gpus", 1.0 if serve_cfg.gpus_per_replica else 0.0), **fields)

@@ -22,12 +22,12 @@ from farm.tinker import types as t
 from farm.tinker import wire
 from farm.tinker.config import TinkerConfig
 from farm.tinker.errors import TinkerApiError, bad
-from farm.tinker.state import check_name, parse_path
+from farm.tinker.state import check_adapter_name, check_name, parse_path
 
 PREFIXES = ("/api/v1/",)
 MAX_JSON_BYTES = 1024 * 1024
 # Known Tinker endpoints the farm does not answer yet: a 422 that says so (a 404 reads like a wrong URL).
-NOT_BUILT = ("save_weights_for_sampler", "create_sampling_session", "asample",
+NOT_BUILT = ( "create_sampling_session", "asample",
              "join_sampling_session", "retrieve_futures", "create_custom_loss", "cancel_future", "save_weights_external",
              "copy_weights", "weights_info", "unload_model")
 
@@ -76,7 +76,7 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
             from farm.tinker.worker import TinkerWorker
 
             actor = ray.remote(TinkerWorker).options(
-                name=cfg.actor_name, get_if_exists=True, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                name=cfg.actor_name, namespace=cfg.worker_namespace, get_if_exists=True, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                 max_concurrency=1000, max_restarts=0)
             worker_handle.append(actor.remote(cfg.model_dump(mode="json")))
         return worker_handle[0]
@@ -196,6 +196,16 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
         check_name(body.path)
         return _raise_error(await worker().submit.remote(tenant, "save_weights", body))
 
+    @app.post("/api/v1/save_weights_for_sampler")
+    async def save_for_sampler(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.SaveWeightsForSampler)
+        if body.path is None:
+            raise TinkerApiError(422, "path: missing; the farm publishes named sampler weights only (a sampling "
+                                      "client from save_weights_and_get_sampling_client is not built yet)", "path")
+        check_adapter_name(body.path)
+        return _raise_error(await worker().submit.remote(tenant, "save_weights_for_sampler", body))
+
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request):
         tenant = tenant_of(keys, request)
@@ -228,7 +238,8 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
         tenant_of(keys, request)
         if name in NOT_BUILT:
             raise TinkerApiError(422, f"{name}: this farm does not offer it yet (built: create_model, "
-                                      "forward_backward, forward, optim_step, save_state, load_state)", "path")
+                                      "forward_backward, forward, optim_step, save_state, load_state, "
+                                      "save_weights_for_sampler with a name)", "path")
         raise TinkerApiError(404, f"/api/v1/{name}: no such endpoint", "path")
 
     return app

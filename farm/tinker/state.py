@@ -30,6 +30,17 @@ def check_name(name: str, field: str = "path") -> str:
     return name
 
 
+def check_adapter_name(name: str, field: str = "path") -> str:
+    """A sampler checkpoint's name is its catalog adapter name (`<tenant>/<name>@vN`): the catalog's rule."""
+    from farm.manifest import NAME_RULE
+    from farm.manifest import check_name as catalog_name
+
+    try:
+        return catalog_name(name)
+    except ValueError:
+        raise bad(field, f"{name!r} is not an adapter name: {NAME_RULE}") from None
+
+
 def tinker_path(model_id: str, name: str, kind: str = "weights") -> str:
     return f"tinker://{model_id}/{kind}/{name}"
 

@@ -89,6 +89,16 @@ class SaveWeights(_Body):
     ttl_seconds: int | None = None
 
 
+class SaveWeightsForSampler(_Body):
+    """Named (`path`: publish a catalog version) or ephemeral (`sampling_session_seq_id`: not built yet)."""
+
+    model_id: str
+    seq_id: int = Field(ge=1)
+    path: str | None = None
+    sampling_session_seq_id: int | None = None
+    kind: str | None = None
+
+
 class LoadWeights(_Body):
     """Create-by-load (session_id + model_seq_id: the load is the new model's seq 0) or the legacy
     load into an existing model (model_id + seq_id)."""

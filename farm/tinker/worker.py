@@ -6,7 +6,7 @@ ingress replica (and `retrieve_future` another one again), so the models, their 
 futures must live in one place that every replica reaches by name; the training base (prepared for
 k-bit training, gradients through it) is not the serving engine's inference base; and a step
 (seconds on a big batch) must not hold the ingress's event loop. The actor is named
-(`TinkerConfig.actor_name`, in the Serve app's namespace) and created by the first ingress replica
+(`TinkerConfig.actor_name`, in the farm's Ray namespace) and created by the first ingress replica
 that needs it; it is not detached, so it ends with that replica and its models with it (durable
 state is save_state's job, not built yet).
 
@@ -103,6 +103,8 @@ class TinkerWorker:
         self.futures: dict[str, Future] = {}
         self.seq = Sequencer()
         self.controls: list[Op] = []
+        self.cycles = 0  # clock cycles run
+        self.largest_group = 0  # most models in one grouped forward/backward so far
         self.wake: asyncio.Event | None = None
         self.loop_task: asyncio.Task | None = None
 
@@ -191,7 +193,7 @@ class TinkerWorker:
     async def state(self) -> dict:
         """Counters for tests and operators: models, sessions, queued operations, base loaded."""
         return {"models": len(self.models), "sessions": len(self.sessions), "waiting": self.seq.waiting(),
-                "loaded": self.executor is not None}
+                "loaded": self.executor is not None, "cycles": self.cycles, "largest_group": self.largest_group}
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -239,12 +241,15 @@ class TinkerWorker:
             except TinkerApiError as exc:
                 ex.release(op.model_id)
                 out[op.request_id] = {"error": exc.message, "category": "user"}
+        self.cycles += 1
         fbs = [op for op in ready if op.kind == "forward_backward"]
+        self.largest_group = max(self.largest_group, len(fbs))
         if fbs:
             for op, res in zip(fbs, ex.forward_backward([op.payload for op in fbs])):
                 out[op.request_id] = ({"error": res["error"], "category": "user"} if "error" in res else res)
         steps = {"optim_step": lambda op: {**ex.optim_step(op.model_id, op.payload.adam_params), "type": "optim_step"},
-                 "save_weights": self._save, "load_weights": self._load_into}
+                 "save_weights": self._save, "load_weights": self._load_into,
+                 "save_weights_for_sampler": self._publish}
         for op in ready:
             if op.kind in steps:
                 try:
@@ -298,6 +303,33 @@ class TinkerWorker:
         with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
             self.executor.load_state(op.model_id, self._fetch(op, tmp), optimizer=op.payload.optimizer)
         return {"model_id": op.model_id, "path": op.payload.path, "type": "load_weights"}
+
+    def _publish(self, op: Op) -> dict:
+        """The model's LoRA as the next immutable catalog version `<tenant>/<name>@vN`: the OpenAI API of
+        `farm serve` answers it like any trained adapter (lineage: this base's fingerprint)."""
+        import tempfile
+        from pathlib import Path
+
+        from farm.catalog import Catalog
+        from farm.errors import CatalogError
+        from farm.modeling import config_fingerprint
+        from farm.settings import catalog_url
+        from farm.tinker.state import check_adapter_name, tinker_path
+
+        name = check_adapter_name(op.payload.path)
+        m = self.executor.models[op.model_id]
+        meta = {"source": "tinker", "base_model": {"source": self.cfg.base_model, "revision": None,
+                                                   "sha256": config_fingerprint(self.cfg.base_model)},
+                "tinker": {"model_id": op.model_id, "steps": m.steps, "tokens": m.tokens, "rank": m.rank}}
+        with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
+            folder = self.executor.pack.export_adapter(op.model_id, Path(tmp) / "adapter", self.cfg.base_model)
+            try:
+                version = Catalog(self.cfg.catalog_url or catalog_url()).publish(
+                    op.tenant, name, folder, meta, idempotency_key=f"tinker:{op.model_id}:{op.seq_id}")
+            except CatalogError as exc:
+                raise bad("path", f"cannot publish {op.tenant}/{name}: {exc}") from None
+        return {"path": tinker_path(op.model_id, name, "sampler_weights"), "catalog_ref": version.ref,
+                "type": "save_weights_for_sampler"}
 
     def _save(self, op: Op) -> dict:
         import tempfile
