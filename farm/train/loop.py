@@ -56,7 +56,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if kind == "cpu":
         # Ray pins OMP threads to the worker's logical CPUs; a CPU-only job should use the cores it has.
         torch.set_num_threads(config.get("cpu_threads") or len(os.sched_getaffinity(0)))
-    _seed_all(config["optim"].seed)
+    # Seeded before the base loads: a seq_cls head is drawn new at load, and a base's own dropout (GPT-2's)
+    # draws from this RNG (the engine's checkpoints carry its state).
+    _seed_all(config["member"].optim.seed)
     # The worker reads and tokenizes its own data (the driver only checked it, keeping counts).
     data = load_worker_data(config["data"])
     progress = config.get("progress")

@@ -162,16 +162,11 @@ def loop_config(job: Prepared, progress: Any, cpu_threads: int | None) -> dict[s
     m = job.manifest
     return {
         "model": builders.model_config(m, job.data.label_names),
-        "lora": builders.lora_config(m),
-        "optim": builders.optim_config(m, job.data.train_rows),
         "data": builders.data_config(m, job.data.stats),
-        "pad_token_id": job.pad_token_id,
         "progress": progress,
         "cpu_threads": cpu_threads,
-        "identity": job.identity,
         "baseline_adapter": job.baseline_ref,
-        "parity_rows": job.parity_rows,
-        # what the training engine trains (a job it can hold runs there as a pack of one)
+        # the job as the training engine trains it (a pack of one): adapter, optimizer, identity, parity rows
         "member": builders.member_spec(m, job.job_id, job.data.train_rows, job.data.stats, job.pad_token_id,
                                        identity=job.identity, parity_rows=job.parity_rows),
     }
