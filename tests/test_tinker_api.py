@@ -185,8 +185,11 @@ def test_refusals_are_4xx_json_naming_the_field(farm):
     assert short.status_code == 400 and short.json()["field"] == "data[0].loss_fn_inputs.weights"
     as_json = post("forward_backward", json={"model_id": "x"})
     assert as_json.status_code == 400 and as_json.json()["field"] == "content-type"
-    later = post("asample", json={"sampling_session_id": "x", "seq_id": 0, "num_samples": 1})
+    later = post("cancel_future", json={"request_id": "x"})
     assert later.status_code == 422 and "does not offer it yet" in later.json()["error"]
+    top_k = post("asample", json={"sampling_session_id": "x", "num_samples": 1, "prompt": {"chunks": [{"tokens": [1]}]},
+                                  "sampling_params": {"top_k": 5}})
+    assert top_k.status_code == 422 and top_k.json()["field"] == "sampling_params.top_k"
     bad_name = post("save_weights", json={"model_id": "x", "path": "../up", "seq_id": 2})
     assert bad_name.status_code == 400 and "'../up' is not a checkpoint name" in bad_name.json()["error"]
     bad_path = post("load_weights", json={"path": "s3://bucket/x", "optimizer": True, "session_id": sid,
@@ -287,3 +290,36 @@ def _completion(client, model: str):
         return client.completions.create(model=model, prompt="How do I", max_tokens=6, temperature=0)
     except openai.NotFoundError:
         return None  # the resolver's cache may still hold "no such adapter" for resolve_ttl_s
+
+
+def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engine(farm):
+    import hashlib
+
+    from tinker import types
+
+    from farm.catalog import Catalog
+    from farm.modeling import load_tokenizer
+    from tests.test_serve_support import stock_greedy
+
+    service = _service(farm)
+    tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=4).result()
+    for _ in range(2):
+        fb, op = tc.forward_backward([_datum(TOKENS)], "cross_entropy"), tc.optim_step(
+            types.AdamParams(learning_rate=5e-2))
+        fb.result()
+        op.result()
+    sampler = tc.save_weights_and_get_sampling_client().result()  # a snapshot: a catalog version of its own
+    tok = load_tokenizer(str(farm.tiny))
+    ids = tok("How do I", add_special_tokens=False).input_ids
+    greedy = types.SamplingParams(max_tokens=6, temperature=0.0)
+    res = sampler.sample(types.ModelInput.from_ints(ids), num_samples=2, sampling_params=greedy).result()
+    assert len(res.sequences) == 2 and res.sequences[0].tokens == res.sequences[1].tokens
+    seq = res.sequences[0]
+    assert len(seq.logprobs) == len(seq.tokens) and all(lp <= 0 for lp in seq.logprobs)
+    snapshot = f"acme/tinker-{hashlib.sha256(tc.model_id.encode()).hexdigest()[:12]}@v1"
+    adapter = Catalog(farm.cfg.catalog_url).fetch(snapshot)
+    assert tok.decode(seq.tokens, skip_special_tokens=True) == stock_greedy(farm.tiny, adapter, ids, 6)
+    # the base alone, through a sampling client of the base model
+    base = service.create_sampling_client(base_model=farm.cfg.served_name).result()
+    plain = base.sample(types.ModelInput.from_ints(ids), num_samples=1, sampling_params=greedy).result()
+    assert tok.decode(plain.sequences[0].tokens, skip_special_tokens=True) == stock_greedy(farm.tiny, None, ids, 6)

@@ -184,3 +184,26 @@ def test_mounting_the_tinker_api_keeps_the_fine_tuning_api_beside_it():
     assert (tc.served_name, tc.num_gpus, tc.poll_s, tc.actor_name) == ("tiny-llama", 1.0, 3, "farm-tinker-tiny-llama")
     with pytest.raises(ValueError, match="poll_s"):
         mount(cfg, poll_s=60)  # the SDK's read timeout on retrieve_future is 45 s
+
+
+def _two_argument_extension(cfg, keys):
+    return ("/old/",), ("old", cfg.served_name)
+
+
+def _ingress_extension(cfg, keys, ingress=None):
+    return ("/new/",), ("new", ingress)
+
+
+def test_the_ingress_goes_to_extensions_that_ask_for_it_and_older_ones_are_called_as_before():
+    from farm.serve.app import Extensions
+    from farm.serve.auth import KeyStore
+    from farm.serve.config import ServeConfig
+
+    cfg = ServeConfig(base_model="models/tiny-llama")
+    cfg.extra["extensions"] = [f"{__name__}:_two_argument_extension", f"{__name__}:_ingress_extension"]
+    ingress = object()
+    Extensions.load(cfg, KeyStore(), ingress)
+    try:
+        assert Extensions.mounted == [(("/old/",), ("old", "tiny-llama")), (("/new/",), ("new", ingress))]
+    finally:
+        Extensions.mounted = []

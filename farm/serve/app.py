@@ -98,13 +98,18 @@ class Extensions:
         return await self.app(scope, receive, send)
 
     @classmethod
-    def load(cls, cfg: ServeConfig, keys: KeyStore) -> None:
+    def load(cls, cfg: ServeConfig, keys: KeyStore, ingress=None) -> None:
+        """A factory with an `ingress` parameter also gets the ingress (its `generate_ids`: the Tinker
+        API samples through the serving engine)."""
         import importlib
+        import inspect
 
         mounted = []
         for spec in cfg.extra.get("extensions", ()):
             module, _, name = spec.partition(":")
-            mounted.append(getattr(importlib.import_module(module), name)(cfg, keys))
+            factory = getattr(importlib.import_module(module), name)
+            wants = "ingress" in inspect.signature(factory).parameters
+            mounted.append(factory(cfg, keys, ingress=ingress) if wants else factory(cfg, keys))
         cls.mounted = mounted
 
 
@@ -152,7 +157,7 @@ class Ingress:
                                                         tokenizer=tokenizer, prompt_limit=limit)
             served.append(ServedBase(c.served_name, c.base_model, config_fingerprint(c.base_model)))
         self.resolver = Resolver(self.cfg.catalog_url, served, self.cfg.resolve_ttl_s)
-        Extensions.load(self.cfg, self.keys)
+        Extensions.load(self.cfg, self.keys, self)
 
     # ---- plumbing -------------------------------------------------------------------------
     async def _body(self, request: Request, model: type):
@@ -263,6 +268,27 @@ class Ingress:
             metrics.get("errors").inc(tags={"adapter": tag, "status": str(status)})
             yield _sse(protocol.error_body(str(err), "server_error", status))
         yield "data: [DONE]\n\n"
+
+    async def generate_ids(self, principal: Principal, model: str, prompt_ids: list[int], *, max_tokens: int,
+                           temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                           stops: list[str] | None = None) -> dict:
+        """One completion of token ids by `model` (a base or `customer/adapter[@vN]` the principal may use),
+        with each completion token's id and logprob: the engine's done event. For extensions (the Tinker
+        API's sampling); the same resolution, limits and engine call as the OpenAI routes."""
+        from farm.serve.sampling import sampling_problems
+
+        problems = sampling_problems(temperature, top_p, seed)
+        if problems:
+            raise ApiError(400, "; ".join(problems))
+        target = await self._target(principal, model)
+        max_tokens = check_max_tokens(max_tokens, self.cfg.max_tokens_cap)
+        check_context(len(prompt_ids), max_tokens, self.bases[target.base].context_length)
+        job = {"ref": target.ref, "name": target.name, "version": target.version, "prompt_ids": list(prompt_ids),
+               "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
+               "stops": list(stops or []), "stream": False, "logprobs": 0, "prompt_logprobs": None,
+               "tenant": principal.customer or "admin"}
+        done = await self._handle(target).complete.remote(job)
+        return {**done, "model": target.ref}
 
     # ---- routes ---------------------------------------------------------------------------
     @api.post("/v1/completions")

@@ -10,6 +10,7 @@ long-polls the worker for `poll_s` and answers try_again while the operation wai
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from farm.serve.auth import KeyStore
+from farm.serve.limits import unwrap
 from farm.tinker import types as t
 from farm.tinker import wire
 from farm.tinker.config import TinkerConfig
@@ -27,21 +29,25 @@ from farm.tinker.state import check_adapter_name, check_name, parse_path
 PREFIXES = ("/api/v1/",)
 MAX_JSON_BYTES = 1024 * 1024
 # Known Tinker endpoints the farm does not answer yet: a 422 that says so (a 404 reads like a wrong URL).
-NOT_BUILT = ( "create_sampling_session", "asample",
-             "join_sampling_session", "retrieve_futures", "create_custom_loss", "cancel_future", "save_weights_external",
+NOT_BUILT = ("join_sampling_session", "retrieve_futures", "create_custom_loss", "cancel_future", "save_weights_external",
              "copy_weights", "weights_info", "unload_model")
 
 log = logging.getLogger("farm.tinker")
 
 
-def tenant_of(keys: KeyStore, request: Request) -> str:
-    """The caller's tenant from `X-API-Key` or `Authorization: Bearer`; a 401 without a known key."""
+def principal_of(keys: KeyStore, request: Request):
+    """The caller from `X-API-Key` or `Authorization: Bearer`; a 401 without a known key."""
     key = request.headers.get("x-api-key")
     principal = keys.authenticate(f"Bearer {key}" if key else request.headers.get("authorization"))
     if principal is None:
         raise TinkerApiError(401, "missing or unknown API key (send X-API-Key: <key> or Authorization: Bearer <key>)",
                              "api_key")
-    return principal.customer or "admin"
+    return principal
+
+
+def tenant_of(keys: KeyStore, request: Request) -> str:
+    """The caller's tenant: the key's customer, or "admin"."""
+    return principal_of(keys, request).customer or "admin"
 
 
 async def read_body(request: Request, cap: int) -> bytes:
@@ -64,9 +70,11 @@ def _raise_error(answer: dict) -> dict:
     return answer
 
 
-def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
+def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
+    """The routes; `ingress` (the serve app's, for its `generate_ids`) is what sampling runs on."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     worker_handle: list[Any] = []
+    sampling_tasks: set = set()  # running asample tasks (a reference, so they are not collected)
 
     def worker():
         """The pack worker's actor handle, started by the first replica that needs it (get_if_exists)."""
@@ -201,9 +209,10 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
         tenant = tenant_of(keys, request)
         body = await json_body(request, t.SaveWeightsForSampler)
         if body.path is None:
-            raise TinkerApiError(422, "path: missing; the farm publishes named sampler weights only (a sampling "
-                                      "client from save_weights_and_get_sampling_client is not built yet)", "path")
-        check_adapter_name(body.path)
+            if body.sampling_session_seq_id is None:
+                raise bad("path", "missing: send path (named sampler weights) or sampling_session_seq_id")
+        else:
+            check_adapter_name(body.path)
         return _raise_error(await worker().submit.remote(tenant, "save_weights_for_sampler", body))
 
     @app.post("/api/v1/load_weights")
@@ -218,6 +227,69 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
             raise bad("session_id", "missing: send session_id + model_seq_id (create by load) or model_id + seq_id")
         return _raise_error(await worker().submit.remote(tenant, "load_weights", body))
 
+    # ---- sampling: on the serving engine, through the ingress ----------------------------------
+    @app.post("/api/v1/create_sampling_session")
+    async def create_sampling_session(request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.CreateSamplingSession)
+        if (body.model_path is None) == (body.base_model is None):
+            raise bad("model_path", "send model_path (tinker://…/sampler_weights/<name>) or base_model, one of them")
+        answer = _raise_error(await worker().create_sampler.remote(
+            tenant, body.session_id, body.sampling_session_seq_id, body.model_path, body.base_model))
+        return {"sampling_session_id": answer["sampling_session_id"], "type": "create_sampling_session"}
+
+    @app.get("/api/v1/samplers/{sampling_session_id}")
+    async def get_sampler(sampling_session_id: str, request: Request):
+        tenant = tenant_of(keys, request)
+        answer = _raise_error(await worker().sampler.remote(tenant, sampling_session_id))
+        return {"sampler_id": sampling_session_id, "base_model": cfg.served_name, "model_path": None,
+                "model": answer["model"]}
+
+    @app.post("/api/v1/asample")
+    async def asample(request: Request):
+        principal = principal_of(keys, request)
+        tenant = principal.customer or "admin"
+        body = await json_body(request, t.Sample)
+        if ingress is None:
+            raise TinkerApiError(422, "asample: this service mounts the Tinker API without a serving engine", "path")
+        if body.sampling_session_id is None:
+            raise bad("sampling_session_id", "is required (create_sampling_session first)")
+        params, stops = body.sampling_params, body.sampling_params.stop
+        unsupported = [(f, v) for f, v in (("prompt_logprobs", body.prompt_logprobs),
+                                           ("topk_prompt_logprobs", body.topk_prompt_logprobs),
+                                           ("topk_sample_logprobs", body.topk_sample_logprobs)) if v]
+        if params.top_k not in (-1, 0):
+            unsupported.append(("sampling_params.top_k", params.top_k))
+        if isinstance(stops, list) and any(isinstance(x, int) for x in stops):
+            unsupported.append(("sampling_params.stop", "token ids"))
+        if unsupported:
+            field, value = unsupported[0]
+            raise TinkerApiError(422, f"{field}: {value!r} is not supported by the farm's sampler yet", field)
+        prompt = [tok for chunk in body.prompt.chunks for tok in chunk.tokens]
+        if any(c.type != "encoded_text" for c in body.prompt.chunks):
+            raise TinkerApiError(422, "prompt.chunks: encoded_text only", "prompt.chunks")
+        model = _raise_error(await worker().sampler.remote(tenant, body.sampling_session_id))["model"]
+        rid = await worker().open_future.remote(tenant, "sample")
+
+        async def run() -> None:
+            try:
+                dones = await asyncio.gather(*(ingress.generate_ids(
+                    principal, model, prompt, max_tokens=params.max_tokens, temperature=params.temperature,
+                    top_p=params.top_p, seed=None if params.seed is None else params.seed + i,
+                    stops=[stops] if isinstance(stops, str) else list(stops or [])) for i in range(body.num_samples)))
+                result = {"sequences": [{"tokens": [e[0] for e in d["logprobs"]], "logprobs": [e[1] for e in d["logprobs"]],
+                                         "stop_reason": "length" if d["finish_reason"] == "length" else "stop"}
+                                        for d in dones]}
+            except Exception as exc:  # noqa: BLE001 - the sampler's refusal or failure is the future's
+                status = getattr(unwrap(exc), "status", None)
+                result = {"error": str(unwrap(exc))[:500], "category": "user" if status and status < 500 else "server"}
+            await worker().close_future.remote(rid, result)
+
+        task = asyncio.get_running_loop().create_task(run())
+        sampling_tasks.add(task)
+        task.add_done_callback(sampling_tasks.discard)
+        return {"request_id": rid, "sample_sequence_ids": [f"{rid}:{i}" for i in range(body.num_samples)]}
+
     @app.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request):
         tenant = tenant_of(keys, request)
@@ -228,6 +300,8 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
         result = answer["result"]
         if "error" in result:
             return {"error": result["error"], "category": result.get("category", "unknown")}
+        if answer["kind"] == "sample":
+            return Response(wire.sample_response(result["sequences"]), media_type=wire.PROTO_TYPE)
         if answer["kind"] == "forward_backward":
             outputs = {"logprobs": result["logprobs"], "elementwise_loss": result["elementwise_loss"]}
             return Response(wire.forward_backward_output(outputs, result["metrics"]), media_type=wire.PROTO_TYPE)
@@ -239,12 +313,12 @@ def build(cfg: TinkerConfig, keys: KeyStore) -> FastAPI:
         if name in NOT_BUILT:
             raise TinkerApiError(422, f"{name}: this farm does not offer it yet (built: create_model, "
                                       "forward_backward, forward, optim_step, save_state, load_state, "
-                                      "save_weights_for_sampler with a name)", "path")
+                                      "save_weights_for_sampler, create_sampling_session, asample)", "path")
         raise TinkerApiError(404, f"/api/v1/{name}: no such endpoint", "path")
 
     return app
 
 
-def extension(serve_cfg, keys: KeyStore) -> tuple[tuple[str, ...], Any]:
+def extension(serve_cfg, keys: KeyStore, ingress=None) -> tuple[tuple[str, ...], Any]:
     """What the serve ingress mounts: (path prefixes, ASGI app). Config from serve_cfg.extra["tinker"]."""
-    return PREFIXES, build(TinkerConfig.model_validate(serve_cfg.extra["tinker"]), keys)
+    return PREFIXES, build(TinkerConfig.model_validate(serve_cfg.extra["tinker"]), keys, ingress)

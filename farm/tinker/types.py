@@ -112,6 +112,44 @@ class LoadWeights(_Body):
     base_model: str | None = None
 
 
+class CreateSamplingSession(_Body):
+    session_id: str
+    sampling_session_seq_id: int = Field(ge=0)
+    model_path: str | None = None
+    base_model: str | None = None
+
+
+class EncodedChunk(_Body):
+    tokens: list[int] = Field(min_length=1)
+    type: str = "encoded_text"
+
+
+class Prompt(_Body):
+    chunks: list[EncodedChunk] = Field(min_length=1)
+
+
+class SamplingParams(_Body):
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = -1
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | list[int] | None = None
+
+
+class Sample(_Body):
+    sampling_session_id: str | None = None
+    seq_id: int = 0
+    num_samples: int = Field(1, ge=1, le=16)
+    prompt: Prompt
+    sampling_params: SamplingParams = SamplingParams()
+    prompt_logprobs: bool = False
+    topk_prompt_logprobs: int = 0
+    topk_sample_logprobs: int = 0
+    base_model: str | None = None
+    model_path: str | None = None
+
+
 class RetrieveFuture(_Body):
     request_id: str
     allow_metadata_only: bool = False

@@ -188,3 +188,16 @@ def forward_backward_output(outputs: dict[str, list[np.ndarray]], metrics: dict[
     for k, v in metrics.items():
         out.metrics[k] = float(v)
     return out.SerializeToString()
+
+
+def sample_response(sequences: list[dict]) -> bytes:
+    """SampleResponse bytes: per sequence its tokens (int32), their logprobs (float32) and why it stopped
+    ("stop": a stop token or string, "length": max_tokens)."""
+    reasons = {"stop": enum_value("StopReason", "STOP_REASON_STOP"),
+               "length": enum_value("StopReason", "STOP_REASON_LENGTH")}
+    out = messages()["SampleResponse"]()
+    for seq in sequences:
+        s = out.sequences.add(stop_reason=reasons[seq["stop_reason"]])
+        s.tokens = np.asarray(seq["tokens"], dtype="<i4").tobytes()
+        s.logprobs = np.asarray(seq["logprobs"], dtype="<f4").tobytes()
+    return out.SerializeToString()

@@ -22,6 +22,7 @@ queue_state "active": a busy farm queues, it never refuses.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
@@ -103,6 +104,8 @@ class TinkerWorker:
         self.futures: dict[str, Future] = {}
         self.seq = Sequencer()
         self.controls: list[Op] = []
+        self.samplers: dict[str, tuple[str, str]] = {}  # sampling session id -> (tenant, model the serving engine runs)
+        self.sampler_refs: dict[tuple[str, str], str] = {}  # (tenant, tinker:// sampler path) -> its catalog version
         self.cycles = 0  # clock cycles run
         self.largest_group = 0  # most models in one grouped forward/backward so far
         self.wake: asyncio.Event | None = None
@@ -175,6 +178,47 @@ class TinkerWorker:
             rid = op.request_id = self._future(tenant, kind)
         self.wake.set()
         return {"request_id": rid, "model_id": model_id}
+
+    # ---- sampling (the ingress runs it on the serving engine; futures live here) -----------------
+    async def create_sampler(self, tenant: str, session_id: str, seq: int, model_path: str | None,
+                             base_model: str | None) -> dict:
+        """A sampling session on a sampler checkpoint (`tinker://…/sampler_weights/<name>`: its catalog
+        version) or on the base alone."""
+        return self._answer(self._create_sampler, tenant, session_id, seq, model_path, base_model)
+
+    def _create_sampler(self, tenant, session_id, seq, model_path, base_model) -> dict:
+        from farm.tinker.state import parse_path
+
+        self._session(tenant, session_id)
+        if model_path is not None:
+            _, kind, name = parse_path(model_path, "model_path")
+            if kind != "sampler_weights":
+                raise TinkerApiError(422, f"model_path: {model_path!r}: sampling runs on sampler weights "
+                                          "(save_weights_for_sampler), not on a save_state checkpoint", "model_path")
+            model = self.sampler_refs.get((tenant, model_path), f"{tenant}/{name}")
+        elif base_model == self.cfg.served_name:
+            model = self.cfg.served_name
+        else:
+            raise bad("base_model", f"{base_model!r} is not served here; get_server_capabilities lists "
+                                    f"{self.cfg.served_name!r}")
+        ssid = f"{session_id}:sample:{seq}"
+        self.samplers[ssid] = (tenant, model)
+        return {"sampling_session_id": ssid, "model": model}
+
+    async def sampler(self, tenant: str, sampling_session_id: str) -> dict:
+        found = self.samplers.get(sampling_session_id)
+        if found is None or found[0] != tenant:
+            return {"_error": [404, f"sampling_session_id {sampling_session_id!r} not found", "sampling_session_id"]}
+        return {"model": found[1]}
+
+    async def open_future(self, tenant: str, kind: str) -> str:
+        return self._future(tenant, kind)
+
+    async def close_future(self, request_id: str, result: dict) -> None:
+        fut = self.futures.get(request_id)
+        if fut is not None and not fut.done.is_set():
+            fut.result, fut.finished = result, time.time()
+            fut.done.set()
 
     async def retrieve(self, tenant: str, request_id: str, wait_s: float) -> dict:
         """The result ({"result": ...}), {"try_again": queue_state} after wait_s, or {"_error": ...}."""
@@ -316,7 +360,10 @@ class TinkerWorker:
         from farm.settings import catalog_url
         from farm.tinker.state import check_adapter_name, tinker_path
 
-        name = check_adapter_name(op.payload.path)
+        # named: <tenant>/<name>; a snapshot for a sampling client: one adapter per model, a version per save
+        ephemeral = op.payload.path is None
+        name = (f"tinker-{hashlib.sha256(op.model_id.encode()).hexdigest()[:12]}" if ephemeral
+                else check_adapter_name(op.payload.path))
         m = self.executor.models[op.model_id]
         meta = {"source": "tinker", "base_model": {"source": self.cfg.base_model, "revision": None,
                                                    "sha256": config_fingerprint(self.cfg.base_model)},
@@ -328,8 +375,14 @@ class TinkerWorker:
                     op.tenant, name, folder, meta, idempotency_key=f"tinker:{op.model_id}:{op.seq_id}")
             except CatalogError as exc:
                 raise bad("path", f"cannot publish {op.tenant}/{name}: {exc}") from None
-        return {"path": tinker_path(op.model_id, name, "sampler_weights"), "catalog_ref": version.ref,
-                "type": "save_weights_for_sampler"}
+        if ephemeral:
+            session_id = op.model_id.rsplit(":train:", 1)[0]
+            ssid = f"{session_id}:sample:{op.payload.sampling_session_seq_id}"
+            self.samplers[ssid] = (op.tenant, version.ref)
+            return {"sampling_session_id": ssid, "catalog_ref": version.ref, "type": "save_weights_for_sampler"}
+        path = tinker_path(op.model_id, name, "sampler_weights")
+        self.sampler_refs[(op.tenant, path)] = version.ref  # the path pins this version, not a later one
+        return {"path": path, "catalog_ref": version.ref, "type": "save_weights_for_sampler"}
 
     def _save(self, op: Op) -> dict:
         import tempfile
