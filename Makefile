@@ -86,7 +86,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: $(STAMP) $(MODELS) $(REAL_MODEL)
 	$(PY) -m farm.demo jobs/customer_x.yaml jobs/customer_x_smollm2.yaml
