@@ -112,10 +112,19 @@ def test_a_tml_key_trains_a_lora_and_its_loss_falls_and_fresh_logprobs_are_the_b
 def test_another_tenant_gets_the_404_of_a_missing_model(farm):
     acme = _service(farm, "acme")
     tc = acme.create_lora_training_client(base_model=farm.cfg.served_name, rank=2, seed=1).result()
+    headers = {"X-API-Key": KEYS["acme"], "Content-Type": "application/x-protobuf", "X-Idempotency-Key": "fb-1"}
     fb_id = httpx.post(f"{farm.base}/api/v1/forward_backward", content=_proto_request(tc.model_id, 1),
-                       headers={"X-API-Key": KEYS["acme"], "Content-Type": "application/x-protobuf"}, timeout=30)
+                       headers=headers, timeout=30)
     assert fb_id.status_code == 200, fb_id.text
     request_id = fb_id.json()["request_id"]
+    # the SDK's retry of a POST carries the same idempotency key: the same future, not a second step
+    again = httpx.post(f"{farm.base}/api/v1/forward_backward", content=_proto_request(tc.model_id, 1),
+                       headers=headers, timeout=30)
+    assert again.status_code == 200 and again.json()["request_id"] == request_id
+    headers["X-Idempotency-Key"] = "fb-other"
+    reused = httpx.post(f"{farm.base}/api/v1/forward_backward", content=_proto_request(tc.model_id, 1),
+                        headers=headers, timeout=30)
+    assert reused.status_code == 400 and reused.json()["field"] == "seq_id"
 
     def call(key: str, path: str, **kw):
         return httpx.post(f"{farm.base}/api/v1/{path}", headers={"X-API-Key": key, **kw.pop("headers", {})},

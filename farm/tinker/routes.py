@@ -62,6 +62,11 @@ async def read_body(request: Request, cap: int) -> bytes:
     return bytes(raw)
 
 
+def idem(request: Request) -> str | None:
+    """The SDK's X-Idempotency-Key: the same on every retry of one POST."""
+    return request.headers.get("x-idempotency-key")
+
+
 def _raise_error(answer: dict) -> dict:
     """A worker answer as is, or its {"_error": [status, message, field]} raised."""
     if "_error" in answer:
@@ -162,7 +167,7 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
         body = await json_body(request, t.CreateModel)
         if body.lora_config is None:
             raise bad("lora_config", "is required (the farm trains LoRA models)")
-        return _raise_error(await worker().submit.remote(tenant, "create_model", body))
+        return _raise_error(await worker().submit.remote(tenant, "create_model", body, idem(request)))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request):
@@ -184,7 +189,7 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
             raise bad("content-encoding", f"{encoding!r}: send the body uncompressed (client/config answers "
                                           "proto_compress_fwdbwd: false)")
         req = wire.parse_forward_backward(await read_body(request, cfg.max_body_bytes), cfg.max_request_tokens)
-        return _raise_error(await worker().submit.remote(tenant, "forward_backward", req))
+        return _raise_error(await worker().submit.remote(tenant, "forward_backward", req, idem(request)))
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request):
@@ -195,14 +200,14 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
                 raise TinkerApiError(422, f"optimizer_params: {body.optimizer_params.get('type')!r}: the farm's "
                                           "optimizer is adamw; send adam_params", "optimizer_params")
             body.adam_params = t.AdamParams()
-        return _raise_error(await worker().submit.remote(tenant, "optim_step", body))
+        return _raise_error(await worker().submit.remote(tenant, "optim_step", body, idem(request)))
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request):
         tenant = tenant_of(keys, request)
         body = await json_body(request, t.SaveWeights)
         check_name(body.path)
-        return _raise_error(await worker().submit.remote(tenant, "save_weights", body))
+        return _raise_error(await worker().submit.remote(tenant, "save_weights", body, idem(request)))
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_for_sampler(request: Request):
@@ -213,7 +218,7 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
                 raise bad("path", "missing: send path (named sampler weights) or sampling_session_seq_id")
         else:
             check_adapter_name(body.path)
-        return _raise_error(await worker().submit.remote(tenant, "save_weights_for_sampler", body))
+        return _raise_error(await worker().submit.remote(tenant, "save_weights_for_sampler", body, idem(request)))
 
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request):
@@ -225,7 +230,7 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
                 raise bad("model_seq_id", "is required with session_id (a load that creates a model)")
         elif body.model_id is None or body.seq_id is None:
             raise bad("session_id", "missing: send session_id + model_seq_id (create by load) or model_id + seq_id")
-        return _raise_error(await worker().submit.remote(tenant, "load_weights", body))
+        return _raise_error(await worker().submit.remote(tenant, "load_weights", body, idem(request)))
 
     # ---- sampling: on the serving engine, through the ingress ----------------------------------
     @app.post("/api/v1/create_sampling_session")

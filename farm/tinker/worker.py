@@ -106,6 +106,7 @@ class TinkerWorker:
         self.controls: list[Op] = []
         self.samplers: dict[str, tuple[str, str]] = {}  # sampling session id -> (tenant, model the serving engine runs)
         self.sampler_refs: dict[tuple[str, str], str] = {}  # (tenant, tinker:// sampler path) -> its catalog version
+        self.answered: dict[tuple, tuple[float, dict]] = {}  # (tenant, kind, idempotency key) -> (when, answer)
         self.cycles = 0  # clock cycles run
         self.largest_group = 0  # most models in one grouped forward/backward so far
         self.wake: asyncio.Event | None = None
@@ -151,10 +152,21 @@ class TinkerWorker:
         return self._answer(lambda: self._session(tenant, session_id) or {"type": "session_heartbeat"})
 
     # ---- operations ---------------------------------------------------------------------------
-    async def submit(self, tenant: str, kind: str, payload: Any) -> dict:
-        """Queue an operation; {"request_id", "model_id"} at once, or {"_error": ...}."""
+    async def submit(self, tenant: str, kind: str, payload: Any, idempotency_key: str | None = None) -> dict:
+        """Queue an operation; {"request_id", "model_id"} at once, or {"_error": ...}. A retry of a POST
+        (the SDK sends the same X-Idempotency-Key on each) gets the first answer instead of a second
+        operation, or a refusal of its already used seq_id."""
         self._start()
-        return self._answer(self._submit, tenant, kind, payload)
+        key = (tenant, kind, idempotency_key) if idempotency_key else None
+        if key is not None and key in self.answered:
+            return self.answered[key][1]
+        answer = self._answer(self._submit, tenant, kind, payload)
+        if key is not None and "_error" not in answer:
+            now = time.time()
+            for k in [k for k, (t, _) in self.answered.items() if now - t > self.cfg.result_ttl_s]:
+                del self.answered[k]
+            self.answered[key] = (now, answer)
+        return answer
 
     def _submit(self, tenant: str, kind: str, payload: Any) -> dict:
         if kind == "create_model" or (kind == "load_weights" and payload.session_id is not None):
