@@ -191,16 +191,21 @@ def load_base_model(
         raise ModelError(f"base_model {source!r}: cannot load: {exc}") from None
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
+    if device == "cpu":
+        # One CPU kernel for every 4-bit layer the farm loads: training, serving and the parity gate must
+        # score the same tokens alike (the repacked AVX512-BF16 path moved SmolLM2's logprobs by 0.07).
+        disable_cpu_repack(model)
     del torch
     return model
 
 
 def disable_cpu_repack(model) -> int:
-    """Keep bitsandbytes' 4-bit CPU layers on the autograd-safe path for training.
+    """Keep bitsandbytes' 4-bit CPU layers on their fp32 dequantize path (load_base_model does this on CPU).
 
     On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a Linear4bit weight the first time it runs
     in eval mode without grad; afterwards backprop goes through a kernel without autograd support and
-    gradients are silently wrong. Returns how many layers were switched."""
+    gradients are silently wrong, and even inference computes in bf16 (logprobs off by ~0.07 nats on
+    SmolLM2, beyond the publish gate's train/serve tolerance). Returns how many layers were switched."""
     n = 0
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
