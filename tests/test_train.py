@@ -118,52 +118,6 @@ def test_gpt2_seq_cls_job_trains_and_saves_its_head(ray_cluster, farm_home, tiny
     assert cfg["task_type"] == "SEQ_CLS" and "score" in (cfg["modules_to_save"] or [])
 
 
-def test_killed_worker_resumes_from_checkpoint_and_publishes_once(ray_cluster, farm_home, tiny_llama):
-    """SIGKILL the Ray Train worker after its first checkpoint: Ray Train restarts it
-    (max_failures=1), it resumes at the checkpointed step and ends at the planned step count."""
-    # A checkpoint handed to ray.train.report counts once the controller has registered it, which
-    # it records in the run's checkpoint_manager_snapshot.json: the kill waits for that. Bigger
-    # batches make steps slow enough (~0.2 s) that the run is still going.
-    manifest = parse_manifest(
-        {
-            **_causal_manifest(tiny_llama, max_steps=48, checkpoint_every=6, batch_size=64),
-            "resources": {"gpus": 0, "max_failures": 1},
-        }
-    )
-    killed = threading.Event()
-    events: list[dict] = []
-    snapshot = farm_home / "runs" / "farm-job-kill" / "checkpoint_manager_snapshot.json"
-
-    def checkpoint_registered() -> bool:
-        try:
-            return bool(json.loads(snapshot.read_text()).get("checkpoint_results"))
-        except (OSError, ValueError):  # not written yet, or being written
-            return False
-
-    def on_progress(m: dict) -> None:
-        events.append(m)
-        if not killed.is_set() and "pid" in m and checkpoint_registered():
-            killed.set()
-            os.kill(m["pid"], signal.SIGKILL)
-
-    version = run_job(manifest, job_id="job-kill", on_progress=on_progress)
-    assert killed.is_set()
-    resumed = [e for e in events if e.get("attempt_resumed_from") is not None]
-    assert resumed, "a second attempt resumed from a checkpoint"
-    start = resumed[0]["attempt_resumed_from"]
-    assert start > 0 and start % 6 == 0 and resumed[0]["step"] == start + 1
-    assert resumed[0]["pid"] != events[0]["pid"], "a new worker process"
-    assert version.metadata["steps"] == 48
-    assert [v.ref for v in Catalog().versions("customer_x", "support-bot")] == ["customer_x/support-bot@v1"]
-    # The stored history is continuous: each step once, in order, despite the restart.
-    assert [h["step"] for h in version.metadata["metrics_history"] if "loss" in h] == list(range(1, 49))
-
-    # Running the same job id again (a scheduler retry after a crash) publishes nothing new.
-    again = run_job(manifest, job_id="job-kill")
-    assert again.ref == version.ref
-    assert len(Catalog().versions("customer_x", "support-bot")) == 1
-
-
 def test_bad_data_fails_before_training(farm_home, tiny_llama, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi"}\n')
@@ -199,11 +153,14 @@ def test_farm_train_cli_reports_bad_manifest_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_early_stopping_after_a_worker_kill_publishes_the_best_weights(ray_cluster, farm_home, tiny_llama):
-    """Early stopping (a learning rate far too high makes eval loss stop improving) across a restart.
-    SIGKILL the worker right after the checkpoint that follows its best eval: the restarted worker
-    gets the best weights from the checkpoint, stops at the next worse eval, and the adapter it
-    publishes scores exactly the best eval loss (not the weights it stopped with)."""
+def test_a_killed_worker_resumes_and_early_stopping_publishes_the_best_weights_once(ray_cluster, farm_home, tiny_llama):
+    """A killed worker resumes, and early stopping holds across the restart. SIGKILL the Ray Train worker
+    after its first registered checkpoint: Ray Train restarts it (max_failures=1), it resumes at the
+    step after that checkpoint with the best weights so far, stops at the next worse eval (a learning
+    rate far too high makes eval loss stop improving), and publishes once an adapter that scores exactly
+    the best eval loss (not the weights it stopped with). A re-run of the same job id publishes nothing.
+    A checkpoint handed to ray.train.report counts once the controller has registered it, which it
+    records in the run's checkpoint_manager_snapshot.json: the kill waits for that."""
     from peft import PeftModel
 
     from farm.modeling import Quantization, load_base_model, load_tokenizer
@@ -236,7 +193,11 @@ def test_early_stopping_after_a_worker_kill_publishes_the_best_weights(ray_clust
     start = resumed[0]["attempt_resumed_from"]
     evals = [h for h in meta["metrics_history"] if "eval_loss" in h and "loss" in h]
     best = min(evals, key=lambda h: h["eval_loss"])
+    assert start > 0 and start % 4 == 0 and resumed[0]["step"] == start + 1
+    assert resumed[0]["pid"] != events[0]["pid"], "a new worker process"
     assert meta["stopped_early"] is True and meta["steps"] == evals[-1]["step"] > start
+    # The stored history is continuous: each step once, in order, despite the restart.
+    assert [h["step"] for h in meta["metrics_history"] if "loss" in h] == list(range(1, meta["steps"] + 1))
     assert best["step"] <= start, f"the best eval (step {best['step']}) came before the restart (step {start})"
     assert evals[-1]["eval_loss"] > best["eval_loss"], "it stopped at a worse eval, and published the best one"
     assert meta["metrics"]["eval_loss"] == pytest.approx(best["eval_loss"], rel=1e-4)
@@ -245,3 +206,8 @@ def test_early_stopping_after_a_worker_kill_publishes_the_best_weights(ray_clust
     tok = load_tokenizer(str(tiny_llama))
     model = PeftModel.from_pretrained(load_base_model(str(tiny_llama), quant=Quantization()), Catalog().fetch(version))
     assert _eval_loss(model, tok, manifest) == pytest.approx(best["eval_loss"], rel=1e-3)
+
+    # Running the same job id again (a scheduler retry after a crash) publishes nothing new.
+    again = run_job(manifest, job_id="job-early-kill")
+    assert again.ref == version.ref
+    assert [v.ref for v in Catalog().versions("customer_x", "support-bot")] == [version.ref]
