@@ -29,6 +29,18 @@ def _datum(tokens, **inputs):
     return types.Datum(model_input=types.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs=inputs)
 
 
+def _rl_datum(advantages=(1.0, -0.5)):
+    return _datum([1, 2, 3], target_tokens=[2, 3], logprobs=[-1.0, -2.0], advantages=list(advantages))
+
+
+def test_an_rl_request_carries_its_sampling_logprobs_advantages_and_clip_config():
+    req = wire.parse_forward_backward(_sdk_request([_rl_datum()], loss_fn="ppo", config={"clip_high_threshold": 1.3}),
+                                      max_tokens=100)
+    assert req.loss_fn_config == {"clip_low_threshold": 0.8, "clip_high_threshold": pytest.approx(1.3)}
+    assert req.data[0].inputs["advantages"].tolist() == [1.0, -0.5]
+    assert req.data[0].inputs["logprobs"].tolist() == [-1.0, -2.0]
+
+
 def test_the_farms_schema_is_the_sdks_field_for_field():
     from google.protobuf import descriptor_pb2
     from tinker.proto import tinker_public_pb2
@@ -46,10 +58,13 @@ def test_the_farms_schema_is_the_sdks_field_for_field():
 
 
 def test_an_sdk_request_decodes_to_the_tokens_targets_weights_and_config_it_carried():
-    body = _sdk_request([_datum([5, 6, 7, 8, 9]), _datum([1, 2, 3])], config={"clip": 0.2, "mode": "x"}, seq_id=4)
+    body = _sdk_request([_datum([5, 6, 7, 8, 9]), _datum([1, 2, 3])], seq_id=4)
     req = wire.parse_forward_backward(body, max_tokens=100)
     assert (req.model_id, req.seq_id, req.loss_fn, req.forward_only) == ("s:train:0", 4, "cross_entropy", False)
-    assert req.loss_fn_config == {"clip": pytest.approx(0.2), "mode": "x"}
+    assert req.loss_fn_config == {}
+    # a string in the config travels in the v2 map only: named in the refusal all the same
+    with pytest.raises(TinkerApiError, match="loss_fn_config.mode"):
+        wire.parse_forward_backward(_sdk_request([_datum([1, 2, 3])], config={"mode": "x"}), max_tokens=100)
     assert req.data[0].tokens.tolist() == [5, 6, 7, 8]
     assert req.data[0].inputs["target_tokens"].tolist() == [6, 7, 8, 9]
     assert req.data[0].inputs["weights"].tolist() == [1.0] * 4
@@ -74,7 +89,7 @@ def test_a_sparse_csr_tensor_from_the_sdk_decodes_dense_and_cross_entropy_wants_
     with pytest.raises(TinkerApiError, match="indices do not describe a 2x3 matrix"):
         wire._from_csr(csr, np.dtype("<f4"), [2, 3], "w")
     with pytest.raises(TinkerApiError) as err:
-        wire._check_cross_entropy({"target_tokens": np.zeros((1, 7), np.int64)}, 7, "data[1]")
+        wire._check_inputs("cross_entropy", {"target_tokens": np.zeros((1, 7), np.int64)}, 7, "data[1]")
     assert err.value.field == "data[1].loss_fn_inputs.target_tokens" and "[1, 7]" in err.value.message
 
 
@@ -92,7 +107,14 @@ def test_the_sdk_decodes_the_farms_output_per_datum_with_name_reduction_metrics(
 
 
 @pytest.mark.parametrize("make, status, field", [
-    (lambda: _sdk_request([_datum([1, 2, 3])], loss_fn="ppo"), 422, "loss_fn"),
+    (lambda: _sdk_request([_datum([1, 2, 3])], loss_fn="cispo"), 422, "loss_fn"),
+    (lambda: _sdk_request([_datum([1, 2, 3])], loss_fn="ppo"), 400, "data[0].loss_fn_inputs"),  # no advantages
+    (lambda: _sdk_request([_rl_datum()], loss_fn="ppo", config={"clip": 0.2}), 400, "loss_fn_config.clip"),
+    (lambda: _sdk_request([_rl_datum()], loss_fn="ppo", config={"clip_low_threshold": 1.5}), 400, "loss_fn_config"),
+    (lambda: _sdk_request([_rl_datum()], loss_fn="importance_sampling", config={"clip_low_threshold": 0.5}), 400,
+     "loss_fn_config.clip_low_threshold"),
+    (lambda: _sdk_request([_rl_datum(advantages=[1.0, float("inf")])], loss_fn="importance_sampling"), 400,
+     "data[0].loss_fn_inputs.advantages"),
     (lambda: _sdk_request([_datum([1, 2, 3])], loss_fn="mse"), 400, "loss_fn"),
     (lambda: _sdk_request([]), 400, "data"),
     (lambda: _sdk_request([_datum([1, 2, 3], weights=[1.0, 1.0])]), 400, "data[0].loss_fn_inputs"),

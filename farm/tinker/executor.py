@@ -12,6 +12,8 @@ the base's matmuls over a wider batch).
 Tinker semantics kept here (the notes, ../shared/notes/tinker.md §6):
   * `cross_entropy` is a sum over datums and positions of -logprob(target) * weight, reported as
     `loss:sum`; the per-position logprobs come back as `logprobs` (float32, one per input token);
+    `importance_sampling` and `ppo` are the same sums of their per-token policy-gradient terms
+    (`_elementwise_loss`), with the sampler's logprobs and the advantages as inputs;
   * gradients accumulate over forward_backward calls until `optim_step`, which is torch AdamW with
     the request's lr, betas, eps and decoupled weight decay, and clips only when grad_clip_norm > 0;
   * no dropout, and the forward runs with the base in eval mode: deterministic.
@@ -75,8 +77,10 @@ class Executor:
         cfg = model.config
         self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
         self.models: dict[str, TinkerModel] = {}
-        # the base's Linear layers as loaded, before any LoRA wraps one (targets are chosen from these)
+        # the base's Linear layers and output head as loaded, before any LoRA wraps one (a wrapped head is
+        # a PackLinear: every later model would lose train_unembed); targets are chosen from these
         self._linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+        self._output = model.get_output_embeddings()
         model.eval()
 
     @classmethod
@@ -93,11 +97,10 @@ class Executor:
     # ---- models -------------------------------------------------------------------------------
     def targets(self, *, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
         """Full names of the Linear layers a LoRA with these Tinker flags adapts, in model order."""
-        out_emb = self.model.get_output_embeddings()
         names = []
         for name, module in self._linears:
             parts = name.lower().split(".")
-            if module is out_emb:
+            if module is self._output:
                 keep = train_unembed
             else:
                 keep = ((train_attn and any(p in part for part in parts for p in ATTN_PARTS))
@@ -168,23 +171,28 @@ class Executor:
             live[req.model_id] = i
         if not live:
             return results  # type: ignore[return-value]
-        micro, weights = {}, {}
+        micro, extra = {}, {}
         for model_id, i in live.items():
             data = requests[i].data
             width = max(d.tokens.size for d in data)
             ids = torch.full((len(data), width), self.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(data), width), dtype=torch.long)
             labels = torch.full((len(data), width), -100, dtype=torch.long)
-            w = torch.zeros((len(data), width), dtype=torch.float32)
+            # the loss's per-position inputs, zero on padding: weights, or sampling logprobs and advantages
+            floats = {k: torch.zeros((len(data), width)) for k in ("weights", "logprobs", "advantages")}
             for r, d in enumerate(data):
                 n = d.tokens.size
                 ids[r, :n] = torch.from_numpy(d.tokens)
                 mask[r, :n] = 1
                 labels[r, :n] = torch.from_numpy(d.inputs["target_tokens"].astype(np.int64))
-                wd = d.inputs.get("weights")
-                w[r, :n] = torch.ones(n) if wd is None else torch.from_numpy(wd.astype(np.float32))
+                for k, t in floats.items():
+                    given = d.inputs.get(k)
+                    if given is not None:
+                        t[r, :n] = torch.from_numpy(given.astype(np.float32))
+                    elif k == "weights":
+                        t[r, :n] = 1.0  # cross_entropy without weights: every position counts
             micro[model_id] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-            weights[model_id] = w
+            extra[model_id] = floats
         batch, rows, widths = collate_pack(micro, self.pad_token_id)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         train = any(not requests[i].forward_only for i in live.values())
@@ -198,11 +206,12 @@ class Executor:
             total = None
             for model_id, i in live.items():
                 r = rows[model_id]
-                w = torch.nn.functional.pad(weights[model_id], (0, labels.shape[1] - weights[model_id].shape[1]))
-                w = w.to(self.device)
-                elementwise = nll[r] * w
-                loss = elementwise.sum()
                 req = requests[i]
+                inputs = {k: torch.nn.functional.pad(v, (0, labels.shape[1] - v.shape[1])).to(self.device)
+                          for k, v in extra[model_id].items()}
+                elementwise = _elementwise_loss(req.loss_fn, -nll[r], (labels[r] != -100).float(), inputs,
+                                                req.loss_fn_config)
+                loss = elementwise.sum()
                 lp = (-nll[r]).detach().float().cpu().numpy()
                 el = elementwise.detach().float().cpu().numpy()
                 lengths = [d.tokens.size for d in req.data]
@@ -293,3 +302,21 @@ class Executor:
     def info(self, model_id: str) -> dict:
         m = self.models[model_id]
         return {"rank": m.rank, "targets": len(m.targets), "steps": m.steps, "tokens": m.tokens}
+
+
+def _elementwise_loss(loss_fn: str, logprobs, mask, inputs: dict, config: dict):
+    """Each position's loss, Tinker's definitions (docs: tinker/losses): `cross_entropy` -logprob * weight;
+    `importance_sampling` -ratio * advantage with ratio = exp(logprob - sampling logprob); `ppo`
+    -min(ratio * A, clip(ratio, clip_low_threshold, clip_high_threshold) * A). Padding counts zero."""
+    import torch
+
+    if loss_fn == "cross_entropy":
+        return -logprobs * inputs["weights"] * mask
+    ratio = torch.exp(logprobs - inputs["logprobs"])
+    adv = inputs["advantages"]
+    if loss_fn == "importance_sampling":
+        return -(ratio * adv) * mask
+    if loss_fn == "ppo":
+        clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+        return -torch.minimum(ratio * adv, clipped * adv) * mask
+    raise ValueError(f"no loss {loss_fn!r}")  # the wire refuses it before

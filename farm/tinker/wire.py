@@ -22,9 +22,15 @@ from farm.tinker.errors import TinkerApiError, bad
 from farm.tinker.schema import enum_value, messages
 
 PROTO_TYPE = "application/x-protobuf"
-LOSSES = ("cross_entropy",)
-"""Losses the executor computes. Tinker's others (importance_sampling, ppo, cispo, dro, ...) are a 422."""
-TINKER_LOSSES = ("importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce", "custom")
+LOSSES = {
+    # loss: (required loss_fn_inputs, optional ones, loss_fn_config keys with their defaults)
+    "cross_entropy": (("target_tokens",), ("weights",), {}),
+    "importance_sampling": (("target_tokens", "logprobs", "advantages"), (), {}),
+    "ppo": (("target_tokens", "logprobs", "advantages"), (), {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}),
+}
+"""Losses the executor computes (Tinker's definitions: sums over datums and positions). Tinker's others
+(cispo, dro, ...) are a 422."""
+TINKER_LOSSES = ("cispo", "dro", "gspo", "stable_reinforce", "custom")
 
 _DTYPES = {enum_value("DType", "DTYPE_FLOAT32"): np.dtype("<f4"), enum_value("DType", "DTYPE_INT64"): np.dtype("<i8"),
            enum_value("DType", "DTYPE_INT32"): np.dtype("<i4")}
@@ -136,18 +142,36 @@ def parse_forward_backward(body: bytes, max_tokens: int) -> ForwardBackward:
             raise TinkerApiError(413, f"data: more than {max_tokens} tokens in one request; split the batch",
                                  "data")
         inputs = {name: _tensor(t, f"{where}.loss_fn_inputs.{name}") for name, t in d.loss_fn_inputs.items()}
-        _check_cross_entropy(inputs, tokens.size, where)
+        _check_inputs(msg.loss_fn, inputs, tokens.size, where)
         data.append(Datum(tokens, inputs))
-    return ForwardBackward(msg.model_id, int(msg.seq_id), msg.loss_fn, bool(msg.forward_only), data, _config(msg))
+    return ForwardBackward(msg.model_id, int(msg.seq_id), msg.loss_fn, bool(msg.forward_only), data,
+                           _loss_config(msg.loss_fn, _config(msg)))
 
 
-def _check_cross_entropy(inputs: dict[str, np.ndarray], n: int, where: str) -> None:
+def _loss_config(loss: str, given: dict[str, float | str]) -> dict[str, float]:
+    """The loss's config: its defaults, overridden by what the request sets; an unknown or non-number key is a 400."""
+    defaults = LOSSES[loss][2]
+    out = dict(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise bad(f"loss_fn_config.{key}", f"{loss} takes {sorted(defaults) or 'no config'}")
+        if isinstance(value, str) or not np.isfinite(value):
+            raise bad(f"loss_fn_config.{key}", f"{value!r} is not a finite number")
+        out[key] = float(value)
+    if loss == "ppo" and not 0 <= out["clip_low_threshold"] <= 1 <= out["clip_high_threshold"]:
+        raise bad("loss_fn_config", f"ppo needs clip_low_threshold <= 1 <= clip_high_threshold, got {out}")
+    return out
+
+
+def _check_inputs(loss: str, inputs: dict[str, np.ndarray], n: int, where: str) -> None:
     where = where + ".loss_fn_inputs"
-    if "target_tokens" not in inputs:
-        raise bad(where, f"cross_entropy needs target_tokens (got {sorted(inputs) or 'none'})")
-    unknown = sorted(set(inputs) - {"target_tokens", "weights"})
+    required, optional, _ = LOSSES[loss]
+    missing = [k for k in required if k not in inputs]
+    if missing:
+        raise bad(where, f"{loss} needs {list(required)} (missing {missing})")
+    unknown = sorted(set(inputs) - set(required) - set(optional))
     if unknown:
-        raise bad(where, f"cross_entropy takes target_tokens and weights, not {unknown}")
+        raise bad(where, f"{loss} takes {list(required + optional)}, not {unknown}")
     for name, arr in inputs.items():
         if arr.shape != (n,):
             raise bad(f"{where}.{name}", f"shape {list(arr.shape)} does not match the {n} input tokens "
@@ -157,9 +181,10 @@ def _check_cross_entropy(inputs: dict[str, np.ndarray], n: int, where: str) -> N
         raise bad(f"{where}.target_tokens", f"dtype {tgt.dtype.name}: token ids are integers")
     if tgt.min() < 0:
         raise bad(f"{where}.target_tokens", f"token id {int(tgt.min())} is negative")
-    w = inputs.get("weights")
-    if w is not None and not np.all(np.isfinite(w.astype(np.float64))):
-        raise bad(f"{where}.weights", "holds NaN or infinity")
+    for name in ("weights", "logprobs", "advantages"):
+        arr = inputs.get(name)
+        if arr is not None and not np.all(np.isfinite(arr.astype(np.float64))):
+            raise bad(f"{where}.{name}", "holds NaN or infinity")
 
 
 def _batched(arrays: list[np.ndarray], dtype: np.dtype, proto_dtype: int):
