@@ -188,8 +188,10 @@ def test_refusals_are_4xx_json_naming_the_field(farm):
                                                                    "lora_config": {"rank": 4}})
     assert other_session.status_code == 404
     proto = {"Content-Type": "application/x-protobuf"}
+    cispo = post("forward_backward", content=_proto_request("x:train:0", 1, loss_fn="cispo"), headers=proto)
+    assert cispo.status_code == 422 and cispo.json()["field"] == "loss_fn"
     ppo = post("forward_backward", content=_proto_request("x:train:0", 1, loss_fn="ppo"), headers=proto)
-    assert ppo.status_code == 422 and ppo.json()["field"] == "loss_fn"
+    assert ppo.status_code == 400 and "ppo needs ['target_tokens', 'logprobs', 'advantages']" in ppo.json()["error"]
     short = post("forward_backward", content=_proto_request("x:train:0", 1, weights=3), headers=proto)
     assert short.status_code == 400 and short.json()["field"] == "data[0].loss_fn_inputs.weights"
     as_json = post("forward_backward", json={"model_id": "x"})
