@@ -238,8 +238,9 @@ def test_two_tenants_training_at_once_share_grouped_steps_and_each_loss_falls(fa
     import ray
     from tinker import types
 
-    clients = {who: _service(farm, who).create_lora_training_client(base_model=farm.cfg.served_name, rank=4,
-                                                                      seed=7).result() for who in KEYS}
+    services = {who: _service(farm, who) for who in KEYS}
+    clients = {who: services[who].create_lora_training_client(base_model=farm.cfg.served_name, rank=4,
+                                                                seed=7).result() for who in KEYS}
     rows = {"acme": [_datum(TOKENS)], "globex": [_datum(TOKENS[3:]), _datum(TOKENS[:5])]}
     losses: dict[str, list[float]] = {who: [] for who in KEYS}
     barrier = threading.Barrier(len(KEYS))
@@ -260,7 +261,16 @@ def test_two_tenants_training_at_once_share_grouped_steps_and_each_loss_falls(fa
     for who, ls in losses.items():
         assert len(ls) == 3 and ls[-1] < ls[0], (who, ls)
     worker = ray.get_actor("farm-tinker-test", namespace="farm")
-    assert ray.get(worker.state.remote())["largest_group"] >= 2  # the two models shared a forward/backward
+    before = ray.get(worker.state.remote())
+    assert before["largest_group"] >= 2  # the two models shared a forward/backward
+    # closing a client finishes its session: its model leaves the worker, later calls on it are 404s
+    for service in services.values():
+        service.close("success").result()
+    wait_for(lambda: ray.get(worker.state.remote())["resident"] == before["resident"] - 2, timeout=60,
+             what="the finished sessions' models released")
+    gone = httpx.post(f"{farm.base}/api/v1/get_info", json={"model_id": clients["acme"].model_id},
+                      headers={"X-API-Key": KEYS["acme"]}, timeout=30)
+    assert gone.status_code == 404
 
 
 def test_sampler_weights_are_a_catalog_version_the_openai_api_serves_to_its_tenant_only(farm):

@@ -142,8 +142,7 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
     @app.post("/api/v1/sessions/{session_id}/finish")
     async def finish(session_id: str, request: Request):
         tenant = tenant_of(keys, request)
-        _raise_error(await worker().touch_session.remote(tenant, session_id))
-        return {}
+        return _raise_error(await worker().finish_session.remote(tenant, session_id))
 
     @app.post("/api/v1/telemetry")
     async def telemetry(request: Request):

@@ -151,6 +151,23 @@ class TinkerWorker:
     async def touch_session(self, tenant: str, session_id: str) -> dict:
         return self._answer(lambda: self._session(tenant, session_id) or {"type": "session_heartbeat"})
 
+    async def finish_session(self, tenant: str, session_id: str) -> dict:
+        """The session ends: its models leave the worker (their queued operations fail, the compute thread
+        releases their LoRAs at the next cycle) and later calls on them are 404s. What they saved stays."""
+        return self._answer(self._finish_session, tenant, session_id)
+
+    def _finish_session(self, tenant: str, session_id: str) -> dict:
+        self._session(tenant, session_id)
+        del self.sessions[session_id]
+        ended = [m for m, t in self.models.items() if t == tenant and m.startswith(f"{session_id}:train:")]
+        for model_id in ended:
+            self._forget(model_id, f"session {session_id!r} has finished")
+            self.controls.append(Op("release", "", model_id, None, tenant=tenant))
+        if ended:
+            self._start()
+            self.wake.set()
+        return {"released_models": len(ended)}
+
     # ---- operations ---------------------------------------------------------------------------
     async def submit(self, tenant: str, kind: str, payload: Any, idempotency_key: str | None = None) -> dict:
         """Queue an operation; {"request_id", "model_id"} at once, or {"_error": ...}. A retry of a POST
@@ -249,7 +266,8 @@ class TinkerWorker:
     async def state(self) -> dict:
         """Counters for tests and operators: models, sessions, queued operations, base loaded."""
         return {"models": len(self.models), "sessions": len(self.sessions), "waiting": self.seq.waiting(),
-                "loaded": self.executor is not None, "cycles": self.cycles, "largest_group": self.largest_group}
+                "loaded": self.executor is not None, "cycles": self.cycles, "largest_group": self.largest_group,
+                "resident": 0 if self.executor is None else len(self.executor.models)}
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -270,7 +288,7 @@ class TinkerWorker:
                     why = {"error": f"internal error: {type(exc).__name__}: {exc}"[:500], "category": "server"}
                     results = {op.request_id: why for op in controls + ready}
                 for op in controls:  # a model that could not be created: its queued operations fail too
-                    if "error" in results.get(op.request_id, {}):
+                    if op.kind != "release" and "error" in results.get(op.request_id, {}):
                         self._forget(op.model_id)
                 now = time.time()
                 for rid, res in results.items():
@@ -292,6 +310,9 @@ class TinkerWorker:
         ex = self.executor
         out: dict[str, dict] = {}
         for op in controls:
+            if op.kind == "release":  # a finished session's model: no future waits on it
+                ex.release(op.model_id)
+                continue
             try:
                 out[op.request_id] = self._create(op) if op.kind == "create_model" else self._create_by_load(op)
             except TinkerApiError as exc:
@@ -409,11 +430,12 @@ class TinkerWorker:
             store.upload(local, store.folder(op.tenant, op.model_id, name), overwrite=op.payload.overwrite)
         return {"path": tinker_path(op.model_id, name), "type": "save_weights"}
 
-    def _forget(self, model_id: str) -> None:
+    def _forget(self, model_id: str, why: str | None = None) -> None:
         self.models.pop(model_id, None)
         self.ranks.pop(model_id, None)
         for op in self.seq.drop_model(model_id):
             fut = self.futures.get(op.request_id)
             if fut is not None:
-                fut.result, fut.finished = {"error": f"model {model_id!r} was not created", "category": "user"}, time.time()
+                fut.result = {"error": why or f"model {model_id!r} was not created", "category": "user"}
+                fut.finished = time.time()
                 fut.done.set()
