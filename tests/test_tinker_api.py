@@ -340,6 +340,20 @@ def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engin
     snapshot = f"acme/tinker-{hashlib.sha256(tc.model_id.encode()).hexdigest()[:12]}@v1"
     adapter = Catalog(farm.cfg.catalog_url).fetch(snapshot)
     assert tok.decode(seq.tokens, skip_special_tokens=True) == stock_greedy(farm.tiny, adapter, ids, 6)
+    # an on-policy RL step on what was sampled (the cookbook's loop): the trainer scores the sampled tokens
+    # as the sampler did, to the publish gate's train/serve tolerance, so the importance ratios are ~1
+    from farm.train.gate import PARITY_TOLERANCE
+
+    full = ids + list(seq.tokens)
+    n_prompt = len(ids) - 1
+    rl = types.Datum(model_input=types.ModelInput.from_ints(full[:-1]),
+                     loss_fn_inputs={"target_tokens": full[1:],
+                                     "logprobs": [0.0] * n_prompt + list(seq.logprobs),
+                                     "advantages": [0.0] * n_prompt + [1.0] * len(seq.tokens)})
+    out = tc.forward_backward([rl], "importance_sampling").result()
+    trained = np.asarray(out.loss_fn_outputs[0]["logprobs"].tolist())[n_prompt:]
+    np.testing.assert_allclose(trained, np.asarray(seq.logprobs), atol=PARITY_TOLERANCE)
+    assert out.metrics["loss:sum"] == pytest.approx(-len(seq.tokens), rel=PARITY_TOLERANCE)
     # the base alone, through a sampling client of the base model
     base = service.create_sampling_client(base_model=farm.cfg.served_name).result()
     plain = base.sample(types.ModelInput.from_ints(ids), num_samples=1, sampling_params=greedy).result()
