@@ -358,3 +358,20 @@ def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engin
     base = service.create_sampling_client(base_model=farm.cfg.served_name).result()
     plain = base.sample(types.ModelInput.from_ints(ids), num_samples=1, sampling_params=greedy).result()
     assert tok.decode(plain.sequences[0].tokens, skip_special_tokens=True) == stock_greedy(farm.tiny, None, ids, 6)
+
+
+def test_a_lost_pack_worker_is_a_4xx_and_the_next_request_starts_a_new_one(farm):
+    """Last in the module: it kills the worker."""
+    import ray
+
+    ray.kill(ray.get_actor("farm-tinker-test", namespace="farm"), no_restart=True)
+    body = {"tags": [], "sdk_version": "0.38.0", "type": "create_session"}
+    headers = {"X-API-Key": KEYS["acme"]}
+
+    def create_session():
+        return httpx.post(f"{farm.base}/api/v1/create_session", json=body, headers=headers, timeout=30)
+
+    lost = wait_for(lambda: (r := create_session()).status_code != 200 and r, timeout=30,
+                    what="a request that meets the dead worker")
+    assert lost.status_code == 400 and "pack worker was lost" in lost.json()["error"]
+    assert create_session().status_code == 200  # a new worker, empty

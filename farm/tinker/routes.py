@@ -33,6 +33,8 @@ NOT_BUILT = ("join_sampling_session", "retrieve_futures", "create_custom_loss", 
              "copy_weights", "weights_info", "unload_model")
 
 log = logging.getLogger("farm.tinker")
+# Ray's errors for an actor that died (its replica went, it ran out of memory) or cannot be reached
+WORKER_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError")
 
 
 def principal_of(keys: KeyStore, request: Request):
@@ -89,8 +91,8 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
             from farm.tinker.worker import TinkerWorker
 
             actor = ray.remote(TinkerWorker).options(
-                name=cfg.actor_name, namespace=cfg.worker_namespace, get_if_exists=True, num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                max_concurrency=1000, max_restarts=0)
+                name=cfg.actor_name, namespace=cfg.worker_namespace, get_if_exists=True, num_cpus=cfg.num_cpus,
+                num_gpus=cfg.num_gpus, max_concurrency=1000, max_restarts=0)
             worker_handle.append(actor.remote(cfg.model_dump(mode="json")))
         return worker_handle[0]
 
@@ -107,6 +109,11 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _bug(_req, exc: Exception):
         # a 5xx makes the SDK retry for minutes; a bug is reported as a 400 it raises at once
+        if type(exc).__name__ in WORKER_LOST:
+            worker_handle.clear()  # the next call starts a new worker (get_if_exists finds none)
+            return JSONResponse({"error": "the pack worker was lost, and every model it held; the next request "
+                                          "starts a new one (models come back from save_state)",
+                                 "field": None, "category": "server"}, 400)
         log.exception("tinker: internal error", exc_info=exc)
         return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"[:500], "field": None,
                              "category": "server"}, 400)
