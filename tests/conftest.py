@@ -54,7 +54,8 @@ def module_farm_home(tmp_path_factory):
 _SAME_GROUP = {"test_serve_vllm_bounds": "test_serve_vllm"}
 _SECONDS = {
     "test_serve_vllm": 530, "test_multinode": 510, "test_pack_e2e": 395, "test_finetune_e2e": 345,
-    "test_serve_load": 230, "test_serve_api": 170, "test_locked_doors": 100,
+    "test_serve_load": 230, "test_serve_api": 170, "test_tinker_api": 160, "test_locked_doors": 100,
+    "test_tinker_executor": 80,
     "test_train::test_causal_job_publishes_an_adapter_stock_peft_loads": 245,
     "test_train::test_a_killed_worker_resumes_and_early_stopping_publishes_the_best_weights_once": 240,
     "test_train::test_gpt2_seq_cls_job_trains_and_saves_its_head": 130,
