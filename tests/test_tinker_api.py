@@ -36,7 +36,13 @@ def farm(ray_cluster, tiny_llama, module_farm_home):
     keys = KeyStore({hash_key(KEYS["acme"]): Principal("acme"), hash_key(KEYS["globex"]): Principal("globex")})
     base = deploy(cfg, keys, name="farm-tinker-test")
     wait_for(lambda: _healthy(base), timeout=120, what="the tinker healthz")
-    yield SimpleNamespace(base=base, cfg=cfg, tiny=tiny_llama)
+    ns = SimpleNamespace(base=base, cfg=cfg, tiny=tiny_llama, clients=[])
+    yield ns
+    for service in ns.clients:  # the SDK heartbeats each session every 10 s until it is closed
+        try:
+            service.close("success").result(timeout=30)
+        except Exception:  # noqa: BLE001 - closed already by its test, or its session never started
+            pass
     serve.delete("farm-tinker-test")
     serve.shutdown()
 
@@ -51,7 +57,9 @@ def _healthy(base: str) -> bool:
 def _service(farm, who: str = "acme"):
     import tinker
 
-    return tinker.ServiceClient(base_url=farm.base, api_key=KEYS[who])
+    service = tinker.ServiceClient(base_url=farm.base, api_key=KEYS[who])
+    farm.clients.append(service)
+    return service
 
 
 def _datum(tokens: list[int], weights: list[float] | None = None):
