@@ -137,3 +137,35 @@ def with_config(src: Path, dest: Path, **overrides) -> Path:
     cfg = json.loads((dest / "adapter_config.json").read_text())
     (dest / "adapter_config.json").write_text(json.dumps({**cfg, **overrides}))
     return dest
+
+
+def serve_cli_deploys(tmp_path: Path, monkeypatch, *args: str) -> tuple[Path, list]:
+    """Run `farm serve --base-model models/m *args` in tmp_path (an empty model folder there) up to the
+    point it deploys, without Ray: returns the model folder and the ServeConfigs deploy received."""
+    from typer.testing import CliRunner
+
+    import farm.cluster
+    import farm.raycluster
+    import farm.serve.app
+    from farm.cli import app
+
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    seen: list = []
+
+    class Deployed(Exception):
+        pass
+
+    def fake_deploy(cfgs, store):
+        seen.extend(cfgs)
+        raise Deployed
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(farm.cluster, "use_running_farm", lambda: None)
+    monkeypatch.setattr(farm.raycluster, "connect", lambda *a, **k: None)
+    monkeypatch.setattr(farm.serve.app, "deploy", fake_deploy)
+    result = CliRunner().invoke(app, ["serve", "--base-model", "models/m", *args])
+    assert isinstance(result.exception, Deployed), result.output
+    return model, seen

@@ -81,34 +81,11 @@ def test_a_base_that_cannot_load_fails_before_ray_starts_with_one_line(tmp_path)
 def test_relative_flags_are_made_absolute_before_deploying(tmp_path, monkeypatch):
     """Replicas and the vLLM worker run in other folders: what deploy receives holds absolute paths
     (base, keys file, catalog), each relative to the folder `farm serve` ran in."""
-    from typer.testing import CliRunner
+    from tests.serve_helpers import serve_cli_deploys
 
-    import farm.cluster
-    import farm.raycluster
-    import farm.serve.app
-    from farm.cli import app
-
-    model = tmp_path / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
     (tmp_path / "keys.yaml").write_text(f"keys:\n  - sha256: {hash_key('k1')}\n    customer: acme\n")
-    seen = []
-
-    class Deployed(Exception):
-        pass
-
-    def fake_deploy(cfgs, store):
-        seen.extend(cfgs)
-        raise Deployed
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(farm.cluster, "use_running_farm", lambda: None)
-    monkeypatch.setattr(farm.raycluster, "connect", lambda *a, **k: None)
-    monkeypatch.setattr(farm.serve.app, "deploy", fake_deploy)
-    result = CliRunner().invoke(app, ["serve", "--base-model", "models/m", "--keys", "keys.yaml", "--catalog", "cat",
-                                      "--engine", "vllm", "--quantization", "none"])
-    assert isinstance(result.exception, Deployed), result.output
+    model, seen = serve_cli_deploys(tmp_path, monkeypatch, "--keys", "keys.yaml", "--catalog", "cat",
+                                    "--engine", "vllm", "--quantization", "none")
     (cfg,) = seen
     assert cfg.base_model == str(model) and cfg.keys_file == str(tmp_path / "keys.yaml")
     assert cfg.catalog_url == str(tmp_path / "cat") and cfg.engine == "vllm"

@@ -232,34 +232,11 @@ def test_the_ingress_goes_to_extensions_that_ask_for_it_and_older_ones_are_calle
 
 
 def test_farm_serve_tinker_mounts_the_api_on_the_first_base_with_its_catalog(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    import farm.cluster
-    import farm.raycluster
-    import farm.serve.app
-    from farm.cli import app
     from farm.tinker.config import EXTENSION, TinkerConfig
+    from tests.serve_helpers import serve_cli_deploys
 
-    model = tmp_path / "models" / "m"
-    model.mkdir(parents=True)
-    (model / "config.json").write_text("{}")
-    (model / "model.safetensors").write_bytes(b"")
-    seen = []
-
-    class Deployed(Exception):
-        pass
-
-    def fake_deploy(cfgs, store):
-        seen.extend(cfgs)
-        raise Deployed
-
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(farm.cluster, "use_running_farm", lambda: None)
-    monkeypatch.setattr(farm.raycluster, "connect", lambda *a, **k: None)
-    monkeypatch.setattr(farm.serve.app, "deploy", fake_deploy)
-    result = CliRunner().invoke(app, ["serve", "--base-model", "models/m", "--catalog", "cat", "--tinker"])
-    assert isinstance(result.exception, Deployed), result.output
+    model, seen = serve_cli_deploys(tmp_path, monkeypatch, "--catalog", "cat", "--tinker")
     (cfg,) = seen
     assert cfg.extra["extensions"][-1] == EXTENSION
     tc = TinkerConfig.model_validate(cfg.extra["tinker"])
