@@ -493,10 +493,23 @@ def test_worker_refuses_data_changed_since_the_check(tok, tmp_path):
         load_prepared(spec, tok, task="causal_lm", max_seq_len=64, seed=0, expect=head.stats)
 
 
-def test_streamed_csv_gets_the_whole_file_readers_types(tmp_path):
+@pytest.mark.parametrize("arrow_threads", [1, 2])
+def test_streamed_csv_gets_the_whole_file_readers_types(tmp_path, arrow_threads):
     """pyarrow's streaming CSV reader fixes column types from the first block; the scan widens them
-    the way read_csv would (int -> double -> string), so a late '1.5' or 'pos' reads as before."""
+    the way read_csv would (int -> double -> string), so a late '1.5' or 'pos' reads as before. On one
+    thread (OMP_NUM_THREADS=1 sizes pyarrow's pool) its conversion error names the row as well."""
+    import pyarrow as pa
     import pyarrow.csv as pcsv
+
+    before = pa.cpu_count()
+    pa.set_cpu_count(arrow_threads)
+    try:
+        _check_late_csv_types(tmp_path, pcsv)
+    finally:
+        pa.set_cpu_count(before)
+
+
+def _check_late_csv_types(tmp_path, pcsv):
 
     from farm.train import sources
 

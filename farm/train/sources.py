@@ -31,7 +31,9 @@ BATCH_ROWS = 1024
 # pyarrow's read_csv widens a column's type when later blocks need it; the streaming reader freezes
 # the types of the first block, so the scan widens them itself, the same way.
 _WIDER = {"null": "int64", "int64": "double"}
-_CSV_CONVERSION = re.compile(r"column #(\d+): CSV conversion error to ([\w\[\], ]+?):")
+# pyarrow names the row too when it reads on one thread (OMP_NUM_THREADS=1 sizes its pool):
+# "In CSV column #1: Row #70002: CSV conversion error to int64: ...".
+_CSV_CONVERSION = re.compile(r"column #(\d+): (?:Row #\d+: )?CSV conversion error to ([\w\[\], ]+?):")
 
 
 @dataclass
