@@ -19,6 +19,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # raylet otherwise boots num_cpus idle workers when the first driver connects, 10-25 s of CPU per
 # cluster on a 2-core box, for workers the tests mostly never use (each test's actors get their own).
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+# Two xdist workers, their Ray clusters' training workers, Serve replicas and vLLM share 2 cores: one torch
+# thread per process. A CPU training worker otherwise takes every core (farm.settings), and two 2-thread
+# processes on 2 cores step the tiny models ~3x slower than two 1-thread ones (OpenMP threads fighting).
+os.environ.setdefault("FARM_TRAIN_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture

@@ -32,11 +32,22 @@ def test_every_farm_variable_has_one_reader(tmp_path):
     assert (d.vllm_python, d.autoscaling_config, d.hub_offline) == (None, None, False)
 
 
+def test_train_threads_is_a_whole_number_or_every_core(monkeypatch):
+    import os
+
+    assert Settings.resolve({"FARM_TRAIN_THREADS": "3"}).cpu_train_threads() == 3
+    assert Settings.resolve({}).cpu_train_threads() == len(os.sched_getaffinity(0))
+    assert ("FARM_TRAIN_THREADS", "3") in Settings.resolve({"FARM_TRAIN_THREADS": "3"}).forwarded
+    for bad in ("0", "two", "-1", "1.5"):
+        with pytest.raises(ValueError, match=f"FARM_TRAIN_THREADS='{bad}': expected a whole number >= 1"):
+            Settings.resolve({"FARM_TRAIN_THREADS": bad})
+
+
 def test_no_module_reads_a_farm_variable_itself():
     """Every FARM_* / hub switch is read in farm/settings.py (cluster.py keeps the scheduler's own knobs)."""
     root = Path(__file__).resolve().parents[1] / "farm"
     names = ("FARM_HOME", "FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB", "FARM_FINETUNE", "FARM_CACHE",
-             "FARM_VLLM_PYTHON", "FARM_AUTOSCALING_CONFIG", "HF_HUB_OFFLINE", "XDG_CACHE_HOME")
+             "FARM_VLLM_PYTHON", "FARM_AUTOSCALING_CONFIG", "FARM_TRAIN_THREADS", "HF_HUB_OFFLINE", "XDG_CACHE_HOME")
     readers = []
     for path in root.rglob("*.py"):
         if path.name == "settings.py":

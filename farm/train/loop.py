@@ -19,6 +19,7 @@ import tempfile
 import time
 from typing import Any
 
+from farm.settings import Settings
 from farm.train import checkpoint as ckpt_io
 from farm.train.modelops import build_base
 
@@ -54,8 +55,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     kind = "cuda" if device.type == "cuda" else "cpu"
     if kind == "cpu":
-        # Ray pins OMP threads to the worker's logical CPUs; a CPU-only job should use the cores it has.
-        torch.set_num_threads(config.get("cpu_threads") or len(os.sched_getaffinity(0)))
+        # Ray pins OMP threads to the worker's logical CPUs; a CPU-only job uses the cores it has, or
+        # FARM_TRAIN_THREADS where workers share a node's cores.
+        torch.set_num_threads(config.get("cpu_threads") or Settings.resolve().cpu_train_threads())
     # Seeded before the base loads: a seq_cls head is drawn new at load, and a base's own dropout (GPT-2's)
     # draws from this RNG (the engine's checkpoints carry its state).
     _seed_all(config["member"].optim.seed)

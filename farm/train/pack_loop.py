@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.names import PACK_JOBS_FOLDER
+from farm.settings import Settings
 from farm.train.modelops import build_base
 from farm.train.spec import MemberSpec
 
@@ -90,7 +91,7 @@ def pack_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     kind = "cuda" if device.type == "cuda" else "cpu"
     if kind == "cpu":
-        torch.set_num_threads(config.get("cpu_threads") or len(os.sched_getaffinity(0)))
+        torch.set_num_threads(config.get("cpu_threads") or Settings.resolve().cpu_train_threads())
     storage, pack_id = config["storage"], config["pack_id"]
     base_cfg = config["model"]
     model, footprint = build_base(base_cfg, kind)
