@@ -22,7 +22,6 @@ and the run ends; the slot is free again.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import shutil
 import tempfile
@@ -353,14 +352,14 @@ def run_pack(pack_id: str, channel, first_manifest: dict, hooks: PackHooks, pack
     members, as farm.train.run.run_job does for a job alone."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from farm.manifest import Manifest
     from farm.placement import worker_placement
-    from farm.settings import TRAIN_POLL_ENV, Settings
+    from farm.settings import Settings
     from farm.train import builders
     from farm.train.pack_loop import pack_loop_per_worker
     from farm.train.run import run_storage
+    from farm.train.trainer import farm_trainer
 
     settings = Settings.resolve()
     first = Manifest.model_validate(first_manifest)
@@ -379,14 +378,14 @@ def run_pack(pack_id: str, channel, first_manifest: dict, hooks: PackHooks, pack
     config = {"channel": channel, "pack_id": pack_id, "model": builders.model_config(first),
               "storage": settings.storage_path, "gpus": placement.gpus, "linger_s": linger_s,
               "derive_limit": derive_limit}
-    trainer = TorchTrainer(
+    trainer = farm_trainer(
         pack_loop_per_worker,
-        train_loop_config=config,
+        config=config,
+        settings=settings,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=placement.use_gpu, resources_per_worker=placement.resources),
         run_config=RunConfig(name=pack_run_name(pack_id), storage_path=store_path, storage_filesystem=store_fs,
                              failure_config=FailureConfig(max_failures=pack_max_failures)),
     )
-    os.environ.setdefault(TRAIN_POLL_ENV, str(settings.train_poll_s))
     error = None
     started = time.time()
     try:

@@ -175,19 +175,17 @@ def loop_config(job: Prepared, progress: Any, cpu_threads: int | None) -> dict[s
 def fit(job: Prepared, *, on_progress: ProgressFn | None = None, storage_path: str | None = None,
         cpu_threads: int | None = None, settings: Settings | None = None) -> Fitted:
     """Train on Ray Train (resuming the job's run if it has checkpoints); the finished checkpoint."""
-    import os
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from farm.placement import worker_placement
     from farm.raycluster import connect
-    from farm.settings import TRAIN_POLL_ENV
     from farm.settings import Settings as _Settings
     from farm.train.loop import train_loop_per_worker
+    from farm.train.trainer import farm_trainer
 
     settings = settings or _Settings.resolve()
     connect(settings=settings)
@@ -203,9 +201,10 @@ def fit(job: Prepared, *, on_progress: ProgressFn | None = None, storage_path: s
     progress = Queue(maxsize=10_000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     config = loop_config(job, progress, cpu_threads)
     store_path, store_fs = run_storage(storage_path or settings.storage_path)
-    trainer = TorchTrainer(
+    trainer = farm_trainer(
         train_loop_per_worker,
-        train_loop_config=config,
+        config=config,
+        settings=settings,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=placement.use_gpu,
                                      resources_per_worker=placement.resources),
         run_config=RunConfig(
@@ -221,8 +220,6 @@ def fit(job: Prepared, *, on_progress: ProgressFn | None = None, storage_path: s
     cost = AttemptCost(placement.gpus)
     drainer = threading.Thread(target=_drain, args=(progress, on_progress, stop, history, cost), daemon=True)
     drainer.start()
-    # Ray Train hands this process's value to the controller it starts (see farm.train.loop).
-    os.environ.setdefault(TRAIN_POLL_ENV, str(settings.train_poll_s))
     try:
         result = trainer.fit()
     except FarmError:
