@@ -38,6 +38,9 @@ BIN = Path(sys.executable).parent
 FARM, RAY = str(BIN / "farm"), str(BIN / "ray")
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
+# The fault job must still be training on B when the test (a poll behind its progress) kills B: on a fast
+# box the tiny model trains ~25 steps a second, and a 24-step job had finished on B before the kill.
+FAULT_STEPS = 150
 
 
 # ---- driver subprocesses (run with `python -c`; they connect to the two-node cluster) -----------------
@@ -276,7 +279,7 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
     holder = _driver("hold_main", two_nodes["address"], env=env, stdin=subprocess.PIPE)
     assert json.loads(holder.stdout.readline())["held_on"] == ids["a"]
     (fault,) = [j["id"] for j in json.loads(farm("submit", manifest(
-        "fault", customer="acme", adapter="fault", steps=24, checkpoint_every=3, max_failures=1), "--json"))]
+        "fault", customer="acme", adapter="fault", steps=FAULT_STEPS, checkpoint_every=3, max_failures=1), "--json"))]
 
     # Meanwhile, serve the adapter trained on B from a replica pinned to A (Serve's proxy started above).
     on_b = next(j for j in jobs if where[j.id] == ids["b"])
@@ -302,18 +305,18 @@ def test_two_nodes_jobs_serving_and_node_loss(two_nodes, s3_server, farm_home, t
     done = finished(fault, 240)
     assert done.progress["node_id"] == ids["a"], "resumed on the surviving node"
     resumed = done.progress["attempt_resumed_from"]
-    assert resumed is not None and resumed % 3 == 0 and 3 <= resumed < 24, done.progress  # a checkpoint from B
-    assert running_on_b["step"] >= 4 and done.progress["step"] == 24 and done.attempts == 1
+    assert resumed is not None and resumed % 3 == 0 and 3 <= resumed < FAULT_STEPS, done.progress  # a checkpoint from B
+    assert running_on_b["step"] >= 4 and done.progress["step"] == FAULT_STEPS and done.attempts == 1
 
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     catalog = Catalog(env["FARM_CATALOG"])
     versions = catalog.versions("acme", "fault")
     assert [v.ref for v in versions] == ["acme/fault@v1"] and done.adapter_ref == "acme/fault@v1"  # once
-    assert versions[0].metadata["job_id"] == fault and versions[0].metadata["steps"] == 24
+    assert versions[0].metadata["job_id"] == fault and versions[0].metadata["steps"] == FAULT_STEPS
     # Cost: every step the job ran, the steps redone after the restart included, counted once.
     assert done.tokens >= versions[0].metadata["tokens_trained"] > 0
-    assert [h["step"] for h in versions[0].metadata["metrics_history"] if "loss" in h] == list(range(1, 25))
+    assert [h["step"] for h in versions[0].metadata["metrics_history"] if "loss" in h] == list(range(1, FAULT_STEPS + 1))
     fs = s3fs_for(s3_server)
     runs = two_nodes["prefix"].removeprefix("s3://") + "/runs"
     # The run lives on S3: a job alone as Ray Train run farm-<id>; a packed job (the default) keeps its

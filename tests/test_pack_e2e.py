@@ -30,13 +30,15 @@ from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
+A_STEPS, C_STEPS = 160, 80  # a outlives c; c (and its solo twin) outlives the kill
 
 
 def _manifest(tiny_llama, customer: str, steps: int, **over) -> Manifest:
     doc = load_manifest(REPO / "jobs" / "customer_x.yaml").model_dump(mode="json")
     doc.update(customer=customer, adapter="bot", base_model=str(tiny_llama))
     doc["lora"].update(modules_to_save=None, dropout=0.0, r=over.pop("r", 4))
-    doc["training"].update(max_steps=steps, eval_every=None, checkpoint_every=2, batch_size=4)
+    doc["training"].update(max_steps=steps, eval_every=None, checkpoint_every=over.pop("checkpoint_every", 2),
+                           batch_size=4)
     doc["resources"].update(over.pop("resources", {}))
     doc.update(over)
     return Manifest.model_validate(doc)
@@ -57,10 +59,14 @@ def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_onc
 
     store = SQLiteStore(farm_home / "queue.db")
     # Queued before the farm starts: the pack forms in priority order (a, then b; c waits for room).
-    a = store.submit(_manifest(tiny_llama, "cust_a", 24), priority=5).job_id
+    # Long enough that the kill below lands mid-run on a fast box too: the tiny model trains ~25 pack
+    # steps a second there, and the store sees progress a poll later (a 24-step job finished before it).
+    a = store.submit(_manifest(tiny_llama, "cust_a", A_STEPS), priority=5).job_id
     b = store.submit(_manifest(tiny_llama, "cust_b", 200, r=8), priority=3).job_id
-    # The same job as c below (seed, data, LoRA, steps), alone on today's path: the reference.
-    alone = store.submit(_manifest(tiny_llama, "cust_solo", 16, r=2, resources={"pack": False}), priority=9).job_id
+    # The same job as c below (seed, data, LoRA, steps), alone on today's path: the reference. Without
+    # c's checkpoints (they change no weight; alone, each is a Ray Train report that waits for a poll).
+    alone = store.submit(_manifest(tiny_llama, "cust_solo", C_STEPS, r=2, resources={"pack": False},
+                                   checkpoint_every=None), priority=9).job_id
     name = f"pack-{uuid.uuid4().hex[:6]}"
     cfg = scheduler.SchedulerConfig(name=name, namespace="farm-tests", poll_s=0.1, slots=1, pack_max=3,
                                     pack_linger_s=1.0, backoff_base_s=0.5)
@@ -75,7 +81,7 @@ def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_onc
         assert ja.pack and jb.pack == ja.pack, (ja.pack, jb.pack)
         pack_id = ja.pack
         # A job queued while the pack trains joins it: same pack, no new Train run.
-        c = store.submit(_manifest(tiny_llama, "cust_c", 16, r=2), priority=0).job_id
+        c = store.submit(_manifest(tiny_llama, "cust_c", C_STEPS, r=2), priority=0).job_id
         jc = _wait(store, lambda: (j := store.get(c)).progress.get("step", 0) >= 1 and j, "job c joining")
         assert jc.pack == pack_id
         # ... into the same worker process: joining restarted nothing (a crash at admission would show a new pid)
@@ -98,7 +104,7 @@ def test_a_pack_trains_admits_cancels_survives_a_kill_and_publishes_each_job_onc
     finally:
         ray.kill(actor, no_restart=True)
     catalog = Catalog()
-    for job_id, steps, customer in ((a, 24, "cust_a"), (c, 16, "cust_c")):
+    for job_id, steps, customer in ((a, A_STEPS, "cust_a"), (c, C_STEPS, "cust_c")):
         job = store.get(job_id)
         log = (farm_home / "logs" / "jobs" / f"{job_id}.log").read_text()
         assert job.state is JobState.SUCCEEDED, f"{job.last_error}\n{log[-3000:]}"
