@@ -1,5 +1,7 @@
 """Through the real training runner: customer_x's shipped manifest (shortened, on the tiny Llama)
-queued, dispatched by the scheduler actor as a Ray task, trained with Ray Train, published once."""
+queued, dispatched by the scheduler actor as a Ray task, trained with Ray Train, published once; the
+shipped DPO manifest (jobs/customer_x_dpo.yaml, for another tenant) queued beside it trains in the
+same pack and publishes its reward metrics."""
 
 from __future__ import annotations
 
@@ -26,10 +28,15 @@ def test_customer_x_job_trains_and_publishes_through_the_queue(ray_cluster, farm
     manifest = Manifest.model_validate(base)
     store = SQLiteStore(farm_home / "queue.db")
     job_id = store.submit(manifest).job_id
+    prefs = load_manifest(REPO / "jobs" / "customer_x_dpo.yaml").model_dump(mode="json")
+    prefs.update(base_model=str(tiny_llama), customer="globex")
+    prefs["training"].update(max_steps=4, eval_every=2, checkpoint_every=2, batch_size=4)
+    dpo_id = store.submit(Manifest.model_validate(prefs)).job_id
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     actor = scheduler.start(scheduler.SchedulerConfig(name=name, namespace="farm-tests", poll_s=0.1))
     try:
-        wait_for(lambda: store.get(job_id).done, timeout=240, what="the job to end", every=0.5)
+        wait_for(lambda: store.get(job_id).done and store.get(dpo_id).done, timeout=240, what="the jobs to end",
+                 every=0.5)
         job = store.get(job_id)
         log = (farm_home / "logs" / "jobs" / f"{job_id}.log").read_text()
         assert job.state is JobState.SUCCEEDED, f"{job.state}: {job.last_error}\n{log[-3000:]}"
@@ -44,3 +51,11 @@ def test_customer_x_job_trains_and_publishes_through_the_queue(ray_cluster, farm
     version = Catalog().resolve("customer_x/support-bot")
     assert version.ref == job.adapter_ref
     assert version.metadata["job_id"] == job_id
+    dpo = store.get(dpo_id)
+    assert dpo.state is JobState.SUCCEEDED, dpo.last_error
+    assert dpo.pack and job.pack is None  # the DPO job on the pack engine; customer_x's job alone
+    assert dpo.adapter_ref == "globex/support-bot-dpo@v1" and dpo.progress["step"] == 4
+    prefs_version = Catalog().resolve("globex/support-bot-dpo")
+    assert prefs_version.metadata["manifest"]["method"] == "dpo"
+    metrics = prefs_version.metadata["metrics"]
+    assert 0.0 <= metrics["eval_reward_accuracy"] <= 1.0 and "train_reward_margin" in metrics, metrics
