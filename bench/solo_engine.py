@@ -48,7 +48,8 @@ def _spec(args):
     from farm.train.spec import MemberSpec, OptimSpec
 
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.05,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
+                      modules_to_save=args.modules_to_save or None)
     optim = OptimSpec(optimizer="adamw", learning_rate=1e-4, weight_decay=0.0, max_grad_norm=1.0,
                       lr_scheduler="linear", warmup_ratio=0.0, batch_size=args.batch_size, grad_accum=1, seed=0,
                       total_steps=args.steps + args.warmup)
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--modules-to-save", nargs="*", default=[], metavar="MODULE",
+                   help="also train full copies of these modules (lora.modules_to_save), e.g. lm_head")
     args = p.parse_args(argv)
     import torch
 
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.path == "both":
         ratios = [e / q for e, q in zip(medians["engine"], medians["peft"])]
         out = {"base": args.base, "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-               "rank": args.rank, "engine_ms": [round(v * 1000, 1) for v in medians["engine"]],
+               "rank": args.rank, "modules_to_save": args.modules_to_save, "engine_ms": [round(v * 1000, 1) for v in medians["engine"]],
                "peft_ms": [round(v * 1000, 1) for v in medians["peft"]],
                "ratio_engine_over_peft": round(statistics.median(ratios), 3)}
         print(json.dumps(out))
