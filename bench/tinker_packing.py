@@ -7,10 +7,13 @@ results, as a training loop does. Two phases on the same warm worker, each clien
   sequential - client 1 runs all its steps, then client 2, ... (one model on the worker at a time);
   together   - the N clients run at once, each in its own thread; the worker groups the
                forward_backward requests that meet in one clock cycle into one grouped step.
-Prints and writes bench/results/tinker.json: steps per second per client and in total for each phase,
+Prints and writes bench/results/tinker_packing.json: steps per second per client and in total for each phase,
 and together/sequential (total steps per second; the packing gain, goal > 1).
 
-    .venv/bin/python bench/tinker.py [--clients 4] [--steps 8] [--batch 4] [--seq-len 64]
+    .venv/bin/python bench/tinker_packing.py [--clients 4] [--steps 8] [--batch 4] [--seq-len 64]
+
+(Not bench/tinker.py: run as a script, bench/ is first on sys.path, and a bench/tinker.py would be what
+`import tinker` finds, here and in the tests that import bench modules.)
 """
 
 from __future__ import annotations
@@ -155,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     ratio = together["total_steps_per_s"] / sequential["total_steps_per_s"]
     out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "command": "python bench/tinker.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": "python bench/tinker_packing.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "base": args.base, "clients": args.clients, "steps": args.steps, "batch": args.batch,
            "seq_len": args.seq_len, "rank": args.rank, "window_ms": args.window_ms,
            "sequential": sequential, "together": together, "together_over_sequential": ratio}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tinker.json").write_text(json.dumps(out, indent=2))
+    (RESULTS / "tinker_packing.json").write_text(json.dumps(out, indent=2))
     print(f"together / sequential, total steps per second: x{ratio:.2f}")
     return 0
 
