@@ -174,6 +174,17 @@ def _dpo_bars(r: dict) -> tuple[str, dict[str, float]]:
     return "held-out label accuracy", {k: res[k]["label_accuracy"] for k in ("base", "sft", "dpo") if k in res}
 
 
+def _tinker_headline(r: dict) -> str:
+    return (f"Tinker API, {r.get('clients')} clients together / one after another: total steps/s "
+            f"x{_fmt(r.get('together_over_sequential'))}")
+
+
+def _tinker_bars(r: dict) -> tuple[str, dict[str, float]]:
+    bars = {"one after\nanother": _get(r, "sequential", "total_steps_per_s"),
+            "together": _get(r, "together", "total_steps_per_s")}
+    return "total steps/s", {k: v for k, v in bars.items() if v is not None}
+
+
 BENCHES = [
     Bench("train_overhead", [], ["--steps", "20"], 1200, _train_headline, _train_bars),
     Bench("catalog", [], ["--quick"], 900, _catalog_headline, _catalog_bars, log_scale=True),
@@ -186,6 +197,7 @@ BENCHES = [
     Bench("solo_engine", ["--base", str(REPO / "models" / "smollm2-135m-instruct"), "--steps", "10", "--warmup", "2"],
           ["--rounds", "2"], 1800, _solo_headline, _solo_bars),
     Bench("dpo", [], ["--steps", "10", "--eval-rows", "60"], 1800, _dpo_headline, _dpo_bars),
+    Bench("tinker_packing", [], ["--clients", "2", "--steps", "3"], 600, _tinker_headline, _tinker_bars),
 ]
 
 
