@@ -87,6 +87,21 @@ def test_module_copies_apply_to_their_own_rows_only(engine, folders, want):
     assert set(engine.slots) <= engine._doomed  # PEFT keeps one adapter until the next attach
 
 
+def test_detaching_module_copy_adapters_in_any_order_leaves_the_engine_whole(tiny_llama, folders, want):
+    """PEFT 0.21 empties a module copy's active list when an adapter without that copy becomes active;
+    deleting another copy-holding adapter then raised IndexError mid-delete and broke every later
+    attach (seen under `make test` load, where detaches happen in this order)."""
+    eng = Engine(str(tiny_llama), max_batch_size=4, max_wait_ms=5, max_waiting=8)
+    s0, s1 = eng.attach(folders["head"]).name, eng.attach(folders["p1"]).name
+    s2, s3 = eng.attach(folders["head2"]).name, eng.attach(folders["head"]).name
+    for name in (s0, s1, s3):  # s0 (active) goes, p1 becomes active; p1 goes, head2 does; then a head copy
+        eng.detach(name)
+    assert set(eng.slots) == {s2}
+    s4 = eng.attach(folders["p2"]).name  # the engine still attaches and answers
+    prompt = PROMPTS[0]
+    assert _answers(eng, [(s2, prompt), (s4, prompt)]) == [want["head2", prompt], want["p2", prompt]]
+
+
 def test_tenant_bleed_over_random_interleavings(engine, folders, want):
     """Seeded random attach/evict churn with K=2 resident adapters (< the 5 in use), mixed with
     bare-base rows, concurrent batches; every greedy answer must be stock PEFT's solo answer."""

@@ -316,6 +316,11 @@ class Engine:
                     continue  # PEFT keeps >= 1 adapter: drop this one when the next is attached
                 if slot.task == "causal_lm":
                     self.grouped.remove(name)
+                # Active first: PEFT 0.21's ModulesToSaveWrapper.delete_adapter reads its own
+                # active_adapters[0], which is empty once an adapter without that module copy was made
+                # active (IndexError mid-delete, the model left half-deleted: every later attach then
+                # fails with a KeyError). With the doomed adapter active, that list is never empty.
+                model.set_adapter(name, inference_mode=True)
                 model.delete_adapter(name)
                 self._packed["causal_lm" if slot.task == "causal_lm" else slot.num_labels].restore()
                 del self.slots[name]
