@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.ports, as bench/serve.py does
 RESULTS = REPO / "bench" / "results"
 
 
@@ -79,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("FARM_CATALOG", "FARM_STORAGE", "FARM_QUEUE_DB"):
         os.environ.pop(name, None)
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-    import httpx
     import ray
     import tinker
     from ray import serve
@@ -89,30 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     from farm.serve.auth import KeyStore, Principal, hash_key
     from farm.serve.config import ServeConfig
     from farm.tinker.config import mount
+    from tests.ports import free_port
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
              _node_ip_address="127.0.0.1")
     vocab = AutoConfig.from_pretrained(args.base).vocab_size
     keys = {f"bench{i}": f"tml-bench-{i}-key" for i in range(args.clients)}
-    import socket
-
-    with socket.socket() as sock:  # a free loopback port for Serve's proxy
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # Serve's proxy on a free loopback port
     cfg = ServeConfig(base_model=args.base, catalog_url=(home / "catalog").as_uri(), replicas=1, port=port)
     mount(cfg, window_ms=args.window_ms, worker_name="farm-tinker-bench")
     store = KeyStore({hash_key(k): Principal(who) for who, k in keys.items()})
-    base = deploy(cfg, store, name="farm-tinker-bench")
-    deadline = time.time() + 300
-    while True:
-        try:
-            if httpx.get(f"{base}/api/v1/healthz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline:
-            raise SystemExit("the tinker app never answered /api/v1/healthz")
-        time.sleep(0.5)
+    base = deploy(cfg, store, name="farm-tinker-bench")  # returns once the app is RUNNING
     services = {who: tinker.ServiceClient(base_url=base, api_key=k) for who, k in keys.items()}
     try:
         # Warm: the worker loads the base on its first operation; neither phase pays that.

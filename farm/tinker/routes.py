@@ -33,8 +33,6 @@ NOT_BUILT = ("join_sampling_session", "retrieve_futures", "create_custom_loss", 
              "copy_weights", "weights_info", "unload_model")
 
 log = logging.getLogger("farm.tinker")
-# Ray's errors for an actor that died (its replica went, it ran out of memory) or cannot be reached
-WORKER_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError")
 
 
 def principal_of(keys: KeyStore, request: Request):
@@ -109,7 +107,10 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
     @app.exception_handler(Exception)
     async def _bug(_req, exc: Exception):
         # a 5xx makes the SDK retry for minutes; a bug is reported as a 400 it raises at once
-        if type(exc).__name__ in WORKER_LOST:
+        from ray.exceptions import ActorUnschedulableError, RayActorError
+
+        # the worker died (its replica went, it ran out of memory) or cannot be reached
+        if isinstance(exc, (RayActorError, ActorUnschedulableError)):
             worker_handle.clear()  # the next call starts a new worker (get_if_exists finds none)
             return JSONResponse({"error": "the pack worker was lost, and every model it held; the next request "
                                           "starts a new one (models come back from save_state)",
