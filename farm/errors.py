@@ -8,6 +8,10 @@ class FarmError(Exception):
     """Base of all errors the farm reports to users."""
 
 
+class SettingsError(FarmError, ValueError):
+    """An environment setting (FARM_*) holds a value the farm cannot use."""
+
+
 class ManifestError(FarmError):
     """A job manifest is invalid. Carries every problem found, not just the first."""
 

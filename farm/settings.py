@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from farm.errors import SettingsError
+
 # What Ray processes started for the farm (the scheduler's actor and tasks, Ray Train's controller and
 # workers, Serve replicas) get from the process that starts them, so they see the same farm: its
 # folders, its S3 endpoint and credentials, the hub's offline switches and the vLLM environment's
@@ -121,7 +123,7 @@ def _whole_number(name: str, value: str | None) -> int | None:
     except ValueError:
         number = 0
     if number < 1:
-        raise ValueError(f"{name}={value!r}: expected a whole number >= 1, or unset")
+        raise SettingsError(f"{name}={value!r}: expected a whole number >= 1, or unset")
     return number
 
 
