@@ -33,6 +33,10 @@ class TinkerConfig(BaseModel):
     """Where save_weights_for_sampler publishes versions (the serve app's catalog)."""
     storage: str | None = None
     """Run storage (FARM_STORAGE) where save_state checkpoints go; None = the worker's FARM_STORAGE."""
+    idle_evict_s: float | None = Field(600.0, gt=0)
+    """A model with no operation for this long leaves the worker's memory: its LoRA, AdamW moments and
+    counters go to the worker's local disk and come back, unchanged, with its next operation (never
+    while gradients wait for an optim_step). None keeps every model resident until its session ends."""
     result_ttl_s: float = Field(1800.0, gt=0)
     """How long a finished future's result is kept for the SDK to fetch (and fetch again after a lost reply)."""
     worker_name: str | None = None

@@ -39,6 +39,7 @@ from farm.tinker.errors import TinkerApiError, bad
 from farm.tinker.wire import ForwardBackward
 
 LORA_ALPHA = 32
+EVICTED_FILE = "farm_tinker_evicted.pt"  # beside STATE_FILE in an evicted model's folder: what a checkpoint omits
 ATTN_PARTS = ("attn", "attention")
 MLP_PARTS = ("mlp", "feed_forward", "ffn", "experts")
 
@@ -298,6 +299,33 @@ class Executor:
         for p in m.params:
             p.grad = None
         m.pending = 0
+
+    # ---- idle models leave memory (the worker decides when) ------------------------------------
+    def evict(self, model_id: str, folder) -> bool:
+        """Write the model's whole state (LoRA, AdamW, counters) to the local `folder` and drop it from
+        memory; `restore` brings it back as it was. False, and nothing done, while gradients of a
+        forward_backward wait for their optim_step (they are not state a checkpoint keeps)."""
+        import torch
+
+        m = self.models[model_id]
+        if m.pending:
+            return False
+        folder = self.save_state(model_id, folder)
+        torch.save({"tenant": m.tenant, "tokens": m.tokens, "seconds": m.seconds, "created": m.created},
+                   Path(folder) / EVICTED_FILE)
+        self.release(model_id)
+        return True
+
+    def restore(self, model_id: str, folder) -> TinkerModel:
+        """An evicted model back in memory, its next step the one it would have taken."""
+        import torch
+
+        state = self.read_state(folder)
+        extra = torch.load(Path(folder) / EVICTED_FILE, map_location="cpu", weights_only=True)
+        m = self.create(model_id, extra["tenant"], rank=int(state["rank"]), seed=int(state["seed"]), **state["flags"])
+        self.load_state(model_id, folder, optimizer=True)
+        m.tokens, m.seconds, m.created = int(extra["tokens"]), float(extra["seconds"]), float(extra["created"])
+        return m
 
     def info(self, model_id: str) -> dict:
         m = self.models[model_id]

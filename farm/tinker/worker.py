@@ -8,7 +8,7 @@ k-bit training, gradients through it) is not the serving engine's inference base
 (seconds on a big batch) must not hold the ingress's event loop. The actor is named
 (`TinkerConfig.actor_name`, in the farm's Ray namespace) and created by the first ingress replica
 that needs it; it is not detached, so it ends with that replica and its models with it (durable
-state is save_state's job, not built yet).
+state is save_state's job).
 
 Clock cycles: the actor is async; requests are queued and answered with a request id at once. A
 loop takes, after a short window (`window_ms`) for others to arrive, the next operation of every
@@ -17,6 +17,12 @@ them in one thread call (`Executor`): all forward_backward requests of the cycle
 forward/backward, then each optim_step, and starts the next cycle at once while operations are
 ready. `retrieve_future` waits up to `poll_s` for the result and otherwise answers try_again with
 queue_state "active": a busy farm queues, it never refuses.
+
+Idle models: a model with no operation for `idle_evict_s` is evicted at the next sweep (between
+cycles, at least every idle_evict_s / 2): the executor writes its LoRA, AdamW moments and counters to
+the worker's local disk and frees them; the model's next operation restores it first, in the same
+cycle, so its client sees the same numbers, a little later. A model whose gradients wait for their
+optim_step stays resident. The spill folder lives as long as the worker, as the models do.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -107,6 +115,10 @@ class TinkerWorker:
         self.samplers: dict[str, tuple[str, str]] = {}  # sampling session id -> (tenant, model the serving engine runs)
         self.sampler_refs: dict[tuple[str, str], str] = {}  # (tenant, tinker:// sampler path) -> its catalog version
         self.answered: dict[tuple, tuple[float, dict]] = {}  # (tenant, kind, idempotency key) -> (when, answer)
+        self.last_used: dict[str, float] = {}  # model id -> its last operation's submit or finish time
+        self.evicted: dict[str, str] = {}  # model id -> the local folder of its state (compute thread only)
+        self.evictions = 0  # models evicted so far
+        self.spill: str | None = None  # the local folder of evicted models
         self.cycles = 0  # clock cycles run
         self.largest_group = 0  # most models in one grouped forward/backward so far
         self.wake: asyncio.Event | None = None
@@ -197,6 +209,7 @@ class TinkerWorker:
             self.models[model_id] = tenant
             self.ranks[model_id] = payload.lora_config.rank if kind == "create_model" else 0  # a load: set once read
             self.seq.add_model(model_id)  # a create or a load is seq 0: the model's own operations start at 1
+            self.last_used[model_id] = time.time()
             rid = self._future(tenant, kind)
             self.controls.append(Op(kind, rid, model_id, payload, tenant=tenant))
         else:
@@ -205,6 +218,7 @@ class TinkerWorker:
             op = Op(kind, "", model_id, payload, payload.seq_id, tenant)
             self.seq.add(op)  # refused (used or queued seq_id) before a future exists
             rid = op.request_id = self._future(tenant, kind)
+            self.last_used[model_id] = time.time()
         self.wake.set()
         return {"request_id": rid, "model_id": model_id}
 
@@ -267,15 +281,21 @@ class TinkerWorker:
         """Counters for tests and operators: models, sessions, queued operations, base loaded."""
         return {"models": len(self.models), "sessions": len(self.sessions), "waiting": self.seq.waiting(),
                 "loaded": self.executor is not None, "cycles": self.cycles, "largest_group": self.largest_group,
-                "resident": 0 if self.executor is None else len(self.executor.models)}
+                "resident": 0 if self.executor is None else len(self.executor.models),
+                "evicted": len(self.evicted), "evictions": self.evictions}
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
+        sweep_s = None if self.cfg.idle_evict_s is None else min(60.0, max(0.05, self.cfg.idle_evict_s / 2))
         while True:
-            await self.wake.wait()
+            try:
+                await asyncio.wait_for(self.wake.wait(), timeout=sweep_s)
+                if self.cfg.window_ms:
+                    await asyncio.sleep(self.cfg.window_ms / 1000)
+            except TimeoutError:
+                pass  # quiet for sweep_s: only the sweep below
             self.wake.clear()
-            if self.cfg.window_ms:
-                await asyncio.sleep(self.cfg.window_ms / 1000)
+            self._sweep_idle()
             while True:
                 controls, self.controls = self.controls, []
                 ready = self.seq.ready()
@@ -288,17 +308,40 @@ class TinkerWorker:
                     why = {"error": f"internal error: {type(exc).__name__}: {exc}"[:500], "category": "server"}
                     results = {op.request_id: why for op in controls + ready}
                 for op in controls:  # a model that could not be created: its queued operations fail too
-                    if op.kind != "release" and "error" in results.get(op.request_id, {}):
+                    if op.kind in ("create_model", "load_weights") and "error" in results.get(op.request_id, {}):
                         self._forget(op.model_id)
                 now = time.time()
+                for op in controls + ready:
+                    if op.model_id in self.models:
+                        self.last_used[op.model_id] = now
                 for rid, res in results.items():
                     fut = self.futures.get(rid)
                     if fut is not None:
                         fut.result, fut.finished = res, now
                         fut.done.set()
 
+    def _sweep_idle(self) -> None:
+        """Queue an evict control for every resident model idle for idle_evict_s (between cycles)."""
+        if self.cfg.idle_evict_s is None or self.executor is None:
+            return
+        cutoff = time.time() - self.cfg.idle_evict_s
+        for model_id, tenant in self.models.items():
+            if (model_id in self.executor.models and model_id not in self.evicted
+                    and self.last_used.get(model_id, 0.0) < cutoff and not self.seq.pending.get(model_id)):
+                self.controls.append(Op("evict", "", model_id, None, tenant=tenant))
+
+    def _evict(self, model_id: str) -> None:
+        if self.spill is None:
+            self.spill = tempfile.mkdtemp(prefix="farm-tinker-idle-")
+        folder = f"{self.spill}/{hashlib.sha256(model_id.encode()).hexdigest()[:16]}"
+        if self.executor.evict(model_id, folder):
+            self.evicted[model_id] = folder
+            self.evictions += 1
+            log.info("tinker model %s evicted after %.0f s idle", model_id, self.cfg.idle_evict_s)
+
     def _cycle(self, controls: list[Op], ready: list[Op]) -> dict[str, dict]:
-        """One clock cycle, in the compute thread: creations, one grouped forward/backward, optimizer steps."""
+        """One clock cycle, in the compute thread: creations, evictions and restores, one grouped
+        forward/backward, optimizer steps."""
         if self.executor is None:
             import torch
 
@@ -309,15 +352,25 @@ class TinkerWorker:
             self.executor = Executor.load(self.cfg.base_model, quantization=self.cfg.quantization, device=device)
         ex = self.executor
         out: dict[str, dict] = {}
+        busy = {op.model_id for op in ready}
         for op in controls:
             if op.kind == "release":  # a finished session's model: no future waits on it
                 ex.release(op.model_id)
+                if (folder := self.evicted.pop(op.model_id, None)) is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                continue
+            if op.kind == "evict":
+                if op.model_id in ex.models and op.model_id not in busy:
+                    self._evict(op.model_id)
                 continue
             try:
                 out[op.request_id] = self._create(op) if op.kind == "create_model" else self._create_by_load(op)
             except TinkerApiError as exc:
                 ex.release(op.model_id)
                 out[op.request_id] = {"error": exc.message, "category": "user"}
+        for model_id in busy & self.evicted.keys():  # an evicted model's operation: the model comes back first
+            ex.restore(model_id, self.evicted[model_id])
+            shutil.rmtree(self.evicted.pop(model_id), ignore_errors=True)
         self.cycles += 1
         fbs = [op for op in ready if op.kind == "forward_backward"]
         self.largest_group = max(self.largest_group, len(fbs))
@@ -433,6 +486,7 @@ class TinkerWorker:
     def _forget(self, model_id: str, why: str | None = None) -> None:
         self.models.pop(model_id, None)
         self.ranks.pop(model_id, None)
+        self.last_used.pop(model_id, None)
         for op in self.seq.drop_model(model_id):
             fut = self.futures.get(op.request_id)
             if fut is not None:
