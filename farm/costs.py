@@ -19,6 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The per-customer cost counters on Ray's metrics endpoint (docs/monitoring.md), one definition for every
+# process that adds to them: the scheduler (each job attempt) and the Tinker pack worker (each model's
+# share of its steps). `ray.util.metrics.Counter(name, description=..., tag_keys=("customer",))`.
+ACCELERATOR_SECONDS_COUNTER = ("farm_accelerator_seconds", "Accelerator-seconds used, per customer.")
+TOKENS_COUNTER = ("farm_tokens", "Tokens trained, per customer.")
+
 
 def accelerators(gpus: int | None) -> int:
     """How many accelerators a job holds: its GPUs, or 1 for a CPU job."""

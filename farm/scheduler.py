@@ -45,7 +45,7 @@ from typing import Any
 import ray
 
 from farm.autoscale import TrainNodeRequests
-from farm.costs import attempt_cost
+from farm.costs import ACCELERATOR_SECONDS_COUNTER, TOKENS_COUNTER, attempt_cost
 from farm.errors import DataError, ManifestError, ModelError, QueueError
 from farm.names import job_log_path, pack_run_name, run_name
 from farm.placement import head_resources, training_slots
@@ -312,9 +312,8 @@ class _Metrics:
                                   tag_keys=("customer", "outcome"))
         self.tokens_per_s = Gauge("farm_job_tokens_per_second", "Training throughput of running jobs.",
                                   tag_keys=("customer", "job_id"))
-        self.accel = Counter("farm_accelerator_seconds", "Accelerator-seconds used, per customer.",
-                             tag_keys=("customer",))
-        self.tokens = Counter("farm_tokens", "Tokens trained, per customer.", tag_keys=("customer",))
+        self.accel = Counter(*ACCELERATOR_SECONDS_COUNTER, tag_keys=("customer",))
+        self.tokens = Counter(*TOKENS_COUNTER, tag_keys=("customer",))
         self.finished = Counter("farm_jobs_finished", "Attempts ended, by outcome.", tag_keys=("customer", "outcome"))
         self.packs = Gauge("farm_packs", "Packs (shared-base Ray Train runs) running.")
         self.pack_jobs = Gauge("farm_pack_jobs", "Jobs training in each running pack.", tag_keys=("pack",))

@@ -246,6 +246,8 @@ def test_two_tenants_training_at_once_share_grouped_steps_and_each_loss_falls(fa
     import ray
     from tinker import types
 
+    worker = ray.get_actor("farm-tinker-test", namespace="farm")
+    spent = ray.get(worker.state.remote())["usage"]
     services = {who: _service(farm, who) for who in KEYS}
     clients = {who: services[who].create_lora_training_client(base_model=farm.cfg.served_name, rank=4,
                                                                 seed=7).result() for who in KEYS}
@@ -268,9 +270,13 @@ def test_two_tenants_training_at_once_share_grouped_steps_and_each_loss_falls(fa
         th.join(300)
     for who, ls in losses.items():
         assert len(ls) == 3 and ls[-1] < ls[0], (who, ls)
-    worker = ray.get_actor("farm-tinker-test", namespace="farm")
     before = ray.get(worker.state.remote())
     assert before["largest_group"] >= 2  # the two models shared a forward/backward
+    # each tenant's cost ledger got its own tokens (3 steps of 9, and of 6 + 4) and time, though the steps were shared
+    for who, tokens in (("acme", 27), ("globex", 30)):
+        was = spent.get(who, {"tokens": 0, "accelerator_seconds": 0.0})
+        assert before["usage"][who]["tokens"] - was["tokens"] == tokens
+        assert before["usage"][who]["accelerator_seconds"] > was["accelerator_seconds"]
     # closing a client finishes its session: its model leaves the worker, later calls on it are 404s
     for service in services.values():
         service.close("success").result()
@@ -324,6 +330,7 @@ def _completion(client, model: str):
 def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engine(farm):
     import hashlib
 
+    import ray
     from tinker import types
 
     from farm.catalog import Catalog
@@ -337,6 +344,8 @@ def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engin
             types.AdamParams(learning_rate=5e-2))
         fb.result()
         op.result()
+    worker = ray.get_actor("farm-tinker-test", namespace="farm")
+    spent = ray.get(worker.state.remote())["usage"]["acme"]
     sampler = tc.save_weights_and_get_sampling_client().result()  # a snapshot: a catalog version of its own
     tok = load_tokenizer(str(farm.tiny))
     ids = tok("How do I", add_special_tokens=False).input_ids
@@ -348,6 +357,10 @@ def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engin
     snapshot = f"acme/tinker-{hashlib.sha256(tc.model_id.encode()).hexdigest()[:12]}@v1"
     adapter = Catalog(farm.cfg.catalog_url).fetch(snapshot)
     assert tok.decode(seq.tokens, skip_special_tokens=True) == stock_greedy(farm.tiny, adapter, ids, 6)
+    # the cost ledger: the prompt once per sample, and the generated tokens
+    now = ray.get(worker.state.remote())["usage"]["acme"]
+    assert now["prefill_tokens"] - spent["prefill_tokens"] == 2 * len(ids)
+    assert now["sample_tokens"] - spent["sample_tokens"] == 2 * len(seq.tokens)
     # an on-policy RL step on what was sampled (the cookbook's loop): the trainer scores the sampled tokens
     # as the sampler did, to the publish gate's train/serve tolerance, so the importance ratios are ~1
     from farm.train.gate import PARITY_TOLERANCE

@@ -1,7 +1,8 @@
 """Idle models leave the pack worker's memory and come back unchanged: the worker class in process (no
 Ray, no HTTP) on the tiny NF4 Llama, driven as the routes drive it. A model evicted after two steps
 takes its third with the loss and gradient norm of a twin that was never evicted; a model whose
-gradients wait for their optim_step stays resident; a finished session's evicted model is gone."""
+gradients wait for their optim_step stays resident; a finished session's evicted model is gone; the
+steps are in the tenant's cost ledger."""
 
 from __future__ import annotations
 
@@ -82,6 +83,11 @@ async def _scenario(tiny, storage) -> None:
     assert (await worker.finish_session("acme", sid))["released_models"] == 3
     await _wait(worker, "evicted", 0)
     assert state["evictions"] >= 3 and not any(os.path.exists(f) for f in folders)
+    # the cost ledger: 7 forward/backward calls of 9 tokens; time for each step (the forward/backward
+    # shares and the optimizer steps), on one accelerator
+    usage = (await worker.state())["usage"]["acme"]
+    assert usage["tokens"] == 7 * (len(TOKENS) - 1) and usage["accelerator_seconds"] > 0
+    assert usage["sample_tokens"] == usage["prefill_tokens"] == 0
     worker.loop_task.cancel()
 
 

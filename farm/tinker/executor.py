@@ -58,8 +58,8 @@ class TinkerModel:
     flags: dict = field(default_factory=dict)  # Tinker's train_attn / train_mlp / train_unembed
     steps: int = 0  # optimizer steps taken
     pending: int = 0  # forward_backward calls whose gradients wait for an optim_step
-    tokens: int = 0  # tokens through forward/backward, for the cost ledger (not wired yet)
-    seconds: float = 0.0  # its token share of each grouped step's time
+    tokens: int = 0  # non-padding tokens through forward/backward (the cost ledger's tokens)
+    seconds: float = 0.0  # its token share of each grouped step's time plus its optimizer steps' time
     created: float = field(default_factory=time.time)
 
 
@@ -243,6 +243,7 @@ class Executor:
         m = self.models.get(model_id)
         if m is None:
             raise TinkerApiError(404, f"model {model_id!r} not found", "model_id")
+        t0 = time.perf_counter()
         for group in m.optimizer.param_groups:
             group.update(lr=adam.learning_rate, betas=(adam.beta1, adam.beta2), eps=adam.eps,
                          weight_decay=adam.weight_decay)
@@ -255,6 +256,7 @@ class Executor:
         m.optimizer.zero_grad(set_to_none=True)
         m.steps += 1
         m.pending = 0
+        m.seconds += time.perf_counter() - t0
         return {"metrics": {"grad_norm:mean": norm, "learning_rate:mean": adam.learning_rate}}
 
     # ---- state (save_state / load_state) -------------------------------------------------------

@@ -295,7 +295,7 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
             except Exception as exc:  # noqa: BLE001 - the sampler's refusal or failure is the future's
                 status = getattr(unwrap(exc), "status", None)
                 result = {"error": str(unwrap(exc))[:500], "category": "user" if status and status < 500 else "server"}
-            await worker().close_future.remote(rid, result)
+            await worker().close_future.remote(rid, result, prompt_tokens=len(prompt) * body.num_samples)
 
         task = asyncio.get_running_loop().create_task(run())
         sampling_tasks.add(task)

@@ -23,6 +23,13 @@ cycles, at least every idle_evict_s / 2): the executor writes its LoRA, AdamW mo
 the worker's local disk and frees them; the model's next operation restores it first, in the same
 cycle, so its client sees the same numbers, a little later. A model whose gradients wait for their
 optim_step stays resident. The spill folder lives as long as the worker, as the models do.
+
+Cost: each cycle charges every model's tenant its tokens and its share of the cycle (its tokens' share of
+the grouped forward/backward's time plus its optimizer step's, times the worker's accelerators, as
+farm.costs defines a job's), and each sample its prompt and generated tokens. The totals per tenant
+are in `state()["usage"]`; on Ray's metrics endpoint they add to the jobs' per-customer counters
+(`farm_accelerator_seconds`, `farm_tokens`), with `farm_tinker_tokens{kind}` (train, prefill, sample)
+beside them.
 """
 
 from __future__ import annotations
@@ -119,6 +126,9 @@ class TinkerWorker:
         self.evicted: dict[str, str] = {}  # model id -> the local folder of its state (compute thread only)
         self.evictions = 0  # models evicted so far
         self.spill: str | None = None  # the local folder of evicted models
+        self.usage: dict[str, dict[str, float]] = {}  # tenant -> its totals (see _charge)
+        self._cycle_usage: dict[str, tuple[int, float]] = {}  # tenant -> (tokens, seconds) of the last cycle
+        self._meters: dict | None = None
         self.cycles = 0  # clock cycles run
         self.largest_group = 0  # most models in one grouped forward/backward so far
         self.wake: asyncio.Event | None = None
@@ -257,11 +267,16 @@ class TinkerWorker:
     async def open_future(self, tenant: str, kind: str) -> str:
         return self._future(tenant, kind)
 
-    async def close_future(self, request_id: str, result: dict) -> None:
+    async def close_future(self, request_id: str, result: dict, prompt_tokens: int = 0) -> None:
+        """A sample's result (the ingress ran it); its tenant is charged `prompt_tokens` (the prompt times
+        the samples) and the generated tokens."""
         fut = self.futures.get(request_id)
         if fut is not None and not fut.done.is_set():
             fut.result, fut.finished = result, time.time()
             fut.done.set()
+            if fut.kind == "sample" and "error" not in result:
+                sampled = sum(len(seq["tokens"]) for seq in result.get("sequences", ()))
+                self._charge(fut.tenant, prefill=int(prompt_tokens), sample=sampled)
 
     async def retrieve(self, tenant: str, request_id: str, wait_s: float) -> dict:
         """The result ({"result": ...}), {"try_again": queue_state} after wait_s, or {"_error": ...}."""
@@ -282,7 +297,51 @@ class TinkerWorker:
         return {"models": len(self.models), "sessions": len(self.sessions), "waiting": self.seq.waiting(),
                 "loaded": self.executor is not None, "cycles": self.cycles, "largest_group": self.largest_group,
                 "resident": 0 if self.executor is None else len(self.executor.models),
-                "evicted": len(self.evicted), "evictions": self.evictions}
+                "evicted": len(self.evicted), "evictions": self.evictions,
+                "usage": {tenant: dict(u) for tenant, u in self.usage.items()}}
+
+    # ---- cost ---------------------------------------------------------------------------------
+    def _charge(self, tenant: str, *, tokens: int = 0, seconds: float = 0.0, prefill: int = 0, sample: int = 0) -> None:
+        """Add to the tenant's totals and to the per-customer counters on Ray's metrics endpoint."""
+        from farm.costs import accelerator_seconds
+
+        accel = accelerator_seconds(seconds, int(self.cfg.num_gpus)) if seconds else 0.0
+        u = self.usage.setdefault(tenant, {"tokens": 0, "accelerator_seconds": 0.0, "prefill_tokens": 0,
+                                           "sample_tokens": 0})
+        u["tokens"] += tokens
+        u["accelerator_seconds"] += accel
+        u["prefill_tokens"] += prefill
+        u["sample_tokens"] += sample
+        meters = self._metrics()
+        if meters is None:
+            return
+        tags = {"customer": tenant}
+        for kind, n in (("train", tokens), ("prefill", prefill), ("sample", sample)):
+            if n:
+                meters["tinker_tokens"].inc(n, tags={**tags, "kind": kind})
+        if tokens:
+            meters["tokens"].inc(tokens, tags=tags)
+        if accel:
+            meters["accel"].inc(accel, tags=tags)
+
+    def _metrics(self) -> dict | None:
+        """The counters, made once; None outside Ray (the worker class driven in process by tests)."""
+        if self._meters is None:
+            import ray
+
+            if not ray.is_initialized():
+                return None
+            from ray.util.metrics import Counter
+
+            from farm.costs import ACCELERATOR_SECONDS_COUNTER, TOKENS_COUNTER
+
+            self._meters = {
+                "accel": Counter(*ACCELERATOR_SECONDS_COUNTER, tag_keys=("customer",)),
+                "tokens": Counter(*TOKENS_COUNTER, tag_keys=("customer",)),
+                "tinker_tokens": Counter("farm_tinker_tokens", "Tokens of Tinker API calls, per customer and kind "
+                                         "(train: forward/backward, prefill: sample prompts, sample: generated).",
+                                         tag_keys=("customer", "kind"))}
+        return self._meters
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -310,6 +369,9 @@ class TinkerWorker:
                 for op in controls:  # a model that could not be created: its queued operations fail too
                     if op.kind in ("create_model", "load_weights") and "error" in results.get(op.request_id, {}):
                         self._forget(op.model_id)
+                usage, self._cycle_usage = self._cycle_usage, {}
+                for tenant, (tokens, seconds) in usage.items():
+                    self._charge(tenant, tokens=tokens, seconds=seconds)
                 now = time.time()
                 for op in controls + ready:
                     if op.model_id in self.models:
@@ -371,6 +433,20 @@ class TinkerWorker:
         for model_id in busy & self.evicted.keys():  # an evicted model's operation: the model comes back first
             ex.restore(model_id, self.evicted[model_id])
             shutil.rmtree(self.evicted.pop(model_id), ignore_errors=True)
+        before = {m: (ex.models[m].tokens, ex.models[m].seconds) for m in busy if m in ex.models}
+        try:
+            return self._steps(ex, ready, out)
+        finally:  # what the models' counters moved by this cycle, per tenant (the event loop charges it)
+            usage: dict[str, tuple[int, float]] = {}
+            for model_id, (tokens, seconds) in before.items():
+                m = ex.models.get(model_id)
+                if m is not None and (m.tokens > tokens or m.seconds > seconds):
+                    t, sec = usage.get(m.tenant, (0, 0.0))
+                    usage[m.tenant] = (t + m.tokens - tokens, sec + m.seconds - seconds)
+            self._cycle_usage = usage
+
+    def _steps(self, ex, ready: list[Op], out: dict[str, dict]) -> dict[str, dict]:
+        """The cycle's operations: one grouped forward/backward, then each optimizer step, save or load."""
         self.cycles += 1
         fbs = [op for op in ready if op.kind == "forward_backward"]
         self.largest_group = max(self.largest_group, len(fbs))
