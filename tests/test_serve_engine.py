@@ -135,6 +135,9 @@ def test_sampling_helpers():
     logits = torch.tensor([0.0, 5.0, 1.0])
     assert Sampler(temperature=0.0).sample(logits) == 1
     assert {Sampler(temperature=1.0, top_p=0.01, seed=s).sample(logits) for s in range(10)} == {1}
+    assert {Sampler(temperature=1.0, top_k=1, seed=s).sample(logits) for s in range(10)} == {1}
+    assert {Sampler(temperature=2.0, top_k=2, seed=s).sample(logits) for s in range(40)} == {1, 2}  # never the 3rd
+    assert Sampler(top_k=-2).problems() == ["top_k: -2 is not a whole number >= 1, or 0 / -1 (off)"]
     assert find_stop("abc\n\ndef", ["\n\n", "x"]) == 3
     assert safe_prefix_len("hello wor", ["world"]) == len("hello ")
     assert safe_prefix_len("ab\ufffd", []) == 2
@@ -245,3 +248,36 @@ def test_logprobs_of_a_mixed_adapter_batch_equal_stock_peft_log_softmax(engine, 
         check_entries(done["logprobs"], lp, len(prompt_ids), 1e-4)
         assert all(len(alts) == 3 for _, _, alts in done["logprobs"])
     engine.detach(slot.name)
+
+
+def test_stop_token_ids_end_a_row_and_tinker_keeps_the_token_that_ended_it(engine):
+    """`stop_token_ids` end a row at that token: left out of the output (as EOS is) unless
+    `keep_stop_token`, which keeps it with its logprob (the Tinker sampler's tokens, as vLLM's have it);
+    `ignore_eos` lets a row run past EOS."""
+    ids = engine.tokenizer("The quick brown fox jumps over").input_ids
+
+    def run(**kw) -> dict:
+        async def go():
+            job = GenJob(prompt_ids=ids, max_tokens=10, sampler=Sampler(temperature=0.0), logprobs=0, **kw)
+            async for event in engine.generate(job):
+                if "done" in event:
+                    return event["done"]
+        return asyncio.run(go())
+
+    free = run()
+    tokens = [e[0] for e in free["logprobs"]]
+    assert len(tokens) == 10 and free["finish_reason"] == "length"
+    stop = tokens[3]
+    upto = tokens.index(stop)
+    kept = run(stop_token_ids=[stop], keep_stop_token=True)
+    assert kept["finish_reason"] == "stop" and kept["logprobs"] == free["logprobs"][: upto + 1]
+    dropped = run(stop_token_ids=[stop])
+    assert dropped["finish_reason"] == "stop" and dropped["logprobs"] == free["logprobs"][:upto]
+    # EOS: with the greedy 4th token made the EOS, the row stops there (kept), or runs on with ignore_eos
+    saved = engine.eos_ids
+    engine.eos_ids = {stop}
+    try:
+        assert [e[0] for e in run(keep_stop_token=True)["logprobs"]] == tokens[: upto + 1]
+        assert run(ignore_eos=True)["logprobs"] == free["logprobs"]
+    finally:
+        engine.eos_ids = saved

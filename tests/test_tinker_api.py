@@ -206,9 +206,11 @@ def test_refusals_are_4xx_json_naming_the_field(farm):
     assert as_json.status_code == 400 and as_json.json()["field"] == "content-type"
     later = post("cancel_future", json={"request_id": "x"})
     assert later.status_code == 422 and "does not offer it yet" in later.json()["error"]
-    top_k = post("asample", json={"sampling_session_id": "x", "num_samples": 1, "prompt": {"chunks": [{"tokens": [1]}]},
-                                  "sampling_params": {"top_k": 5}})
-    assert top_k.status_code == 422 and top_k.json()["field"] == "sampling_params.top_k"
+    sample = {"sampling_session_id": "x", "num_samples": 1, "prompt": {"chunks": [{"tokens": [1]}]}}
+    topk_prompt = post("asample", json={**sample, "topk_prompt_logprobs": 5})
+    assert topk_prompt.status_code == 422 and topk_prompt.json()["field"] == "topk_prompt_logprobs"
+    top_k = post("asample", json={**sample, "sampling_params": {"top_k": -5}})
+    assert top_k.status_code == 400 and top_k.json()["field"] == "sampling_params.top_k"
     bad_name = post("save_weights", json={"model_id": "x", "path": "../up", "seq_id": 2})
     assert bad_name.status_code == 400 and "'../up' is not a checkpoint name" in bad_name.json()["error"]
     bad_path = post("load_weights", json={"path": "s3://bucket/x", "optimizer": True, "session_id": sid,
@@ -379,6 +381,36 @@ def test_a_sampling_client_samples_the_trained_weights_through_the_serving_engin
     base = service.create_sampling_client(base_model=farm.cfg.served_name).result()
     plain = base.sample(types.ModelInput.from_ints(ids), num_samples=1, sampling_params=greedy).result()
     assert tok.decode(plain.sequences[0].tokens, skip_special_tokens=True) == stock_greedy(farm.tiny, None, ids, 6)
+
+
+def test_sampler_options_token_id_stops_top_k_and_prompt_logprobs(farm):
+    """What the cookbook's loops ask of a sampler: stop token ids (its renderers' end-of-message token),
+    kept at the end of the sample; top_k; compute_logprobs (prompt logprobs), as stock transformers
+    scores the prompt."""
+    from tinker import types
+
+    service = _service(farm)
+    base = service.create_sampling_client(base_model=farm.cfg.served_name).result()
+    prompt = types.ModelInput.from_ints(TOKENS)
+    free = base.sample(prompt, num_samples=1, sampling_params=types.SamplingParams(max_tokens=8, temperature=0.0)).result()
+    tokens = free.sequences[0].tokens
+    assert len(tokens) == 8 and free.sequences[0].stop_reason == "length"
+    stop = tokens[2]
+    upto = tokens.index(stop)
+    stopped = base.sample(prompt, num_samples=1, sampling_params=types.SamplingParams(
+        max_tokens=8, temperature=0.0, stop=[stop])).result().sequences[0]
+    assert stopped.tokens == tokens[: upto + 1] and stopped.stop_reason == "stop"  # the stop token is the last
+    assert stopped.logprobs == pytest.approx(free.sequences[0].logprobs[: upto + 1])
+    # top_k=1 at temperature 1 is greedy, whatever the seed
+    top1 = base.sample(prompt, num_samples=2, sampling_params=types.SamplingParams(
+        max_tokens=8, temperature=1.0, top_k=1, seed=11)).result()
+    assert [s.tokens for s in top1.sequences] == [tokens, tokens]
+    logprobs = base.compute_logprobs(prompt).result()
+    assert logprobs[0] is None and len(logprobs) == len(TOKENS)
+    np.testing.assert_allclose(logprobs[1:], _stock_logprobs(farm.tiny, TOKENS), atol=1e-4)
+    last = base.compute_logprobs(prompt, prompt_logprobs_last_n=3).result()
+    assert last[:-3] == [None] * (len(TOKENS) - 3) and last[-3:] == pytest.approx(logprobs[-3:])
+    service.close("success").result()
 
 
 def test_a_lost_pack_worker_is_a_4xx_and_the_next_request_starts_a_new_one(farm):

@@ -271,22 +271,32 @@ class Ingress:
 
     async def generate_ids(self, principal: Principal, model: str, prompt_ids: list[int], *, max_tokens: int,
                            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                           stops: list[str] | None = None) -> dict:
+                           stops: list[str] | None = None, top_k: int = 0, stop_token_ids: list[int] | None = None,
+                           keep_stop_token: bool = False, ignore_eos: bool = False,
+                           prompt_logprobs: bool = False) -> dict:
         """One completion of token ids by `model` (a base or `customer/adapter[@vN]` the principal may use),
         with each completion token's id and logprob: the engine's done event. For extensions (the Tinker
-        API's sampling); the same resolution, limits and engine call as the OpenAI routes."""
+        API's sampling); the same resolution, limits and engine call as the OpenAI routes. Beyond them:
+        `top_k`, `stop_token_ids` (sampling one ends the completion), `keep_stop_token` (the token that
+        ended it, EOS or a stop id, is in the output, as vLLM's token ids have it), `ignore_eos` and
+        `prompt_logprobs` (each prompt token's logprob, the first None: the done event's
+        "prompt_logprobs" entries)."""
         from farm.serve.sampling import sampling_problems
 
-        problems = sampling_problems(temperature, top_p, seed)
+        problems = sampling_problems(temperature, top_p, seed, top_k)
+        bad_ids = [t for t in stop_token_ids or () if isinstance(t, bool) or not isinstance(t, int) or t < 0]
+        if bad_ids:
+            problems.append(f"stop: token ids {bad_ids[:5]!r} are not whole numbers >= 0")
         if problems:
             raise ApiError(400, "; ".join(problems))
         target = await self._target(principal, model)
         max_tokens = check_max_tokens(max_tokens, self.cfg.max_tokens_cap)
         check_context(len(prompt_ids), max_tokens, self.bases[target.base].context_length)
         job = {"ref": target.ref, "name": target.name, "version": target.version, "prompt_ids": list(prompt_ids),
-               "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-               "stops": list(stops or []), "stream": False, "logprobs": 0, "prompt_logprobs": None,
-               "tenant": principal.customer or "admin"}
+               "max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "top_k": top_k,
+               "stops": list(stops or []), "stop_token_ids": list(stop_token_ids or []),
+               "keep_stop_token": keep_stop_token, "ignore_eos": ignore_eos, "stream": False, "logprobs": 0,
+               "prompt_logprobs": 0 if prompt_logprobs else None, "tenant": principal.customer or "admin"}
         done = await self._handle(target).complete.remote(job)
         return {**done, "model": target.ref}
 

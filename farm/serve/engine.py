@@ -471,8 +471,12 @@ class Engine:
         finish = None
         if job.max_tokens == 0:  # echo only: the prompt was scored, nothing is generated
             finish = "length"
-        elif tok in self.eos_ids:
+        elif (tok in self.eos_ids and not job.ignore_eos) or tok in job.stop_token_ids:
             finish = "stop"
+            if job.keep_stop_token:
+                job.out_ids.append(tok)
+                if entry is not None:
+                    job.out_logprobs.append(entry)
         else:
             job.out_ids.append(tok)
             if entry is not None:

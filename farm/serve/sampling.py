@@ -1,4 +1,4 @@
-"""Choosing the next token per row (greedy, temperature, top-p; a per-request seeded generator)
+"""Choosing the next token per row (greedy, temperature, top-k, top-p; a per-request seeded generator)
 and finding stop strings in a row's text."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ TEMPERATURE_MIN = 0.01  # below it (and above 0) logits / temperature overflow f
 TEMPERATURE_MAX = 2.0
 
 
-def sampling_problems(temperature: float, top_p: float, seed: int | None) -> list[str]:
-    """What is wrong with these sampling settings (empty = fine), each naming the field."""
+def sampling_problems(temperature: float, top_p: float, seed: int | None, top_k: int = 0) -> list[str]:
+    """What is wrong with these sampling settings (empty = fine), each naming the field. top_k 0 or -1
+    is off (vLLM's and Tinker's -1)."""
     problems = []
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) or not (
         temperature == 0 or TEMPERATURE_MIN <= temperature <= TEMPERATURE_MAX
@@ -23,6 +24,8 @@ def sampling_problems(temperature: float, top_p: float, seed: int | None) -> lis
         problems.append(f"top_p: {top_p!r} is not in (0, 1]")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed <= SEED_MAX):
         problems.append(f"seed: {seed!r} is not an integer in [-2**63, 2**63 - 1]")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1:
+        problems.append(f"top_k: {top_k!r} is not a whole number >= 1, or 0 / -1 (off)")
     return problems
 
 
@@ -31,10 +34,11 @@ class Sampler:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # the k most likely tokens only; 0 or -1: off
     _gen: object = field(default=None, repr=False)
 
     def problems(self) -> list[str]:
-        return sampling_problems(self.temperature, self.top_p, self.seed)
+        return sampling_problems(self.temperature, self.top_p, self.seed, self.top_k)
 
     @property
     def greedy(self) -> bool:
@@ -55,8 +59,11 @@ class Sampler:
         """One token id from a row's 1-D float logits."""
         import torch
 
-        if self.greedy:
+        if self.greedy or self.top_k == 1:
             return int(logits.argmax())
+        if 0 < self.top_k < logits.shape[-1]:  # vLLM's order: top-k, then temperature and top-p
+            kth = logits.topk(self.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_p, order = probs.sort(descending=True)

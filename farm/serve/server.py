@@ -154,8 +154,12 @@ class AdapterServer:
         gen = GenJob(
             prompt_ids=job["prompt_ids"],
             max_tokens=job["max_tokens"],
-            sampler=Sampler(temperature=job["temperature"], top_p=job["top_p"], seed=job["seed"]),
+            sampler=Sampler(temperature=job["temperature"], top_p=job["top_p"], seed=job["seed"],
+                            top_k=job.get("top_k", 0)),
             stops=job["stops"],
+            stop_token_ids=job.get("stop_token_ids", []),
+            keep_stop_token=job.get("keep_stop_token", False),
+            ignore_eos=job.get("ignore_eos", False),
             slot=slot.name if slot else None,
             tag=job["name"],
             stream=job["stream"],

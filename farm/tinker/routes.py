@@ -266,17 +266,19 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
             raise TinkerApiError(422, "asample: this service mounts the Tinker API without a serving engine", "path")
         if body.sampling_session_id is None:
             raise bad("sampling_session_id", "is required (create_sampling_session first)")
-        params, stops = body.sampling_params, body.sampling_params.stop
-        unsupported = [(f, v) for f, v in (("prompt_logprobs", body.prompt_logprobs),
-                                           ("topk_prompt_logprobs", body.topk_prompt_logprobs),
-                                           ("topk_sample_logprobs", body.topk_sample_logprobs)) if v]
-        if params.top_k not in (-1, 0):
-            unsupported.append(("sampling_params.top_k", params.top_k))
-        if isinstance(stops, list) and any(isinstance(x, int) for x in stops):
-            unsupported.append(("sampling_params.stop", "token ids"))
+        params, stop = body.sampling_params, body.sampling_params.stop
+        unsupported = [(f, v) for f, v in (("topk_prompt_logprobs", body.topk_prompt_logprobs),
+                                           ("topk_sample_logprobs", body.topk_sample_logprobs),
+                                           ("target_prompt_logprobs", body.target_prompt_logprobs),
+                                           ("prompt_alt_tokens_k", body.prompt_alt_tokens_k)) if v]
         if unsupported:
             field, value = unsupported[0]
             raise TinkerApiError(422, f"{field}: {value!r} is not supported by the farm's sampler yet", field)
+        # `stop`: a string, strings or token ids; `[]` turns off even EOS. The token that ends a sample
+        # (a stop id or EOS) is in its tokens, as Tinker's (vLLM's) are: the cookbook's renderers look for it.
+        stop = [stop] if isinstance(stop, str) else stop
+        stop_ids = [x for x in stop or () if isinstance(x, int)]
+        stop_texts = [x for x in stop or () if isinstance(x, str)]
         prompt = [tok for chunk in body.prompt.chunks for tok in chunk.tokens]
         if any(c.type != "encoded_text" for c in body.prompt.chunks):
             raise TinkerApiError(422, "prompt.chunks: encoded_text only", "prompt.chunks")
@@ -287,11 +289,16 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
             try:
                 dones = await asyncio.gather(*(ingress.generate_ids(
                     principal, model, prompt, max_tokens=params.max_tokens, temperature=params.temperature,
-                    top_p=params.top_p, seed=None if params.seed is None else params.seed + i,
-                    stops=[stops] if isinstance(stops, str) else list(stops or [])) for i in range(body.num_samples)))
+                    top_p=params.top_p, seed=None if params.seed is None else params.seed + i, top_k=params.top_k,
+                    stops=stop_texts, stop_token_ids=stop_ids, keep_stop_token=True, ignore_eos=stop == [],
+                    prompt_logprobs=body.prompt_logprobs and i == 0) for i in range(body.num_samples)))
                 result = {"sequences": [{"tokens": [e[0] for e in d["logprobs"]], "logprobs": [e[1] for e in d["logprobs"]],
                                          "stop_reason": "length" if d["finish_reason"] == "length" else "stop"}
                                         for d in dones]}
+                if body.prompt_logprobs:  # the first prompt token has none (NaN on the wire), nor those before last_n
+                    scored = [e[1] for e in dones[0]["prompt_logprobs"]]
+                    first = len(scored) - (body.prompt_logprobs_last_n or len(scored))
+                    result["prompt_logprobs"] = [None] * max(0, first) + scored[max(0, first):]
             except Exception as exc:  # noqa: BLE001 - the sampler's refusal or failure is the future's
                 status = getattr(unwrap(exc), "status", None)
                 result = {"error": str(unwrap(exc))[:500], "category": "user" if status and status < 500 else "server"}
@@ -313,7 +320,8 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
         if "error" in result:
             return {"error": result["error"], "category": result.get("category", "unknown")}
         if answer["kind"] == "sample":
-            return Response(wire.sample_response(result["sequences"]), media_type=wire.PROTO_TYPE)
+            return Response(wire.sample_response(result["sequences"], result.get("prompt_logprobs")),
+                            media_type=wire.PROTO_TYPE)
         if answer["kind"] == "forward_backward":
             outputs = {"logprobs": result["logprobs"], "elementwise_loss": result["elementwise_loss"]}
             return Response(wire.forward_backward_output(outputs, result["metrics"]), media_type=wire.PROTO_TYPE)

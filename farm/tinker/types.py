@@ -131,7 +131,7 @@ class Prompt(_Body):
 class SamplingParams(_Body):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0)
-    top_k: int = -1
+    top_k: int = Field(-1, ge=-1)  # -1 (or 0): off
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = None
     stop: str | list[str] | list[int] | None = None
@@ -144,8 +144,11 @@ class Sample(_Body):
     prompt: Prompt
     sampling_params: SamplingParams = SamplingParams()
     prompt_logprobs: bool = False
+    prompt_logprobs_last_n: int | None = Field(None, ge=1)
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+    target_prompt_logprobs: Any | None = None
+    prompt_alt_tokens_k: int = 0
     base_model: str | None = None
     model_path: str | None = None
 

@@ -215,9 +215,10 @@ def forward_backward_output(outputs: dict[str, list[np.ndarray]], metrics: dict[
     return out.SerializeToString()
 
 
-def sample_response(sequences: list[dict]) -> bytes:
+def sample_response(sequences: list[dict], prompt_logprobs: list[float | None] | None = None) -> bytes:
     """SampleResponse bytes: per sequence its tokens (int32), their logprobs (float32) and why it stopped
-    ("stop": a stop token or string, "length": max_tokens)."""
+    ("stop": a stop token or string, "length": max_tokens); with `prompt_logprobs` (asked for), one
+    float32 per prompt token, NaN for the first (None)."""
     reasons = {"stop": enum_value("StopReason", "STOP_REASON_STOP"),
                "length": enum_value("StopReason", "STOP_REASON_LENGTH")}
     out = messages()["SampleResponse"]()
@@ -225,4 +226,6 @@ def sample_response(sequences: list[dict]) -> bytes:
         s = out.sequences.add(stop_reason=reasons[seq["stop_reason"]])
         s.tokens = np.asarray(seq["tokens"], dtype="<i4").tobytes()
         s.logprobs = np.asarray(seq["logprobs"], dtype="<f4").tobytes()
+    if prompt_logprobs is not None:
+        out.prompt_logprobs = np.asarray([np.nan if v is None else v for v in prompt_logprobs], dtype="<f4").tobytes()
     return out.SerializeToString()

@@ -42,6 +42,9 @@ class GenJob:
     max_tokens: int
     sampler: Sampler
     stops: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # sampling one of these ends the row ("stop")
+    keep_stop_token: bool = False  # the token that ended the row (EOS or a stop id) is in the output (Tinker's)
+    ignore_eos: bool = False  # EOS does not end the row (Tinker's `stop: []`)
     slot: str | None = None
     tag: str = "base"  # metrics label
     tenant: str = ""  # who asked (the API key's customer): batches are fair across tenants (fair.py)

@@ -234,6 +234,8 @@ class VllmEngine:
             self._in_use[job.slot] += 1
         body = {"prompt_ids": job.prompt_ids, "max_tokens": job.max_tokens, "temperature": job.sampler.temperature,
                 "top_p": job.sampler.top_p, "seed": job.sampler.seed, "stops": job.stops, "lora_id": lid,
+                "top_k": max(0, job.sampler.top_k), "stop_token_ids": job.stop_token_ids,
+                "ignore_eos": job.ignore_eos, "keep_stop_token": job.keep_stop_token,
                 "stream": job.stream, "request_id": uuid.uuid4().hex, "tenant": job.tenant,
                 "logprobs": job.logprobs}
         try:

@@ -196,6 +196,8 @@ def build_api(engine, cfg: dict, base_lora, token: str):
         params = SamplingParams(
             n=1, max_tokens=max(1, int(body["max_tokens"])), temperature=float(body["temperature"]),
             top_p=float(body["top_p"]), seed=body.get("seed"), stop=list(body.get("stops") or []) or None,
+            top_k=int(body.get("top_k") or 0), stop_token_ids=list(body.get("stop_token_ids") or []) or None,
+            ignore_eos=bool(body.get("ignore_eos")),
             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA,
             logprobs=body.get("logprobs"),
         )
@@ -229,8 +231,8 @@ def build_api(engine, cfg: dict, base_lora, token: str):
             except Exception as exc:  # noqa: BLE001 - one bad request must not kill the worker
                 yield json.dumps(err(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error")) + "\n"
                 return
-            if finish == "stop" and stop_reason is None and out_ids:
-                out_ids.pop()  # the EOS token: not counted, like the farm engine
+            if finish == "stop" and stop_reason is None and out_ids and not body.get("keep_stop_token"):
+                out_ids.pop()  # the EOS token: not counted, like the farm engine (Tinker's sampler keeps it)
                 del out_lps[len(out_ids):]
             if score_only:
                 text, out_ids, out_lps, finish, stop_reason = [], [], [], "length", None
