@@ -242,6 +242,59 @@ def test_save_state_and_a_client_from_that_state_continue_with_the_same_loss(far
         _service(farm, "globex").create_training_client_from_state(saved.path).result()
 
 
+def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through_the_sdk(farm):
+    """RestClient's checkpoint calls and AdminClient's usage calls, each tenant seeing its own only."""
+    import datetime as dt
+
+    import tinker
+    from tinker import types
+
+    service = _service(farm)
+    tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=6).result()
+    fb, op = tc.forward_backward([_datum(TOKENS)], "cross_entropy"), tc.optim_step(types.AdamParams(learning_rate=1e-3))
+    fb.result()
+    op.result()
+    kept = tc.save_state("kept").result().path
+    short = tc.save_state("short", ttl_seconds=7200).result().path
+    sampler = tc.save_weights_for_sampler("listed").result().path
+    rest = tinker.RestClient(base_url=farm.base, api_key=KEYS["acme"])
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert set(listed) == {kept, short, sampler}
+    assert listed[kept].checkpoint_type == "training" and listed[kept].size_bytes > 0 and listed[kept].expires_at is None
+    assert listed[short].expires_at is not None
+    assert listed[sampler].checkpoint_type == "sampler" and listed[sampler].checkpoint_id == "sampler_weights/listed"
+    rest.set_checkpoint_ttl_from_tinker_path(kept, 3600).result()
+    rest.set_checkpoint_ttl_from_tinker_path(short, None).result()
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    assert listed[kept].expires_at is not None and listed[short].expires_at is None
+    with pytest.raises(tinker.BadRequestError, match=r"ttl_seconds: 60 is not in \[3600"):
+        rest.set_checkpoint_ttl_from_tinker_path(kept, 60).result()
+    rest.delete_checkpoint_from_tinker_path(short).result()
+    assert short not in {c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(short).result()
+    # another tenant: the run is not there for it
+    other = tinker.RestClient(base_url=farm.base, api_key=KEYS["globex"])
+    with pytest.raises(tinker.NotFoundError):
+        other.list_checkpoints(tc.model_id).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.delete_checkpoint_from_tinker_path(kept).result()
+    # usage: acme's checkpoints in storage, and its hourly ledger
+    admin = tinker.AdminClient(base_url=farm.base, api_key=KEYS["acme"])
+    [stored] = admin.get_current_checkpoint_storage_usage().result().data
+    assert stored.checkpoint_count >= 1 and stored.size_bytes >= listed[kept].size_bytes
+    hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    usage = admin.get_billing_usage(hour - dt.timedelta(hours=1), hour + dt.timedelta(hours=1)).result().data
+    totals: dict[str, int] = {}
+    for e in usage:  # hourly buckets (this test may straddle an hour)
+        n = e.event_info.count if e.event_info.type == "checkpoint" else e.event_info.token_count
+        totals[e.event_info.type] = totals.get(e.event_info.type, 0) + n
+    assert totals["training"] >= len(TOKENS) - 1 and totals["checkpoint"] >= 3
+    with pytest.raises(tinker.BadRequestError, match="starting_on: .* is not on a UTC hour boundary"):
+        admin.get_billing_usage(hour + dt.timedelta(minutes=5), hour + dt.timedelta(hours=1)).result()
+    service.close("success").result()
+
+
 def test_two_tenants_training_at_once_share_grouped_steps_and_each_loss_falls(farm):
     import threading
 

@@ -37,6 +37,12 @@ class TinkerConfig(BaseModel):
     """A model with no operation for this long leaves the worker's memory: its LoRA, AdamW moments and
     counters go to the worker's local disk and come back, unchanged, with its next operation (never
     while gradients wait for an optim_step). None keeps every model resident until its session ends."""
+    max_stored_bytes: int | None = Field(10 * 1024**3, ge=1)
+    """Bytes of save_state checkpoints one tenant may keep in run storage (all its models); a save over
+    it fails, naming the tenant's total. None: no limit. Sampler weights are catalog versions, not
+    counted here."""
+    expiry_sweep_s: float = Field(600.0, gt=0)
+    """How often the pack worker deletes expired checkpoints (save_state's ttl_seconds) of every tenant."""
     result_ttl_s: float = Field(1800.0, gt=0)
     """How long a finished future's result is kept for the SDK to fetch (and fetch again after a lost reply)."""
     worker_name: str | None = None

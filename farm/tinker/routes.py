@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,7 +26,7 @@ from farm.tinker import types as t
 from farm.tinker import wire
 from farm.tinker.config import TinkerConfig
 from farm.tinker.errors import TinkerApiError, bad
-from farm.tinker.state import check_adapter_name, check_name, parse_path
+from farm.tinker.state import TTL_MAX_S, TTL_MIN_S, StateStore, check_adapter_name, check_name, parse_path
 
 PREFIXES = ("/api/v1/",)
 MAX_JSON_BYTES = 1024 * 1024
@@ -326,6 +328,92 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
             outputs = {"logprobs": result["logprobs"], "elementwise_loss": result["elementwise_loss"]}
             return Response(wire.forward_backward_output(outputs, result["metrics"]), media_type=wire.PROTO_TYPE)
         return result
+
+    # ---- checkpoints (RestClient) and usage (AdminClient) ---------------------------------------
+    def store() -> StateStore:
+        from farm.settings import storage_path
+
+        return StateStore(cfg.storage or storage_path())
+
+    def iso(ts: float | None) -> str | None:
+        return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+    @app.get("/api/v1/training_runs/{model_id}/checkpoints")
+    async def list_checkpoints(model_id: str, request: Request):
+        """The model's save_state checkpoints (run storage) and the sampler weights it published since
+        the worker started; another tenant's model is a 404, as a missing one."""
+        tenant = tenant_of(keys, request)
+        saved = await asyncio.to_thread(store().checkpoints, tenant, model_id)
+        sampler = await worker().sampler_checkpoints.remote(tenant, model_id)
+        if not saved and not sampler["known"] and not sampler["sampler"]:
+            raise TinkerApiError(404, f"training run {model_id!r} not found", "training_run_id")
+        rows = [{"checkpoint_id": f"weights/{c.name}", "checkpoint_type": "training", "time": iso(c.created),
+                 "tinker_path": c.path, "size_bytes": c.size_bytes, "public": False, "expires_at": iso(c.expires_at)}
+                for c in saved]
+        rows += [{"checkpoint_id": s["path"].split("/", 3)[3], "checkpoint_type": "sampler", "time": iso(s["time"]),
+                  "tinker_path": s["path"], "size_bytes": None, "public": False, "expires_at": None,
+                  "user_metadata": {"catalog_ref": s["catalog_ref"]}} for s in sampler["sampler"]]
+        return {"checkpoints": rows, "cursor": None}
+
+    def checkpoint_folder(tenant: str, model_id: str, kind: str, name: str) -> str:
+        if kind == "sampler_weights":
+            raise TinkerApiError(422, f"checkpoint_id: sampler_weights/{name} is a catalog version (its ref is in "
+                                      "list_checkpoints); `farm adapters delete` removes it", "checkpoint_id")
+        if kind != "weights":
+            raise TinkerApiError(404, f"checkpoint {kind}/{name!r} not found", "checkpoint_id")
+        return store().folder(tenant, model_id, check_name(name, "checkpoint_id"))
+
+    @app.delete("/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(model_id: str, kind: str, name: str, request: Request):
+        tenant = tenant_of(keys, request)
+        folder = checkpoint_folder(tenant, model_id, kind, name)
+        await asyncio.to_thread(store().delete, folder)
+        return {}
+
+    @app.put("/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}/ttl")
+    async def set_ttl(model_id: str, kind: str, name: str, request: Request):
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.SetTtl)
+        if body.ttl_seconds is not None and not TTL_MIN_S <= body.ttl_seconds <= TTL_MAX_S:
+            raise bad("ttl_seconds", f"{body.ttl_seconds!r} is not in [{TTL_MIN_S}, {TTL_MAX_S}] (1 hour to 10 years), "
+                                     "or null (never expires)")
+        folder = checkpoint_folder(tenant, model_id, kind, name)
+        await asyncio.to_thread(store().set_ttl, folder, body.ttl_seconds)
+        return {}
+
+    @app.get("/api/v1/billing/usage/checkpoints/current")
+    async def storage_usage(request: Request):
+        """The caller's save_state checkpoints in run storage now (sampler weights are catalog versions)."""
+        tenant = tenant_of(keys, request)
+        count, size = await asyncio.to_thread(store().usage, tenant)
+        return {"effective_rate_usd_per_gigabyte_month": None,
+                "data": [{"user_name": tenant, "checkpoint_count": count, "size_bytes": size,
+                          "size_gigabytes": size / 1e9, "estimated_monthly_cost_usd": None}]}
+
+    @app.get("/api/v1/billing/usage/events")
+    async def billing_usage(request: Request):
+        """The caller's hourly usage on this base since the pack worker started: training tokens,
+        sampling prefill and sampled tokens, checkpoints made. No prices (the farm has no rate card)."""
+        tenant = tenant_of(keys, request)
+        q = t.validate(t.BillingWindow, dict(request.query_params))
+        start, end = q.starting_on.timestamp(), q.ending_before.timestamp()
+        for field, ts in (("starting_on", start), ("ending_before", end)):
+            if ts % 3600:
+                raise bad(field, f"{iso(ts)} is not on a UTC hour boundary")
+        if end <= start or end - start > 14 * 86400:
+            raise bad("ending_before", f"{iso(end)}: must be after starting_on and at most 14 days after it")
+        if start > time.time():
+            raise bad("starting_on", f"{iso(start)} is in the future")
+        rows = await worker().billing.remote(tenant, start, end)
+
+        def info(kind: str, n: int) -> dict:
+            if kind == "checkpoint":
+                return {"type": kind, "count": n}
+            return {"type": kind, "token_count": n, **({"cached": False} if kind == "sampling_prefill" else {})}
+
+        return {"data": [{"bucket_start": iso(r["hour"]), "bucket_end": iso(r["hour"] + 3600),
+                          "base_model": cfg.served_name, "user_name": tenant, "event_info": info(r["kind"], r["count"])}
+                         for r in rows], "sessions": {}, "cost_data_through": None}
 
     @app.post("/api/v1/{name}")
     async def not_built(name: str, request: Request):

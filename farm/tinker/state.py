@@ -7,18 +7,26 @@ count, the LoRA's Tinker flags, the steps taken). The tenant is part of the key:
 checkpoint of the caller's own models only, another tenant's path is simply not there.
 
 The SDK names it `tinker://<model id>/weights/<name>` (exactly three segments after the scheme).
+Beside the state file, `farm_tinker_meta.json` holds when it was saved and when it expires (the
+`ttl_seconds` of save_state or of a later PUT .../ttl; null: never). An expired checkpoint is deleted
+by the next sweep (the pack worker's, and any listing of its tenant's checkpoints) and is not loaded.
 No heavy imports: fsspec only.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from farm.tinker.errors import TinkerApiError, bad
 
 ROOT = "farm-tinker"
 STATE_FILE = "tinker_state.pt"
+META_FILE = "farm_tinker_meta.json"
+TTL_MIN_S, TTL_MAX_S = 3600, 10 * 365 * 24 * 3600  # PUT .../ttl's bounds, as Tinker's
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 KINDS = ("weights", "sampler_weights")
 
@@ -55,6 +63,23 @@ def parse_path(path: str, field: str = "path") -> tuple[str, str, str]:
     return parts[0], parts[1], check_name(parts[2], field)
 
 
+@dataclass
+class StoredCheckpoint:
+    """One save_state checkpoint in run storage."""
+
+    tenant: str
+    model_id: str
+    name: str
+    folder: str
+    size_bytes: int
+    created: float
+    expires_at: float | None
+
+    @property
+    def path(self) -> str:
+        return tinker_path(self.model_id, self.name)
+
+
 class StateStore:
     """Checkpoint folders of one run storage."""
 
@@ -67,16 +92,19 @@ class StateStore:
         return f"{self.root}/{ROOT}/{tenant}/{model_id}/{kind}/{check_name(name)}"
 
     def exists(self, folder: str) -> bool:
-        return self.fs.exists(f"{folder}/{STATE_FILE}")
+        return self.fs.exists(f"{folder}/{STATE_FILE}") and not self._expired(folder)
 
-    def upload(self, local: Path, folder: str, *, overwrite: bool) -> None:
+    def upload(self, local: Path, folder: str, *, overwrite: bool, ttl_seconds: int | None = None) -> None:
         """Copy a local checkpoint folder in; the state file goes last, so a half copy never looks complete."""
         if self.exists(folder):
             if not overwrite:
                 raise TinkerApiError(400, f"path: checkpoint {folder.rsplit('/', 1)[-1]!r} exists (overwrite: false)",
                                      "path")
+        if self.fs.exists(folder):  # replaced, or expired and not yet swept
             self.fs.rm(folder, recursive=True)
         self.fs.makedirs(folder, exist_ok=True)
+        now = time.time()
+        self._write_meta(folder, {"created": now, "expires_at": now + ttl_seconds if ttl_seconds else None})
         files = sorted(p for p in local.iterdir() if p.is_file())
         for p in sorted(files, key=lambda p: p.name == STATE_FILE):
             self.fs.put_file(str(p), f"{folder}/{p.name}")
@@ -88,3 +116,81 @@ class StateStore:
         for entry in self.fs.ls(folder, detail=False):
             self.fs.get_file(entry, str(local / entry.rstrip("/").rsplit("/", 1)[-1]))
         return local
+
+    # ---- listing, expiry, deletion, usage (the REST checkpoint calls and the storage quota) ----------
+    def checkpoints(self, tenant: str, model_id: str | None = None) -> list[StoredCheckpoint]:
+        """The tenant's complete checkpoints (of one model), oldest first; expired ones are deleted here."""
+        base = f"{self.root}/{ROOT}/{tenant}"
+        models = [model_id] if model_id else [p.rstrip("/").rsplit("/", 1)[-1] for p in self._dirs(base)]
+        found = []
+        for mid in models:
+            for folder in self._dirs(f"{base}/{mid}/weights"):
+                folder = folder.rstrip("/")
+                files = {e["name"].rstrip("/").rsplit("/", 1)[-1]: e for e in self.fs.ls(folder, detail=True)}
+                if STATE_FILE not in files:
+                    continue  # a save in progress (the state file goes last) or a broken one
+                meta = self._read_meta(folder)
+                if self._is_past(meta):
+                    self.fs.rm(folder, recursive=True)
+                    continue
+                found.append(StoredCheckpoint(tenant, mid, folder.rsplit("/", 1)[-1], folder,
+                                              sum(int(e.get("size") or 0) for e in files.values()),
+                                              float(meta.get("created") or 0.0), meta.get("expires_at")))
+        return sorted(found, key=lambda c: (c.created, c.name))
+
+    def tenants(self) -> list[str]:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self._dirs(f"{self.root}/{ROOT}")]
+
+    def sweep_expired(self) -> int:
+        """Delete every tenant's expired checkpoints; how many."""
+        gone = 0
+        for tenant in self.tenants():
+            base = f"{self.root}/{ROOT}/{tenant}"
+            for model in self._dirs(base):
+                for folder in self._dirs(f"{model.rstrip('/')}/weights"):
+                    if self._is_past(self._read_meta(folder.rstrip("/"))):
+                        self.fs.rm(folder.rstrip("/"), recursive=True)
+                        gone += 1
+        return gone
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(checkpoints, bytes) the tenant keeps."""
+        found = self.checkpoints(tenant)
+        return len(found), sum(c.size_bytes for c in found)
+
+    def delete(self, folder: str) -> None:
+        if not self.exists(folder):
+            raise TinkerApiError(404, f"checkpoint {folder.rsplit('/', 1)[-1]!r} not found", "checkpoint_id")
+        self.fs.rm(folder, recursive=True)
+
+    def set_ttl(self, folder: str, ttl_seconds: int | None) -> float | None:
+        """Expire the checkpoint ttl_seconds from now (None: never); its new expiry."""
+        if not self.exists(folder):
+            raise TinkerApiError(404, f"checkpoint {folder.rsplit('/', 1)[-1]!r} not found", "checkpoint_id")
+        meta = self._read_meta(folder)
+        meta["expires_at"] = time.time() + ttl_seconds if ttl_seconds else None
+        self._write_meta(folder, meta)
+        return meta["expires_at"]
+
+    def _dirs(self, path: str) -> list[str]:
+        if not self.fs.exists(path):
+            return []
+        return [e["name"] for e in self.fs.ls(path, detail=True) if e.get("type") == "directory"]
+
+    def _read_meta(self, folder: str) -> dict:
+        try:
+            with self.fs.open(f"{folder}/{META_FILE}", "r") as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            return {}  # saved before metas existed, or half written: never expires
+
+    def _write_meta(self, folder: str, meta: dict) -> None:
+        with self.fs.open(f"{folder}/{META_FILE}", "w") as f:
+            json.dump(meta, f)
+
+    def _expired(self, folder: str) -> bool:
+        return self._is_past(self._read_meta(folder))
+
+    @staticmethod
+    def _is_past(meta: dict) -> bool:
+        return meta.get("expires_at") is not None and float(meta["expires_at"]) <= time.time()

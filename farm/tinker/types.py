@@ -7,6 +7,7 @@ typed and checked, and `parse` turns any problem into a 400 naming the field and
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -153,6 +154,15 @@ class Sample(_Body):
     model_path: str | None = None
 
 
+class SetTtl(_Body):
+    ttl_seconds: int | None = None
+
+
+class BillingWindow(_Body):
+    starting_on: datetime
+    ending_before: datetime
+
+
 class RetrieveFuture(_Body):
     request_id: str
     allow_metadata_only: bool = False
@@ -170,6 +180,11 @@ def parse(model: type[BaseModel], raw: bytes):
         raise TinkerApiError(400, f"body: not JSON ({exc})", "body") from None
     if not isinstance(doc, dict):
         raise TinkerApiError(400, f"body: a JSON object is expected, got {type(doc).__name__}", "body")
+    return validate(model, doc)
+
+
+def validate(model: type[BaseModel], doc: dict):
+    """A decoded body (or query parameters) as `model`: a 400 naming the first bad field and its value."""
     try:
         return model.model_validate(doc)
     except ValidationError as exc:
@@ -178,4 +193,3 @@ def parse(model: type[BaseModel], raw: bytes):
         value = e.get("input")
         shown = "missing" if e["type"] == "missing" else f"{value!r}"[:80]
         raise bad(where, f"{shown}: {e['msg']}") from None
-

@@ -27,9 +27,10 @@ optim_step stays resident. The spill folder lives as long as the worker, as the 
 Cost: each cycle charges every model's tenant its tokens and its share of the cycle (its tokens' share of
 the grouped forward/backward's time plus its optimizer step's, times the worker's accelerators, as
 farm.costs defines a job's), and each sample its prompt and generated tokens. The totals per tenant
-are in `state()["usage"]`; on Ray's metrics endpoint they add to the jobs' per-customer counters
-(`farm_accelerator_seconds`, `farm_tokens`), with `farm_tinker_tokens{kind}` (train, prefill, sample)
-beside them.
+are in `state()["usage"]`, hour by hour in `billing()` (Tinker's GET billing/usage/events); on Ray's
+metrics endpoint they add to the jobs' per-customer counters (`farm_accelerator_seconds`,
+`farm_tokens`), with `farm_tinker_tokens{kind}` (train, prefill, sample) beside them. The totals and
+the ledger live as long as the worker (the counters are what lasts).
 """
 
 from __future__ import annotations
@@ -121,13 +122,16 @@ class TinkerWorker:
         self.controls: list[Op] = []
         self.samplers: dict[str, tuple[str, str]] = {}  # sampling session id -> (tenant, model the serving engine runs)
         self.sampler_refs: dict[tuple[str, str], str] = {}  # (tenant, tinker:// sampler path) -> its catalog version
+        self.sampler_saved: dict[tuple[str, str], float] = {}  # (tenant, tinker:// sampler path) -> when
         self.answered: dict[tuple, tuple[float, dict]] = {}  # (tenant, kind, idempotency key) -> (when, answer)
         self.last_used: dict[str, float] = {}  # model id -> its last operation's submit or finish time
         self.evicted: dict[str, str] = {}  # model id -> the local folder of its state (compute thread only)
         self.evictions = 0  # models evicted so far
         self.spill: str | None = None  # the local folder of evicted models
+        self.last_expiry_sweep = 0.0  # when the expired-checkpoint sweep last ran (0: at the first cycle)
         self.usage: dict[str, dict[str, float]] = {}  # tenant -> its totals (see _charge)
         self._cycle_usage: dict[str, tuple[int, float]] = {}  # tenant -> (tokens, seconds) of the last cycle
+        self.ledger: dict[tuple[str, int, str], int] = {}  # (tenant, UTC hour start, kind) -> tokens or count
         self._meters: dict | None = None
         self.cycles = 0  # clock cycles run
         self.largest_group = 0  # most models in one grouped forward/backward so far
@@ -289,6 +293,14 @@ class TinkerWorker:
             return {"try_again": "active"}
         return {"result": fut.result, "kind": fut.kind}
 
+    async def sampler_checkpoints(self, tenant: str, model_id: str) -> dict:
+        """The model's sampler weights published since the worker started: {"known": the worker knows
+        the model, "sampler": [{"path", "catalog_ref", "time"}]}."""
+        prefix = f"tinker://{model_id}/sampler_weights/"
+        found = [{"path": path, "catalog_ref": ref, "time": self.sampler_saved.get((who, path), 0.0)}
+                 for (who, path), ref in self.sampler_refs.items() if who == tenant and path.startswith(prefix)]
+        return {"known": self.models.get(model_id) == tenant, "sampler": found}
+
     async def model_info(self, tenant: str, model_id: str) -> dict:
         return self._answer(lambda: self._model(tenant, model_id) or {"lora_rank": self.ranks[model_id]})
 
@@ -300,18 +312,32 @@ class TinkerWorker:
                 "evicted": len(self.evicted), "evictions": self.evictions,
                 "usage": {tenant: dict(u) for tenant, u in self.usage.items()}}
 
+    async def billing(self, tenant: str, start: float, end: float) -> list[dict]:
+        """The tenant's hourly ledger rows in [start, end): {"hour", "kind", "count"}, by hour."""
+        return [{"hour": hour, "kind": kind, "count": n} for (who, hour, kind), n in sorted(self.ledger.items(),
+                key=lambda kv: (kv[0][1], -kv[1])) if who == tenant and start <= hour < end]
+
     # ---- cost ---------------------------------------------------------------------------------
-    def _charge(self, tenant: str, *, tokens: int = 0, seconds: float = 0.0, prefill: int = 0, sample: int = 0) -> None:
-        """Add to the tenant's totals and to the per-customer counters on Ray's metrics endpoint."""
+    def _charge(self, tenant: str, *, tokens: int = 0, seconds: float = 0.0, prefill: int = 0, sample: int = 0,
+                checkpoints: int = 0) -> None:
+        """Add to the tenant's totals, to its hourly ledger (GET billing/usage/events) and to the
+        per-customer counters on Ray's metrics endpoint."""
         from farm.costs import accelerator_seconds
 
         accel = accelerator_seconds(seconds, int(self.cfg.num_gpus)) if seconds else 0.0
         u = self.usage.setdefault(tenant, {"tokens": 0, "accelerator_seconds": 0.0, "prefill_tokens": 0,
-                                           "sample_tokens": 0})
+                                           "sample_tokens": 0, "checkpoints": 0})
         u["tokens"] += tokens
         u["accelerator_seconds"] += accel
         u["prefill_tokens"] += prefill
         u["sample_tokens"] += sample
+        u["checkpoints"] += checkpoints
+        hour = int(time.time() // 3600 * 3600)
+        for kind, n in (("training", tokens), ("sampling_prefill", prefill), ("sampling_sample", sample),
+                        ("checkpoint", checkpoints)):
+            if n:
+                key = (tenant, hour, kind)
+                self.ledger[key] = self.ledger.get(key, 0) + n
         meters = self._metrics()
         if meters is None:
             return
@@ -345,7 +371,8 @@ class TinkerWorker:
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
-        sweep_s = None if self.cfg.idle_evict_s is None else min(60.0, max(0.05, self.cfg.idle_evict_s / 2))
+        sweeps = [self.cfg.expiry_sweep_s] + ([] if self.cfg.idle_evict_s is None else [self.cfg.idle_evict_s / 2])
+        sweep_s = min(60.0, max(0.05, min(sweeps)))
         while True:
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=sweep_s)
@@ -372,6 +399,10 @@ class TinkerWorker:
                 usage, self._cycle_usage = self._cycle_usage, {}
                 for tenant, (tokens, seconds) in usage.items():
                     self._charge(tenant, tokens=tokens, seconds=seconds)
+                for op in ready:  # a checkpoint made (state or sampler weights) is a billed operation, as Tinker's
+                    if op.kind in ("save_weights", "save_weights_for_sampler") and "error" not in results.get(
+                            op.request_id, {"error": None}):
+                        self._charge(op.tenant, checkpoints=1)
                 now = time.time()
                 for op in controls + ready:
                     if op.model_id in self.models:
@@ -383,7 +414,11 @@ class TinkerWorker:
                         fut.done.set()
 
     def _sweep_idle(self) -> None:
-        """Queue an evict control for every resident model idle for idle_evict_s (between cycles)."""
+        """Queue an evict control for every resident model idle for idle_evict_s, and the expired-checkpoint
+        sweep every expiry_sweep_s (between cycles)."""
+        if time.time() - self.last_expiry_sweep >= self.cfg.expiry_sweep_s:
+            self.last_expiry_sweep = time.time()
+            self.controls.append(Op("expire", "", "", None))
         if self.cfg.idle_evict_s is None or self.executor is None:
             return
         cutoff = time.time() - self.cfg.idle_evict_s
@@ -416,6 +451,9 @@ class TinkerWorker:
         out: dict[str, dict] = {}
         busy = {op.model_id for op in ready}
         for op in controls:
+            if op.kind == "expire":
+                self._sweep_expired()
+                continue
             if op.kind == "release":  # a finished session's model: no future waits on it
                 ex.release(op.model_id)
                 if (folder := self.evicted.pop(op.model_id, None)) is not None:
@@ -492,8 +530,6 @@ class TinkerWorker:
         return store.download(store.folder(op.tenant, source, name), Path(tmp) / "ckpt")
 
     def _create_by_load(self, op: Op) -> dict:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
             folder = self._fetch(op, tmp)
             state = self.executor.read_state(folder)
@@ -504,8 +540,6 @@ class TinkerWorker:
         return {"model_id": op.model_id, "path": op.payload.path, "type": "load_weights"}
 
     def _load_into(self, op: Op) -> dict:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
             self.executor.load_state(op.model_id, self._fetch(op, tmp), optimizer=op.payload.optimizer)
         return {"model_id": op.model_id, "path": op.payload.path, "type": "load_weights"}
@@ -513,7 +547,6 @@ class TinkerWorker:
     def _publish(self, op: Op) -> dict:
         """The model's LoRA as the next immutable catalog version `<tenant>/<name>@vN`: the OpenAI API of
         `farm serve` answers it like any trained adapter (lineage: this base's fingerprint)."""
-        import tempfile
         from pathlib import Path
 
         from farm.catalog import Catalog
@@ -544,20 +577,43 @@ class TinkerWorker:
             return {"sampling_session_id": ssid, "catalog_ref": version.ref, "type": "save_weights_for_sampler"}
         path = tinker_path(op.model_id, name, "sampler_weights")
         self.sampler_refs[(op.tenant, path)] = version.ref  # the path pins this version, not a later one
+        self.sampler_saved[(op.tenant, path)] = time.time()
         return {"path": path, "catalog_ref": version.ref, "type": "save_weights_for_sampler"}
 
     def _save(self, op: Op) -> dict:
-        import tempfile
+        """save_state: the checkpoint into run storage, within the tenant's storage quota."""
         from pathlib import Path
 
         from farm.tinker.state import check_name, tinker_path
 
         name = check_name(op.payload.path)
+        if op.payload.ttl_seconds is not None and op.payload.ttl_seconds < 1:
+            raise bad("ttl_seconds", f"{op.payload.ttl_seconds!r} is not a whole number of seconds >= 1 (or null: kept)")
         store = self._store()
+        folder = store.folder(op.tenant, op.model_id, name)
         with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
             local = self.executor.save_state(op.model_id, Path(tmp) / "ckpt")
-            store.upload(local, store.folder(op.tenant, op.model_id, name), overwrite=op.payload.overwrite)
+            if self.cfg.max_stored_bytes is not None:
+                size = sum(p.stat().st_size for p in local.iterdir() if p.is_file())
+                replaced = sum(c.size_bytes for c in store.checkpoints(op.tenant, op.model_id)
+                               if c.folder == folder) if op.payload.overwrite else 0
+                count, kept = store.usage(op.tenant)
+                if kept - replaced + size > self.cfg.max_stored_bytes:
+                    raise bad("path", f"storage quota: tenant {op.tenant!r} keeps {kept} bytes in {count} checkpoints; "
+                                      f"this one ({size} bytes) would pass its {self.cfg.max_stored_bytes}-byte limit. "
+                                      "Delete some (RestClient.delete_checkpoint) or save with ttl_seconds")
+            store.upload(local, folder, overwrite=op.payload.overwrite, ttl_seconds=op.payload.ttl_seconds)
         return {"path": tinker_path(op.model_id, name), "type": "save_weights"}
+
+    def _sweep_expired(self) -> None:
+        """Delete every tenant's expired checkpoints (compute thread: storage may be S3)."""
+        try:
+            gone = self._store().sweep_expired()
+        except Exception:  # noqa: BLE001 - storage trouble must not fail the cycle's operations
+            log.exception("tinker: expired-checkpoint sweep failed")
+            return
+        if gone:
+            log.info("tinker: deleted %d expired checkpoints", gone)
 
     def _forget(self, model_id: str, why: str | None = None) -> None:
         self.models.pop(model_id, None)
