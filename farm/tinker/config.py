@@ -43,6 +43,8 @@ class TinkerConfig(BaseModel):
     counted here."""
     expiry_sweep_s: float = Field(600.0, gt=0)
     """How often the pack worker deletes expired checkpoints (save_state's ttl_seconds) of every tenant."""
+    sample_timeout_s: float = Field(900.0, gt=0)
+    """A sample's future fails after this long unanswered (its ingress replica died mid-sample)."""
     result_ttl_s: float = Field(1800.0, gt=0)
     """How long a finished future's result is kept for the SDK to fetch (and fetch again after a lost reply)."""
     worker_name: str | None = None

@@ -104,6 +104,7 @@ class Future:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: dict | None = None
     finished: float | None = None
+    deadline: float | None = None  # a sample's: past it unanswered, its ingress replica is taken as lost
 
 
 class TinkerWorker:
@@ -154,7 +155,9 @@ class TinkerWorker:
 
     def _future(self, tenant: str, kind: str) -> str:
         now = time.time()
-        for rid in [r for r, f in self.futures.items() if f.finished and now - f.finished > self.cfg.result_ttl_s]:
+        ttl = self.cfg.result_ttl_s
+        for rid in [r for r, f in self.futures.items() if (f.finished and now - f.finished > ttl)
+                    or (f.deadline and not f.finished and now - f.deadline > ttl)]:  # never answered nor polled
             del self.futures[rid]
         rid = uuid.uuid4().hex
         self.futures[rid] = Future(tenant, kind)
@@ -269,7 +272,11 @@ class TinkerWorker:
         return {"model": found[1]}
 
     async def open_future(self, tenant: str, kind: str) -> str:
-        return self._future(tenant, kind)
+        """A future an ingress replica answers (a sample it runs on its serving engine). If that replica
+        dies, nothing answers it: after `sample_timeout_s` it fails, so the SDK raises instead of polling on."""
+        rid = self._future(tenant, kind)
+        self.futures[rid].deadline = time.time() + self.cfg.sample_timeout_s
+        return rid
 
     async def close_future(self, request_id: str, result: dict, prompt_tokens: int = 0) -> None:
         """A sample's result (the ingress ran it); its tenant is charged `prompt_tokens` (the prompt times
@@ -287,10 +294,17 @@ class TinkerWorker:
         fut = self.futures.get(request_id)
         if fut is None or fut.tenant != tenant:
             return {"_error": [404, f"request_id {request_id!r} not found", "request_id"]}
+        if fut.deadline is not None and not fut.done.is_set():
+            wait_s = max(0.0, min(wait_s, fut.deadline - time.time()))
         try:
             await asyncio.wait_for(fut.done.wait(), timeout=wait_s)
         except TimeoutError:
-            return {"try_again": "active"}
+            if fut.deadline is None or time.time() < fut.deadline:
+                return {"try_again": "active"}
+            fut.result, fut.finished = {"error": f"the {fut.kind} was not answered in {self.cfg.sample_timeout_s:.0f} s: "
+                                                 "the serve replica running it was lost; send it again",
+                                        "category": "server"}, time.time()
+            fut.done.set()
         return {"result": fut.result, "kind": fut.kind}
 
     async def sampler_checkpoints(self, tenant: str, model_id: str) -> dict:
