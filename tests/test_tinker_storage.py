@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from farm.tinker.errors import TinkerApiError
 from farm.tinker.types import CreateModel, LoraConfig, SaveWeights
 from tests.test_tinker_evict import _step
 
@@ -46,6 +49,9 @@ async def _scenario(tiny, storage) -> None:
     assert store.usage("acme") == (0, 0) and not store.fs.exists(one.folder)
     assert "error" not in await _save(worker, model_id, 7, "two")
     assert [c.name for c in store.checkpoints("acme")] == ["two"] and store.checkpoints("globex") == []
+    for escape in ("..", ".", "a/../../globex"):  # a model id is one path segment of the tenant's folder
+        with pytest.raises(TinkerApiError, match="not found"):
+            store.folder("acme", escape, "two")
     # the ledger: 4 checkpoints made (probe, one twice, two; not the refused one), one step of 9 tokens
     rows = await worker.billing("acme", 0, time.time() + 3600)
     assert {r["kind"]: r["count"] for r in rows} == {"checkpoint": 4, "training": 9}

@@ -28,6 +28,7 @@ STATE_FILE = "tinker_state.pt"
 META_FILE = "farm_tinker_meta.json"
 TTL_MIN_S, TTL_MAX_S = 3600, 10 * 365 * 24 * 3600  # PUT .../ttl's bounds, as Tinker's
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,127}$")  # <session id>:train:<n>
 KINDS = ("weights", "sampler_weights")
 
 
@@ -36,6 +37,13 @@ def check_name(name: str, field: str = "path") -> str:
         raise bad(field, f"{name!r} is not a checkpoint name (letters, digits, '.', '_', '-'; up to 128; "
                          "no leading punctuation)")
     return name
+
+
+def check_model_id(model_id: str, field: str = "model_id") -> str:
+    """A model id that is safe as one storage path segment (what the farm hands out always is)."""
+    if not MODEL_ID.match(model_id or "") or ".." in model_id:
+        raise TinkerApiError(404, f"{field}: training run {model_id!r} not found", field)
+    return model_id
 
 
 def check_adapter_name(name: str, field: str = "path") -> str:
@@ -89,7 +97,7 @@ class StateStore:
         self.fs, self.root = run_filesystem(storage)
 
     def folder(self, tenant: str, model_id: str, name: str, kind: str = "weights") -> str:
-        return f"{self.root}/{ROOT}/{tenant}/{model_id}/{kind}/{check_name(name)}"
+        return f"{self.root}/{ROOT}/{tenant}/{check_model_id(model_id)}/{kind}/{check_name(name)}"
 
     def exists(self, folder: str) -> bool:
         return self.fs.exists(f"{folder}/{STATE_FILE}") and not self._expired(folder)
@@ -121,7 +129,7 @@ class StateStore:
     def checkpoints(self, tenant: str, model_id: str | None = None) -> list[StoredCheckpoint]:
         """The tenant's complete checkpoints (of one model), oldest first; expired ones are deleted here."""
         base = f"{self.root}/{ROOT}/{tenant}"
-        models = [model_id] if model_id else [p.rstrip("/").rsplit("/", 1)[-1] for p in self._dirs(base)]
+        models = [check_model_id(model_id)] if model_id else [p.rstrip("/").rsplit("/", 1)[-1] for p in self._dirs(base)]
         found = []
         for mid in models:
             for folder in self._dirs(f"{base}/{mid}/weights"):
