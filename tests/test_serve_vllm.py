@@ -262,3 +262,26 @@ def test_logprobs_on_vllm_equal_stock_fp32_log_softmax_and_echo_scores_are_refus
     assert echoed.choices[0].text == PROMPT and echoed.usage.completion_tokens == 0
     # the engine is still up after the refusal
     assert client(served, "acme").completions.create(model="acme/support", prompt=PROMPT, max_tokens=2).choices
+
+
+def test_tinker_sampling_options_on_vllm_stop_ids_kept_and_top_k(served):
+    """What the Tinker sampler asks of an engine (the ingress's generate_ids): a stop token id ends the
+    completion and, with keep_stop_token, is its last token; top_k=1 at temperature 1 is greedy."""
+    from ray import serve
+
+    from farm.serve.auth import Principal
+
+    ingress = serve.get_deployment_handle("AdapterServer", app_name="farm-vllm-test")
+    ids = served.tok(PROMPT).input_ids
+
+    def gen(**kw) -> dict:
+        return ingress.generate_ids.remote(Principal("acme"), "acme/support", ids, max_tokens=8, **kw).result(
+            timeout_s=300)
+
+    free = gen(temperature=0.0)
+    tokens = [e[0] for e in free["logprobs"]]
+    assert len(tokens) == 8 and free["finish_reason"] == "length"
+    upto = tokens.index(tokens[2])
+    stopped = gen(temperature=0.0, stop_token_ids=[tokens[2]], keep_stop_token=True)
+    assert [e[0] for e in stopped["logprobs"]] == tokens[: upto + 1] and stopped["finish_reason"] == "stop"
+    assert [e[0] for e in gen(temperature=1.0, top_k=1, seed=5)["logprobs"]] == tokens
