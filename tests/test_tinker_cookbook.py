@@ -1,8 +1,14 @@
-"""tinker-cookbook's supervised fine-tuning loop (`tinker_cookbook.supervised.train.main`, what
-recipes/sl_basic.py runs; tinker-cookbook 0.5.8 in its own environment, .venv-cookbook) against a real
-`farm serve` app on the real SmolLM2 base, through examples/tinker_cookbook_sft.py: its loss falls, its
-checkpoints are saved, a run on the same log path resumes from a saved state, and the sampler weights it
-saved are served by the OpenAI API."""
+"""tinker-cookbook 0.5.8 (its own environment, .venv-cookbook) against a real `farm serve` app on the
+real SmolLM2 base.
+
+* Its RL recipe `recipes/math_rl/train.py` (env=arithmetic), run as it ships with command-line
+  settings only: it samples through the farm's serving engine, parses each sample with its renderer
+  (which needs the stop token at the end), trains with importance_sampling, and the trainer's logprobs
+  of the sampled tokens are the sampler's.
+* Its supervised fine-tuning loop (`tinker_cookbook.supervised.train.main`, what recipes/sl_basic.py
+  runs), through examples/tinker_cookbook_sft.py: its loss falls, its checkpoints are saved, a run on
+  the same log path resumes from a saved state, and the sampler weights it saved are served by the
+  OpenAI API."""
 
 from __future__ import annotations
 
@@ -52,6 +58,31 @@ def _cookbook(base: str, served: str, model: Path, log: Path, max_steps: int) ->
     return run.stdout + run.stderr
 
 
+def test_the_cookbook_rl_recipe_runs_unchanged_and_its_sampler_and_trainer_agree(farm, tmp_path):
+    base, cfg, model = farm
+    log = tmp_path / "rl"
+    env = {**os.environ, "TINKER_API_KEY": KEY, "HF_HUB_OFFLINE": "1"}
+    # run from the folder that holds the base: the recipe's tokenizer (AutoTokenizer of model_name) is the
+    # base's own local files, found by the served name
+    run = subprocess.run([str(COOKBOOK_PYTHON), "-m", "tinker_cookbook.recipes.math_rl.train", f"base_url={base}",
+                          f"model_name={cfg.served_name}", "renderer_name=qwen3_instruct", "env=arithmetic",
+                          f"log_path={log}", "group_size=4", "groups_per_batch=4", "max_tokens=8",
+                          "learning_rate=1e-4", "lora_rank=8", "max_steps=3", "eval_every=0", "save_every=0",
+                          "behavior_if_log_dir_exists=delete"],
+                         cwd=model.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, f"the recipe failed:\n{run.stdout[-4000:]}\n{run.stderr[-8000:]}"
+    steps = [json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps] == [0, 1, 2]
+    for m in steps:
+        assert m["env/all/total_episodes"] == 16 and m["env/all/total_ac_tokens"] > 0
+        # the trainer scores the sampled tokens as the sampler did (the recipe's on-policy check)
+        assert abs(m["optim/kl_sample_train_v1"]) < 1e-3, m
+    # samples end with the renderer's stop token (<|im_end|>), so some parse as well-formed answers
+    assert max(m["env/all/format"] for m in steps) > 0
+    saved = [json.loads(line) for line in (log / "checkpoints.jsonl").read_text().splitlines()]
+    assert saved[-1]["name"] == "final" and saved[-1]["sampler_path"].endswith("/sampler_weights/final")
+
+
 def _metrics(log: Path) -> dict[int, float]:
     return {m["step"]: m["train_mean_nll"] for m in map(json.loads, (log / "metrics.jsonl").read_text().splitlines())
             if "train_mean_nll" in m}
@@ -84,8 +115,14 @@ def test_the_cookbook_sft_loop_trains_saves_resumes_and_its_sampler_weights_are_
     assert sorted(resumed) == list(range(6)) and [resumed[s] for s in (0, 1, 2)] == [nll[s] for s in (0, 1, 2)]
     assert resumed[3] < nll[3], (nll, resumed)
 
-    # the final sampler weights of each run are a catalog version (acme/final@v1, @v2), served over the OpenAI API
+    # the resumed run's final sampler weights are the newest catalog version of acme/final (each run that
+    # ends publishes one), served over the OpenAI API
+    from farm.catalog import Catalog
+
+    last = json.loads((log / "checkpoints.jsonl").read_text().splitlines()[-1])
+    version = Catalog(cfg.catalog_url).resolve("acme/final")
+    assert last["name"] == "final" and last["sampler_path"].startswith(f"tinker://{version.metadata['tinker']['model_id']}/")
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
     reply = client.chat.completions.create(model="acme/final", max_tokens=8, temperature=0,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
-    assert reply.model == "acme/final@v2" and reply.choices[0].message.content
+    assert reply.model == version.ref and reply.choices[0].message.content
