@@ -45,6 +45,7 @@ def farm(ray_cluster, real_model, module_farm_home):
     base = deploy(cfg, KeyStore({hash_key(KEY): Principal("acme")}), name="farm-tinker-cookbook-test")
     yield base, cfg, real_model
     serve.delete("farm-tinker-cookbook-test")
+    serve.shutdown()  # a later module's Serve starts on its own port (test_serve_api checks the listener)
 
 
 def _cookbook(base: str, served: str, model: Path, log: Path, max_steps: int) -> str:
