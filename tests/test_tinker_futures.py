@@ -1,6 +1,6 @@
 """Futures an ingress replica answers (a sample): one whose replica died fails after sample_timeout_s
 instead of leaving the SDK polling forever; one answered in time is the answer. The worker class in
-process, no model loaded."""
+process, no model loaded (nor loaded by the checkpoint-expiry sweep)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import asyncio
 import time
 
 
-async def _scenario() -> None:
-    from farm.tinker.worker import TinkerWorker
+async def _scenario(storage) -> None:
+    from farm.tinker.worker import Op, TinkerWorker
 
-    worker = TinkerWorker({"base_model": "unused", "served_name": "tiny", "sample_timeout_s": 0.5, "poll_s": 5})
+    worker = TinkerWorker({"base_model": "unused", "served_name": "tiny", "sample_timeout_s": 0.5, "poll_s": 5,
+                           "storage": str(storage)})
+    # the expired-checkpoint sweep alone does not load the base (a worker no model was ever created on)
+    assert worker._cycle([Op("expire", "", "", None)], []) == {} and worker.executor is None
     answered = await worker.open_future("acme", "sample")
     await worker.close_future(answered, {"sequences": [{"tokens": [1, 2], "logprobs": [-0.1, -0.2],
                                                         "stop_reason": "length"}]}, prompt_tokens=3)
@@ -30,5 +33,5 @@ async def _scenario() -> None:
     assert "was lost" in (await worker.retrieve("acme", lost, wait_s=0))["result"]["error"]
 
 
-def test_a_sample_whose_replica_died_fails_after_the_timeout():
-    asyncio.run(_scenario())
+def test_a_sample_whose_replica_died_fails_after_the_timeout(tmp_path):
+    asyncio.run(_scenario(tmp_path))

@@ -453,6 +453,9 @@ class TinkerWorker:
     def _cycle(self, controls: list[Op], ready: list[Op]) -> dict[str, dict]:
         """One clock cycle, in the compute thread: creations, evictions and restores, one grouped
         forward/backward, optimizer steps."""
+        if self.executor is None and not ready and all(op.kind == "expire" for op in controls):
+            self._sweep_expired()  # storage only: no reason to load the base
+            return {}
         if self.executor is None:
             import torch
 
