@@ -249,6 +249,8 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     import tinker
     from tinker import types
 
+    from farm.catalog import Catalog
+
     service = _service(farm)
     tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=6).result()
     fb, op = tc.forward_backward([_datum(TOKENS)], "cross_entropy"), tc.optim_step(types.AdamParams(learning_rate=1e-3))
@@ -263,6 +265,7 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     assert listed[kept].checkpoint_type == "training" and listed[kept].size_bytes > 0 and listed[kept].expires_at is None
     assert listed[short].expires_at is not None
     assert listed[sampler].checkpoint_type == "sampler" and listed[sampler].checkpoint_id == "sampler_weights/listed"
+    assert listed[sampler].size_bytes > 0  # named sampler weights: a catalog version, in the storage quota
     rest.set_checkpoint_ttl_from_tinker_path(kept, 3600).result()
     rest.set_checkpoint_ttl_from_tinker_path(short, None).result()
     listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
@@ -282,7 +285,14 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     # usage: acme's checkpoints in storage, and its hourly ledger
     admin = tinker.AdminClient(base_url=farm.base, api_key=KEYS["acme"])
     [stored] = admin.get_current_checkpoint_storage_usage().result().data
-    assert stored.checkpoint_count >= 1 and stored.size_bytes >= listed[kept].size_bytes
+    assert stored.checkpoint_count >= 2 and stored.size_bytes >= listed[kept].size_bytes + listed[sampler].size_bytes
+    # the sampler weights are deleted through the SDK too: the catalog version goes, and the quota frees
+    rest.delete_checkpoint_from_tinker_path(sampler).result()
+    assert Catalog(farm.cfg.catalog_url).versions("acme", "listed") == []
+    [after] = admin.get_current_checkpoint_storage_usage().result().data
+    assert after.size_bytes == stored.size_bytes - listed[sampler].size_bytes
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(sampler).result()
     hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
     usage = admin.get_billing_usage(hour - dt.timedelta(hours=1), hour + dt.timedelta(hours=1)).result().data
     totals: dict[str, int] = {}

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from farm.tinker.errors import TinkerApiError
-from farm.tinker.types import CreateModel, LoraConfig, SaveWeights
+from farm.tinker.types import CreateModel, LoraConfig, SaveWeights, SaveWeightsForSampler
 from tests.test_tinker_evict import _step
 
 
@@ -23,7 +23,7 @@ async def _scenario(tiny, storage) -> None:
     from farm.tinker.worker import TinkerWorker
 
     worker = TinkerWorker({"base_model": str(tiny), "served_name": "tiny-llama", "window_ms": 0,
-                           "storage": str(storage), "max_stored_bytes": None})
+                           "storage": str(storage), "catalog_url": str(storage.parent / "catalog"), "max_stored_bytes": None})
     sid = (await worker.create_session("acme"))["session_id"]
     create = CreateModel(session_id=sid, model_seq_id=0, base_model="tiny-llama", lora_config=LoraConfig(rank=4, seed=1))
     model_id = (await worker.submit("acme", "create_model", create))["model_id"]
@@ -39,7 +39,7 @@ async def _scenario(tiny, storage) -> None:
     assert "error" not in await _save(worker, model_id, 4, "one", ttl_seconds=2)
     kept = store.usage("acme")[1]
     refused = await _save(worker, model_id, 5, "two")
-    assert refused["category"] == "user" and f"storage quota: tenant 'acme' keeps {kept} bytes in 1 checkpoints" \
+    assert refused["category"] == "user" and f"storage quota: tenant 'acme' keeps {kept} bytes in 1 checkpoints and 0 sampler weights" \
         in refused["error"] and f"would pass its {int(size * 1.5)}-byte limit" in refused["error"]
     assert "error" not in await _save(worker, model_id, 6, "one", overwrite=True, ttl_seconds=2)  # a replacement fits
     [one] = store.checkpoints("acme", model_id)
@@ -61,3 +61,71 @@ async def _scenario(tiny, storage) -> None:
 
 def test_storage_quota_ttl_and_ledger(tiny_llama, tmp_path):
     asyncio.run(_scenario(tiny_llama, tmp_path / "storage"))
+
+
+async def _publish(worker, model_id: str, seq: int, *, name: str | None = None, sampler_seq: int | None = None) -> dict:
+    body = SaveWeightsForSampler(model_id=model_id, seq_id=seq, path=name, sampling_session_seq_id=sampler_seq)
+    answer = await worker.submit("acme", "save_weights_for_sampler", body)
+    return (await worker.retrieve("acme", answer["request_id"], wait_s=60))["result"]
+
+
+async def _sampler_scenario(tiny, storage, catalog) -> None:
+    from farm.catalog import Catalog
+    from farm.tinker.samplers import SamplerCatalog, snapshot_adapter, stored
+    from farm.tinker.state import StateStore
+    from farm.tinker.worker import TinkerWorker
+
+    worker = TinkerWorker({"base_model": str(tiny), "served_name": "tiny-llama", "window_ms": 0,
+                           "storage": str(storage), "catalog_url": str(catalog), "max_stored_bytes": None,
+                           "sampler_snapshots_kept": 2})
+    sid = (await worker.create_session("acme"))["session_id"]
+    create = CreateModel(session_id=sid, model_seq_id=0, base_model="tiny-llama", lora_config=LoraConfig(rank=4, seed=1))
+    model_id = (await worker.submit("acme", "create_model", create))["model_id"]
+    await _step(worker, model_id, 1)
+    samplers, states = SamplerCatalog(str(catalog)), StateStore(str(storage))
+
+    # named sampler weights are catalog versions that count towards the quota, beside save_state checkpoints
+    named = await _publish(worker, model_id, 3, name="step-1")
+    assert named["path"] == f"tinker://{model_id}/sampler_weights/step-1" and named["catalog_ref"] == "acme/step-1@v1"
+    weights = Catalog(str(catalog)).resolve("acme/step-1@v1")
+    assert stored(states, samplers, "acme").sampler_bytes == weights.size > 0
+    assert "error" not in await _save(worker, model_id, 4, "state")
+    now = stored(states, samplers, "acme")
+    assert (now.checkpoints, now.samplers) == (1, 1) and now.size_bytes == now.checkpoint_bytes + weights.size
+    assert samplers.latest("acme", model_id, "step-1").ref == "acme/step-1@v1"
+    worker.cfg.max_stored_bytes = now.size_bytes + weights.size // 2  # no room for another named publish ...
+    refused = await _publish(worker, model_id, 5, name="step-2")
+    assert refused["category"] == "user" and (f"keeps {now.size_bytes} bytes in 1 checkpoints and 1 sampler weights"
+                                              in refused["error"])
+    assert Catalog(str(catalog)).versions("acme", "step-2") == []  # refused: nothing published
+
+    # ... but ephemeral snapshots are not counted: the newest `sampler_snapshots_kept` (2) of the model stay
+    snaps = [await _publish(worker, model_id, 6 + i, sampler_seq=i) for i in range(3)]
+    assert all("error" not in s for s in snaps), snaps
+    snapshot = snapshot_adapter(model_id)
+    assert [v.version for v in Catalog(str(catalog)).versions("acme", snapshot)] == [2, 3]
+    assert stored(states, samplers, "acme") == now
+    oldest, newest = snaps[0]["sampling_session_id"], snaps[2]["sampling_session_id"]
+    gone = await worker.sampler("acme", oldest)
+    assert gone["_error"][0] == 410 and "the worker keeps the newest 2 snapshots" in gone["_error"][1]
+    assert (await worker.sampler("acme", newest)) == {"model": f"acme/{snapshot}@v3"}
+
+    # a named path names the newest version its model published; found in the catalog, not in memory
+    made = await worker.create_sampler("acme", sid, 9, named["path"], None)
+    assert "_error" not in made and (await worker.sampler("acme", made["sampling_session_id"]))["model"] == "acme/step-1@v1"
+    missing = await worker.create_sampler("acme", sid, 10, f"tinker://{model_id}/sampler_weights/nope", None)
+    assert missing["_error"][0] == 404
+
+    # the session's end deletes its models' snapshots (named weights stay)
+    await worker.finish_session("acme", sid)
+    deadline = time.time() + 60
+    while Catalog(str(catalog)).versions("acme", snapshot):
+        assert time.time() < deadline, "the finished session's snapshots were never deleted"
+        await asyncio.sleep(0.1)
+    assert (await worker.sampler("acme", newest))["_error"][0] == 410
+    assert [s.ref for s in samplers.published("acme")] == ["acme/step-1@v1"]
+    worker.loop_task.cancel()
+
+
+def test_sampler_weights_quota_and_snapshots(tiny_llama, tmp_path):
+    asyncio.run(_sampler_scenario(tiny_llama, tmp_path / "storage", tmp_path / "catalog"))

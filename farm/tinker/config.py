@@ -38,9 +38,12 @@ class TinkerConfig(BaseModel):
     counters go to the worker's local disk and come back, unchanged, with its next operation (never
     while gradients wait for an optim_step). None keeps every model resident until its session ends."""
     max_stored_bytes: int | None = Field(10 * 1024**3, ge=1)
-    """Bytes of save_state checkpoints one tenant may keep in run storage (all its models); a save over
-    it fails, naming the tenant's total. None: no limit. Sampler weights are catalog versions, not
-    counted here."""
+    """Bytes one tenant may keep: its save_state checkpoints (run storage) and its named sampler weights
+    (catalog versions), all its models together; a save over it fails, naming the tenant's total. None: no
+    limit. Ephemeral snapshots are not counted: `sampler_snapshots_kept` bounds them."""
+    sampler_snapshots_kept: int = Field(4, ge=1)
+    """Ephemeral snapshots (save_weights_and_get_sampling_client) kept per model: a newer one deletes the
+    oldest, whose sampling clients then get a 410; the session's end deletes them all."""
     expiry_sweep_s: float = Field(600.0, gt=0)
     """How often the pack worker deletes expired checkpoints (save_state's ttl_seconds) of every tenant."""
     sample_timeout_s: float = Field(900.0, gt=0)

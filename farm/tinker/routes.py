@@ -26,7 +26,16 @@ from farm.tinker import types as t
 from farm.tinker import wire
 from farm.tinker.config import TinkerConfig
 from farm.tinker.errors import TinkerApiError, bad
-from farm.tinker.state import TTL_MAX_S, TTL_MIN_S, StateStore, check_adapter_name, check_name, parse_path
+from farm.tinker.samplers import SamplerCatalog, stored
+from farm.tinker.state import (
+    TTL_MAX_S,
+    TTL_MIN_S,
+    StateStore,
+    check_adapter_name,
+    check_model_id,
+    check_name,
+    parse_path,
+)
 
 PREFIXES = ("/api/v1/",)
 MAX_JSON_BYTES = 1024 * 1024
@@ -335,37 +344,61 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
 
         return StateStore(cfg.storage or storage_path())
 
+    def samplers() -> SamplerCatalog:
+        from farm.settings import catalog_url
+
+        return SamplerCatalog(cfg.catalog_url or catalog_url())
+
     def iso(ts: float | None) -> str | None:
         return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
 
     @app.get("/api/v1/training_runs/{model_id}/checkpoints")
     async def list_checkpoints(model_id: str, request: Request):
-        """The model's save_state checkpoints (run storage) and the sampler weights it published since
-        the worker started; another tenant's model is a 404, as a missing one."""
+        """The model's save_state checkpoints (run storage) and named sampler weights (the newest catalog
+        version of each name it published); another tenant's model is a 404, as a missing one."""
         tenant = tenant_of(keys, request)
+        check_model_id(model_id, "training_run_id")
         saved = await asyncio.to_thread(store().checkpoints, tenant, model_id)
-        sampler = await worker().sampler_checkpoints.remote(tenant, model_id)
-        if not saved and not sampler["known"] and not sampler["sampler"]:
+        published = await asyncio.to_thread(samplers().published, tenant, model_id=model_id, ephemeral=False)
+        newest = {s.adapter: s for s in sorted(published, key=lambda s: s.version)}
+        if not saved and not newest and "_error" in await worker().model_info.remote(tenant, model_id):
             raise TinkerApiError(404, f"training run {model_id!r} not found", "training_run_id")
         rows = [{"checkpoint_id": f"weights/{c.name}", "checkpoint_type": "training", "time": iso(c.created),
                  "tinker_path": c.path, "size_bytes": c.size_bytes, "public": False, "expires_at": iso(c.expires_at)}
                 for c in saved]
-        rows += [{"checkpoint_id": s["path"].split("/", 3)[3], "checkpoint_type": "sampler", "time": iso(s["time"]),
-                  "tinker_path": s["path"], "size_bytes": None, "public": False, "expires_at": None,
-                  "user_metadata": {"catalog_ref": s["catalog_ref"]}} for s in sampler["sampler"]]
+        rows += [{"checkpoint_id": f"sampler_weights/{s.adapter}", "checkpoint_type": "sampler", "time": iso(s.created),
+                  "tinker_path": s.path, "size_bytes": s.size_bytes, "public": False, "expires_at": None,
+                  "user_metadata": {"catalog_ref": s.ref}} for s in sorted(newest.values(), key=lambda s: s.created)]
         return {"checkpoints": rows, "cursor": None}
 
     def checkpoint_folder(tenant: str, model_id: str, kind: str, name: str) -> str:
         if kind == "sampler_weights":
-            raise TinkerApiError(422, f"checkpoint_id: sampler_weights/{name} is a catalog version (its ref is in "
-                                      "list_checkpoints); `farm adapters delete` removes it", "checkpoint_id")
+            raise TinkerApiError(422, f"checkpoint_id: sampler_weights/{name} is a catalog version and does not "
+                                      "expire; delete_checkpoint deletes it", "checkpoint_id")
         if kind != "weights":
             raise TinkerApiError(404, f"checkpoint {kind}/{name!r} not found", "checkpoint_id")
         return store().folder(tenant, model_id, check_name(name, "checkpoint_id"))
 
+    def delete_sampler_weights(tenant: str, model_id: str, name: str) -> None:
+        """Every version of `<tenant>/<name>` that the model published (its path named the newest)."""
+        from farm.errors import AdapterNotFound
+
+        found = samplers().published(tenant, model_id=check_model_id(model_id), adapter=check_name(name, "checkpoint_id"),
+                                     ephemeral=False)
+        if not found:
+            raise TinkerApiError(404, f"checkpoint sampler_weights/{name!r} not found", "checkpoint_id")
+        for s in found:
+            try:
+                samplers().delete(s)
+            except AdapterNotFound:
+                pass  # deleted meanwhile
+
     @app.delete("/api/v1/training_runs/{model_id}/checkpoints/{kind}/{name}")
     async def delete_checkpoint(model_id: str, kind: str, name: str, request: Request):
         tenant = tenant_of(keys, request)
+        if kind == "sampler_weights":
+            await asyncio.to_thread(delete_sampler_weights, tenant, model_id, name)
+            return {}
         folder = checkpoint_folder(tenant, model_id, kind, name)
         await asyncio.to_thread(store().delete, folder)
         return {}
@@ -383,12 +416,13 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
 
     @app.get("/api/v1/billing/usage/checkpoints/current")
     async def storage_usage(request: Request):
-        """The caller's save_state checkpoints in run storage now (sampler weights are catalog versions)."""
+        """What the caller keeps now, as its storage quota counts it: save_state checkpoints and named
+        sampler weights."""
         tenant = tenant_of(keys, request)
-        count, size = await asyncio.to_thread(store().usage, tenant)
+        now = await asyncio.to_thread(stored, store(), samplers(), tenant)
         return {"effective_rate_usd_per_gigabyte_month": None,
-                "data": [{"user_name": tenant, "checkpoint_count": count, "size_bytes": size,
-                          "size_gigabytes": size / 1e9, "estimated_monthly_cost_usd": None}]}
+                "data": [{"user_name": tenant, "checkpoint_count": now.count, "size_bytes": now.size_bytes,
+                          "size_gigabytes": now.size_bytes / 1e9, "estimated_monthly_cost_usd": None}]}
 
     @app.get("/api/v1/billing/usage/events")
     async def billing_usage(request: Request):

@@ -91,7 +91,8 @@ class SaveWeights(_Body):
 
 
 class SaveWeightsForSampler(_Body):
-    """Named (`path`: publish a catalog version) or ephemeral (`sampling_session_seq_id`: not built yet)."""
+    """Named (`path`: a catalog version that stays) or ephemeral (`sampling_session_seq_id`: a snapshot for
+    a sampling client; see farm.tinker.samplers)."""
 
     model_id: str
     seq_id: int = Field(ge=1)

@@ -122,8 +122,7 @@ class TinkerWorker:
         self.seq = Sequencer()
         self.controls: list[Op] = []
         self.samplers: dict[str, tuple[str, str]] = {}  # sampling session id -> (tenant, model the serving engine runs)
-        self.sampler_refs: dict[tuple[str, str], str] = {}  # (tenant, tinker:// sampler path) -> its catalog version
-        self.sampler_saved: dict[tuple[str, str], float] = {}  # (tenant, tinker:// sampler path) -> when
+        self.retired: dict[str, str] = {}  # sampling session id -> why its snapshot is gone (pruned, session ended)
         self.answered: dict[tuple, tuple[float, dict]] = {}  # (tenant, kind, idempotency key) -> (when, answer)
         self.last_used: dict[str, float] = {}  # model id -> its last operation's submit or finish time
         self.evicted: dict[str, str] = {}  # model id -> the local folder of its state (compute thread only)
@@ -244,18 +243,31 @@ class TinkerWorker:
                              base_model: str | None) -> dict:
         """A sampling session on a sampler checkpoint (`tinker://…/sampler_weights/<name>`: its catalog
         version) or on the base alone."""
-        return self._answer(self._create_sampler, tenant, session_id, seq, model_path, base_model)
+        found = None
+        if model_path is not None and self.sessions.get(session_id) == tenant:
+            try:  # the catalog version the path names: storage reads, off the event loop
+                found = await asyncio.to_thread(self._sampler_version, tenant, model_path)
+            except TinkerApiError as exc:
+                return {"_error": [exc.status, exc.message, exc.field]}
+        return self._answer(self._create_sampler, tenant, session_id, seq, model_path, base_model, found)
 
-    def _create_sampler(self, tenant, session_id, seq, model_path, base_model) -> dict:
+    def _sampler_version(self, tenant: str, model_path: str) -> str:
+        """`tinker://<model>/sampler_weights/<name>`: the newest version of `<tenant>/<name>` that model published."""
         from farm.tinker.state import parse_path
 
+        source, kind, name = parse_path(model_path, "model_path")
+        if kind != "sampler_weights":
+            raise TinkerApiError(422, f"model_path: {model_path!r}: sampling runs on sampler weights "
+                                      "(save_weights_for_sampler), not on a save_state checkpoint", "model_path")
+        found = self._samplers().latest(tenant, source, name)
+        if found is None:
+            raise TinkerApiError(404, f"model_path: no sampler weights {model_path!r}", "model_path")
+        return found.ref
+
+    def _create_sampler(self, tenant, session_id, seq, model_path, base_model, found) -> dict:
         self._session(tenant, session_id)
         if model_path is not None:
-            _, kind, name = parse_path(model_path, "model_path")
-            if kind != "sampler_weights":
-                raise TinkerApiError(422, f"model_path: {model_path!r}: sampling runs on sampler weights "
-                                          "(save_weights_for_sampler), not on a save_state checkpoint", "model_path")
-            model = self.sampler_refs.get((tenant, model_path), f"{tenant}/{name}")
+            model = found
         elif base_model == self.cfg.served_name:
             model = self.cfg.served_name
         else:
@@ -269,6 +281,9 @@ class TinkerWorker:
         found = self.samplers.get(sampling_session_id)
         if found is None or found[0] != tenant:
             return {"_error": [404, f"sampling_session_id {sampling_session_id!r} not found", "sampling_session_id"]}
+        if sampling_session_id in self.retired:
+            return {"_error": [410, f"sampling_session_id {sampling_session_id!r}: {self.retired[sampling_session_id]}",
+                               "sampling_session_id"]}
         return {"model": found[1]}
 
     async def open_future(self, tenant: str, kind: str) -> str:
@@ -306,14 +321,6 @@ class TinkerWorker:
                                         "category": "server"}, time.time()
             fut.done.set()
         return {"result": fut.result, "kind": fut.kind}
-
-    async def sampler_checkpoints(self, tenant: str, model_id: str) -> dict:
-        """The model's sampler weights published since the worker started: {"known": the worker knows
-        the model, "sampler": [{"path", "catalog_ref", "time"}]}."""
-        prefix = f"tinker://{model_id}/sampler_weights/"
-        found = [{"path": path, "catalog_ref": ref, "time": self.sampler_saved.get((who, path), 0.0)}
-                 for (who, path), ref in self.sampler_refs.items() if who == tenant and path.startswith(prefix)]
-        return {"known": self.models.get(model_id) == tenant, "sampler": found}
 
     async def model_info(self, tenant: str, model_id: str) -> dict:
         return self._answer(lambda: self._model(tenant, model_id) or {"lora_rank": self.ranks[model_id]})
@@ -475,6 +482,7 @@ class TinkerWorker:
                 ex.release(op.model_id)
                 if (folder := self.evicted.pop(op.model_id, None)) is not None:
                     shutil.rmtree(folder, ignore_errors=True)
+                self._prune_snapshots(op.tenant, op.model_id, 0, "its session has finished")
                 continue
             if op.kind == "evict":
                 if op.model_id in ex.models and op.model_id not in busy:
@@ -526,6 +534,39 @@ class TinkerWorker:
 
         return StateStore(self.cfg.storage or storage_path())
 
+    def _samplers(self):
+        from farm.settings import catalog_url
+        from farm.tinker.samplers import SamplerCatalog
+
+        return SamplerCatalog(self.cfg.catalog_url or catalog_url())
+
+    def _check_quota(self, tenant: str, size: int, replaced: int = 0) -> None:
+        """Refuse a save of `size` bytes (replacing `replaced`) that would pass the tenant's storage quota:
+        its save_state checkpoints and named sampler weights together."""
+        from farm.tinker.samplers import stored
+
+        limit = self.cfg.max_stored_bytes
+        if limit is None:
+            return
+        now = stored(self._store(), self._samplers(), tenant)
+        if now.size_bytes - replaced + size > limit:
+            raise bad("path", f"storage quota: tenant {tenant!r} keeps {now.describe()}; this one ({size} bytes) "
+                              f"would pass its {limit}-byte limit. Delete some (RestClient.delete_checkpoint) "
+                              "or save state with ttl_seconds")
+
+    def _prune_snapshots(self, tenant: str, model_id: str, keep: int, why: str) -> None:
+        """Delete the model's ephemeral snapshots but the newest `keep`; their sampling clients get a 410."""
+        try:
+            gone = {s.ref for s in self._samplers().prune(tenant, model_id, keep)}
+        except Exception:  # noqa: BLE001 - catalog trouble must not fail the cycle; the next prune retries
+            log.exception("tinker: pruning the snapshots of %s failed", model_id)
+            return
+        for ssid, (_, ref) in list(self.samplers.items()):
+            if ref in gone:
+                self.retired[ssid] = (f"its weights ({ref}) were deleted: {why}. Make a new sampling client "
+                                      "(save_weights_and_get_sampling_client), or save_weights_for_sampler(name) "
+                                      "for weights that stay")
+
     def _create(self, op: Op) -> dict:
         lora = op.payload.lora_config
         seed = lora.seed if lora.seed is not None else secrets.randbelow(2**31)
@@ -570,18 +611,21 @@ class TinkerWorker:
         from farm.errors import CatalogError
         from farm.modeling import config_fingerprint
         from farm.settings import catalog_url
+        from farm.tinker.samplers import snapshot_adapter
         from farm.tinker.state import check_adapter_name, tinker_path
 
         # named: <tenant>/<name>; a snapshot for a sampling client: one adapter per model, a version per save
         ephemeral = op.payload.path is None
-        name = (f"tinker-{hashlib.sha256(op.model_id.encode()).hexdigest()[:12]}" if ephemeral
-                else check_adapter_name(op.payload.path))
+        name = snapshot_adapter(op.model_id) if ephemeral else check_adapter_name(op.payload.path)
         m = self.executor.models[op.model_id]
         meta = {"source": "tinker", "base_model": {"source": self.cfg.base_model, "revision": None,
                                                    "sha256": config_fingerprint(self.cfg.base_model)},
-                "tinker": {"model_id": op.model_id, "steps": m.steps, "tokens": m.tokens, "rank": m.rank}}
+                "tinker": {"model_id": op.model_id, "steps": m.steps, "tokens": m.tokens, "rank": m.rank,
+                           "ephemeral": ephemeral}}
         with tempfile.TemporaryDirectory(prefix="farm-tinker-") as tmp:
             folder = self.executor.pack.export_adapter(op.model_id, Path(tmp) / "adapter", self.cfg.base_model)
+            if not ephemeral:  # named sampler weights stay: they count towards the storage quota
+                self._check_quota(op.tenant, sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()))
             try:
                 version = Catalog(self.cfg.catalog_url or catalog_url()).publish(
                     op.tenant, name, folder, meta, idempotency_key=f"tinker:{op.model_id}:{op.seq_id}")
@@ -591,10 +635,11 @@ class TinkerWorker:
             session_id = op.model_id.rsplit(":train:", 1)[0]
             ssid = f"{session_id}:sample:{op.payload.sampling_session_seq_id}"
             self.samplers[ssid] = (op.tenant, version.ref)
+            keep = self.cfg.sampler_snapshots_kept
+            self._prune_snapshots(op.tenant, op.model_id, keep, f"the worker keeps the newest {keep} snapshots of "
+                                                                f"model {op.model_id!r} (sampler_snapshots_kept)")
             return {"sampling_session_id": ssid, "catalog_ref": version.ref, "type": "save_weights_for_sampler"}
         path = tinker_path(op.model_id, name, "sampler_weights")
-        self.sampler_refs[(op.tenant, path)] = version.ref  # the path pins this version, not a later one
-        self.sampler_saved[(op.tenant, path)] = time.time()
         return {"path": path, "catalog_ref": version.ref, "type": "save_weights_for_sampler"}
 
     def _save(self, op: Op) -> dict:
@@ -614,11 +659,7 @@ class TinkerWorker:
                 size = sum(p.stat().st_size for p in local.iterdir() if p.is_file())
                 replaced = sum(c.size_bytes for c in store.checkpoints(op.tenant, op.model_id)
                                if c.folder == folder) if op.payload.overwrite else 0
-                count, kept = store.usage(op.tenant)
-                if kept - replaced + size > self.cfg.max_stored_bytes:
-                    raise bad("path", f"storage quota: tenant {op.tenant!r} keeps {kept} bytes in {count} checkpoints; "
-                                      f"this one ({size} bytes) would pass its {self.cfg.max_stored_bytes}-byte limit. "
-                                      "Delete some (RestClient.delete_checkpoint) or save with ttl_seconds")
+                self._check_quota(op.tenant, size, replaced)
             store.upload(local, folder, overwrite=op.payload.overwrite, ttl_seconds=op.payload.ttl_seconds)
         return {"path": tinker_path(op.model_id, name), "type": "save_weights"}
 
