@@ -72,6 +72,23 @@ def test_queue_commands_without_ray(farm_home):
     assert isinstance(runner.invoke(app, ["retry", second]).exception, QueueError)
 
 
+def test_farm_status_without_a_job_shows_each_customers_jobs_and_tinker_cost(farm_home):
+    from farm.queue.usage import UsageRow
+
+    store = SQLiteStore(farm_home / "queue.db")
+    assert runner.invoke(app, ["status"]).output.splitlines() == ["jobs: none", "no usage yet"]
+    store.submit(make_manifest("acme", "x"))
+    store.add_usage([UsageRow("acme", 3600, "training", 27, 1.25), UsageRow("globex", 3600, "sampling_sample", 12)])
+    out = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    assert out["jobs"]["queued"] == 1 and set(out["customers"]) == {"acme", "globex"}
+    acme = out["customers"]["acme"]
+    assert (acme["jobs"], acme["tinker_training_tokens"], acme["accelerator_seconds"]) == (1, 27, 1.25)
+    table = runner.invoke(app, ["status", "--customer", "globex"]).output
+    assert "jobs: 1 queued" in table and "globex" in table and "acme" not in table and "0 / 12" in table
+    mixed = runner.invoke(app, ["status", "acme-0000", "--customer", "acme"])
+    assert mixed.exit_code == 2 and "--customer goes without a job id" in mixed.output
+
+
 def test_errors_print_one_line_not_a_traceback(farm_home):
     env = {**os.environ, "FARM_HOME": str(farm_home)}
     proc = subprocess.run([FARM, "cancel", "acme-0000"], capture_output=True, text=True, env=env, timeout=60)

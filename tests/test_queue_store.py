@@ -345,6 +345,10 @@ def test_a_version_1_database_is_upgraded_in_place(tmp_path):
     assert s.get(job_id).pack is None and s.get(job_id).pack_key is not None  # version 3's columns too
     checked = s.submit_checked(make_manifest("acme", "x"), idempotency=("k", "sha"), record={"a": 1})  # version 4
     assert s.client_record(checked.job_id) == {"a": 1} and s.idempotent("acme", "k") == (checked.job_id, "sha")
+    from farm.queue.usage import UsageRow
+
+    s.add_usage([UsageRow("acme", 0, "training", 3)])  # version 5: the usage ledger
+    assert s.usage() == [UsageRow("acme", 0, "training", 3)]
     s.close()
 
 
@@ -401,3 +405,30 @@ def test_sqlite_store_implements_the_jobstore_protocol():
         want = list(inspect.signature(getattr(JobStore, name)).parameters)
         have = list(inspect.signature(getattr(SQLiteStore, name)).parameters)
         assert have == want, (name, have, want)
+
+
+def test_the_usage_ledger_adds_by_customer_hour_and_kind_and_sums_with_job_costs(store, clock):
+    """Usage outside jobs (the Tinker API's): rows add up per customer, hour, source and kind; read back by
+    customer and hour window; beside each customer's job costs (every attempt) as `farm status` shows them."""
+    from farm.queue.usage import UsageRow, customer_costs
+
+    with pytest.raises(ValueError, match="usage kind 'tokens': expected one of training"):
+        UsageRow("acme", 3600, "tokens", 1)
+    with pytest.raises(ValueError, match="not the start of a UTC hour"):
+        UsageRow("acme", 3601, "training", 1)
+    store.add_usage([UsageRow("acme", 3600, "training", 10, 1.5), UsageRow("acme", 7200, "sampling_sample", 4)])
+    store.add_usage([UsageRow("acme", 3600, "training", 5, 0.5), UsageRow("globex", 3600, "checkpoint", 2)])
+    store.add_usage([])
+    assert store.usage(customer="acme") == [UsageRow("acme", 3600, "training", 15, 2.0),
+                                            UsageRow("acme", 7200, "sampling_sample", 4)]
+    assert [r.customer for r in store.usage(start=3600, end=7200)] == ["acme", "globex"]
+    assert store.usage(source="jobs") == []
+    store.submit(make_manifest("acme", "chat"))
+    job = run_one(store)
+    store.succeed(job.id, job.lease_id, adapter_ref="acme/chat@v1", accelerator_seconds=7.5, tokens=99)
+    costs = customer_costs(store.job_costs(), store.usage())
+    assert list(costs) == ["acme", "globex"]
+    acme = costs["acme"]
+    assert (acme.jobs, acme.job_accelerator_seconds, acme.tinker_accelerator_seconds, acme.accelerator_seconds) == (1, 7.5, 2.0, 9.5)
+    assert (acme.job_tokens, acme.tinker_training_tokens, acme.training_tokens, acme.tinker_sampled_tokens) == (99, 15, 114, 4)
+    assert costs["globex"].tinker_checkpoints == 2 and costs["globex"].jobs == 0

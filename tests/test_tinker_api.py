@@ -5,6 +5,7 @@ tenant gets the same 404 as for a missing model, and bad requests are 4xx JSON n
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -246,10 +247,13 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     """RestClient's checkpoint calls and AdminClient's usage calls, each tenant seeing its own only."""
     import datetime as dt
 
+    import ray
     import tinker
     from tinker import types
+    from typer.testing import CliRunner
 
     from farm.catalog import Catalog
+    from farm.cli import app
 
     service = _service(farm)
     tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=6).result()
@@ -294,12 +298,27 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     with pytest.raises(tinker.NotFoundError):
         rest.delete_checkpoint_from_tinker_path(sampler).result()
     hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0)
-    usage = admin.get_billing_usage(hour - dt.timedelta(hours=1), hour + dt.timedelta(hours=1)).result().data
-    totals: dict[str, int] = {}
-    for e in usage:  # hourly buckets (this test may straddle an hour)
-        n = e.event_info.count if e.event_info.type == "checkpoint" else e.event_info.token_count
-        totals[e.event_info.type] = totals.get(e.event_info.type, 0) + n
+
+    def billed() -> dict[str, int]:
+        usage = admin.get_billing_usage(hour - dt.timedelta(hours=1), hour + dt.timedelta(hours=1)).result().data
+        totals: dict[str, int] = {}
+        for e in usage:  # hourly buckets (this test may straddle an hour)
+            n = e.event_info.count if e.event_info.type == "checkpoint" else e.event_info.token_count
+            totals[e.event_info.type] = totals.get(e.event_info.type, 0) + n
+        return totals
+
+    totals = billed()
     assert totals["training"] >= len(TOKENS) - 1 and totals["checkpoint"] >= 3
+    # the usage lasts in the queue database (a Ray task on the head adds it): `farm status` shows it, and
+    # the billing answer is the same after the flush (nothing counted twice, nothing lost)
+    worker = ray.get_actor("farm-tinker-test", namespace="farm")
+    ray.get(worker.flush_usage.remote())
+    assert billed() == totals
+    status = CliRunner().invoke(app, ["status", "--json", "--customer", "acme"],
+                                env={"FARM_QUEUE_DB": farm.cfg.extra["tinker"]["queue_db"]})
+    acme = json.loads(status.output)["customers"]["acme"]
+    assert acme["tinker_training_tokens"] >= len(TOKENS) - 1 and acme["tinker_checkpoints"] >= 3
+    assert acme["tinker_accelerator_seconds"] > 0 and acme["jobs"] == 0
     with pytest.raises(tinker.BadRequestError, match="starting_on: .* is not on a UTC hour boundary"):
         admin.get_billing_usage(hour + dt.timedelta(minutes=5), hour + dt.timedelta(hours=1)).result()
     service.close("success").result()

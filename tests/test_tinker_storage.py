@@ -23,7 +23,8 @@ async def _scenario(tiny, storage) -> None:
     from farm.tinker.worker import TinkerWorker
 
     worker = TinkerWorker({"base_model": str(tiny), "served_name": "tiny-llama", "window_ms": 0,
-                           "storage": str(storage), "catalog_url": str(storage.parent / "catalog"), "max_stored_bytes": None})
+                           "storage": str(storage), "catalog_url": str(storage.parent / "catalog"),
+                           "queue_db": str(storage.parent / "queue.db"), "max_stored_bytes": None})
     sid = (await worker.create_session("acme"))["session_id"]
     create = CreateModel(session_id=sid, model_seq_id=0, base_model="tiny-llama", lora_config=LoraConfig(rank=4, seed=1))
     model_id = (await worker.submit("acme", "create_model", create))["model_id"]
@@ -56,6 +57,13 @@ async def _scenario(tiny, storage) -> None:
     rows = await worker.billing("acme", 0, time.time() + 3600)
     assert {r["kind"]: r["count"] for r in rows} == {"checkpoint": 4, "training": 9}
     assert await worker.billing("globex", 0, time.time() + 3600) == []
+    # the ledger lasts in the queue database's usage table: a flush moves it there, the answer stays the same
+    from farm.queue import SQLiteStore
+
+    assert await worker.flush_usage() == 2 and worker.pending == {}
+    assert await worker.billing("acme", 0, time.time() + 3600) == rows
+    kept = {r.kind: r for r in SQLiteStore(worker.cfg.queue_db).usage(customer="acme")}
+    assert kept["training"].amount == 9 and kept["training"].accelerator_seconds > 0 and kept["checkpoint"].amount == 4
     worker.loop_task.cancel()
 
 

@@ -195,13 +195,22 @@ def jobs(
 
 
 def status(
-    job_id: JobArg,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+    job_id: Annotated[str | None, typer.Argument(
+        help="Job id, as printed by `farm submit` or `farm jobs`; without one, the farm: jobs by state and "
+             "each customer's cost (jobs and Tinker API use).")] = None,
+    customer: Annotated[str | None, typer.Option(help="Without a job id: only this customer's cost.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the job (or the farm) as JSON.")] = False,
 ) -> None:
-    """One job: state, progress, ETA, attempts, cost, adapter ref, events and where to look in Ray."""
+    """One job: state, progress, ETA, attempts, cost, adapter ref, events and where to look in Ray.
+    Without a job id: jobs by state and each customer's cost, its jobs' and its Tinker API use."""
     from farm import cluster
 
     store = _store()
+    if job_id is None:
+        _farm_status(store, customer, json_out)
+        return
+    if customer is not None:
+        raise typer.BadParameter("--customer goes without a job id (a job has one customer)", param_hint="--customer")
     job = store.get(job_id)
     events = store.events(job_id)
     info = cluster.read_state()
@@ -233,6 +242,35 @@ def status(
     for e in events:
         when = time.strftime("%H:%M:%S", time.localtime(e.at))
         console.print(f"  {when}  {e.from_state or '-'} -> {e.to_state}: {e.reason}")
+
+
+def _farm_status(store, customer: str | None, json_out: bool) -> None:
+    """Jobs by state and each customer's cost: its jobs' (the jobs table) and its Tinker use (the usage table)."""
+    from rich.table import Table
+
+    from farm.queue.usage import customer_costs
+
+    costs = customer_costs(store.job_costs(), store.usage(customer=customer))
+    if customer is not None:
+        costs = {c: v for c, v in costs.items() if c == customer}
+    counts = store.counts()
+    if json_out:
+        print_json({"jobs": counts, "customers": {c: v.to_dict() for c, v in costs.items()}})
+        return
+    console.print("jobs: " + (", ".join(f"{n} {state}" for state, n in counts.items() if n) or "none"))
+    if not costs:
+        console.print("no usage yet" + (f" for customer {customer!r}" if customer else ""))
+        return
+    table = Table(box=None, pad_edge=False, title="cost per customer (jobs: every attempt; tinker: the Tinker API)",
+                  title_justify="left")
+    for col in ("CUSTOMER", "JOBS", "JOB ACCEL-S", "JOB TOKENS", "TINKER ACCEL-S", "TINKER TOKENS",
+                "PROMPT / SAMPLED", "SAVES"):
+        table.add_column(col, justify="left" if col == "CUSTOMER" else "right")
+    for c, v in costs.items():
+        table.add_row(c, str(v.jobs), f"{v.job_accelerator_seconds:.1f}", str(v.job_tokens),
+                      f"{v.tinker_accelerator_seconds:.1f}", str(v.tinker_training_tokens),
+                      f"{v.tinker_prefill_tokens} / {v.tinker_sampled_tokens}", str(v.tinker_checkpoints))
+    console.print(table)
 
 
 def logs(

@@ -13,7 +13,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -22,12 +22,13 @@ from farm.errors import IdempotencyMismatch, JobNotFound, QueueError, QuotaExcee
 from farm.queue.fairness import Candidate, fair_order, pick_next
 from farm.queue.job import Event, Job, Submitted
 from farm.queue.lifecycle import ACTIVE, TERMINAL, JobState, check_transition, retry_delay
+from farm.queue.usage import UsageRow
 
 if TYPE_CHECKING:
     from farm.manifest import Manifest
 
 DEFAULT_MAX_ATTEMPTS = 3
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,6 +97,19 @@ CREATE TABLE IF NOT EXISTS idempotency (
 );
 """
 
+# Usage outside jobs (farm.queue.usage: the Tinker API's), one row per customer, hour, source and kind.
+_USAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    customer TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    amount INTEGER NOT NULL DEFAULT 0,
+    accelerator_seconds REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (customer, hour, source, kind)
+);
+"""
+
 # A job flagged for cancel runs again only to finish a publish it had begun (see begin_publish).
 _ELIGIBLE = ("(cancel_requested = 0 OR publish_started_at IS NOT NULL) "
              "AND (state = 'queued' OR (state = 'retrying' AND next_attempt_at <= ?))")
@@ -103,9 +117,11 @@ _ELIGIBLE = ("(cancel_requested = 0 OR publish_started_at IS NOT NULL) "
 # 3: packed training (farm.pack_key): the job's compatibility key (NULL: runs alone; jobs queued
 # before the upgrade run alone) and the pack it runs or ran in.
 # 4: submit admission across processes (submit_checked): client records and idempotency keys.
+# 5: the usage ledger of work outside jobs (farm.queue.usage).
 _MIGRATIONS = {2: "ALTER TABLE jobs ADD COLUMN publish_started_at REAL;",
                3: "ALTER TABLE jobs ADD COLUMN pack_key TEXT; ALTER TABLE jobs ADD COLUMN pack TEXT;",
-               4: _CLIENT_SCHEMA}
+               4: _CLIENT_SCHEMA,
+               5: _USAGE_SCHEMA}
 
 
 class JobStore(Protocol):
@@ -142,6 +158,10 @@ class JobStore(Protocol):
     def recover_orphans(self, owner: str, *, takeover: Callable[[str], bool] = ...) -> list[Job]: ...
     def retry(self, job_id: str) -> Job: ...
     def counts(self) -> dict[str, int]: ...
+    def add_usage(self, rows: Iterable[UsageRow]) -> None: ...
+    def usage(self, *, customer: str | None = None, start: float | None = None, end: float | None = None,
+              source: str | None = None) -> list[UsageRow]: ...
+    def job_costs(self) -> dict[str, dict[str, float]]: ...
     def queue_positions(self) -> dict[str, int]: ...
     def note(self, job_id: str, reason: str) -> None: ...
 
@@ -171,7 +191,7 @@ class SQLiteStore:
                 )
             if version == 0:
                 self._conn.executescript(
-                    f"BEGIN IMMEDIATE; {_SCHEMA} {_CLIENT_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+                    f"BEGIN IMMEDIATE; {_SCHEMA} {_CLIENT_SCHEMA} {_USAGE_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
                 )
             elif version < SCHEMA_VERSION:
                 steps = " ".join(_MIGRATIONS[v] for v in range(version + 1, SCHEMA_VERSION + 1))
@@ -402,6 +422,42 @@ class SQLiteStore:
         out = {s.value: 0 for s in JobState}
         out.update({r["state"]: r["n"] for r in rows})
         return out
+
+    # ---- usage outside jobs, and each customer's job costs (farm status) ----------------------
+
+    def add_usage(self, rows: Iterable[UsageRow]) -> None:
+        """Add rows to the ledger in one transaction (a row adds to its customer's hour, source and kind)."""
+        rows = list(rows)
+        if not rows:
+            return
+        with self._tx() as c:
+            c.executemany(
+                "INSERT INTO usage (customer, hour, source, kind, amount, accelerator_seconds) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (customer, hour, source, kind) DO UPDATE SET amount = amount + excluded.amount, "
+                "accelerator_seconds = accelerator_seconds + excluded.accelerator_seconds",
+                [(r.customer, r.hour, r.source, r.kind, int(r.amount), float(r.accelerator_seconds)) for r in rows])
+
+    def usage(self, *, customer: str | None = None, start: float | None = None, end: float | None = None,
+              source: str | None = None) -> list[UsageRow]:
+        """Ledger rows (of one customer, of one source) whose hour starts in [start, end), by hour."""
+        where, args = [], []
+        for cond, value in (("customer = ?", customer), ("hour >= ?", start), ("hour < ?", end), ("source = ?", source)):
+            if value is not None:
+                where.append(cond)
+                args.append(value)
+        sql = ("SELECT * FROM usage" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY hour, customer, source, kind")
+        with self._lock:
+            return [UsageRow(r["customer"], r["hour"], r["kind"], r["amount"], r["accelerator_seconds"], r["source"])
+                    for r in self._conn.execute(sql, args)]
+
+    def job_costs(self) -> dict[str, dict[str, float]]:
+        """Per customer: its jobs, their accelerator-seconds and tokens (every attempt charged)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT customer, COUNT(*) AS jobs, SUM(accelerator_seconds) AS s, "
+                                      "SUM(tokens) AS t FROM jobs GROUP BY customer ORDER BY customer").fetchall()
+        return {r["customer"]: {"jobs": r["jobs"], "accelerator_seconds": float(r["s"] or 0.0), "tokens": int(r["t"] or 0)}
+                for r in rows}
 
     def _fairness_inputs(self, c: sqlite3.Connection) -> tuple[dict[str, int], dict[str, float]]:
         running = {

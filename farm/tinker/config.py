@@ -44,6 +44,12 @@ class TinkerConfig(BaseModel):
     sampler_snapshots_kept: int = Field(4, ge=1)
     """Ephemeral snapshots (save_weights_and_get_sampling_client) kept per model: a newer one deletes the
     oldest, whose sampling clients then get a 410; the session's end deletes them all."""
+    queue_db: str | None = None
+    """The farm's queue database, whose `usage` table keeps each tenant's Tinker use (`farm status`, the
+    billing endpoint); None = the worker's FARM_QUEUE_DB. `mount` sets this farm's."""
+    usage_flush_s: float = Field(10.0, gt=0)
+    """How often the worker adds its pending usage to the queue database (a worker that dies loses at
+    most this much; the Ray counters have it all)."""
     expiry_sweep_s: float = Field(600.0, gt=0)
     """How often the pack worker deletes expired checkpoints (save_state's ttl_seconds) of every tenant."""
     sample_timeout_s: float = Field(900.0, gt=0)
@@ -62,9 +68,10 @@ class TinkerConfig(BaseModel):
 
 def mount(serve_cfg, **fields) -> TinkerConfig:
     """Mount the Tinker API on a serve config (`ServeConfig`): its base, beside any other extension."""
-    from farm.settings import catalog_url, storage_path
+    from farm.settings import catalog_url, queue_db_path, storage_path
 
     fields.setdefault("storage", storage_path())  # resolved here: the worker writes where this farm reads
+    fields.setdefault("queue_db", str(queue_db_path()))  # and adds its usage where `farm status` reads
     fields.setdefault("catalog_url", serve_cfg.catalog_url or catalog_url())  # and publishes where it serves from
     cfg = TinkerConfig(base_model=serve_cfg.base_model, served_name=serve_cfg.served_name,
                        quantization=fields.pop("quantization", serve_cfg.quantization),

@@ -426,8 +426,9 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
 
     @app.get("/api/v1/billing/usage/events")
     async def billing_usage(request: Request):
-        """The caller's hourly usage on this base since the pack worker started: training tokens,
-        sampling prefill and sampled tokens, checkpoints made. No prices (the farm has no rate card)."""
+        """The caller's hourly usage on this base (the queue database's usage table, across worker
+        restarts): training tokens, sampling prefill and sampled tokens, checkpoints made. No prices
+        (the farm has no rate card)."""
         tenant = tenant_of(keys, request)
         q = t.validate(t.BillingWindow, dict(request.query_params))
         start, end = q.starting_on.timestamp(), q.ending_before.timestamp()
@@ -439,6 +440,8 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
         if start > time.time():
             raise bad("starting_on", f"{iso(start)} is in the future")
         rows = await worker().billing.remote(tenant, start, end)
+        if isinstance(rows, dict):
+            _raise_error(rows)
 
         def info(kind: str, n: int) -> dict:
             if kind == "checkpoint":

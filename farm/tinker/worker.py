@@ -131,7 +131,14 @@ class TinkerWorker:
         self.last_expiry_sweep = 0.0  # when the expired-checkpoint sweep last ran (0: at the first cycle)
         self.usage: dict[str, dict[str, float]] = {}  # tenant -> its totals (see _charge)
         self._cycle_usage: dict[str, tuple[int, float]] = {}  # tenant -> (tokens, seconds) of the last cycle
-        self.ledger: dict[tuple[str, int, str], int] = {}  # (tenant, UTC hour start, kind) -> tokens or count
+        # (tenant, UTC hour start, kind) -> [tokens or count, accelerator-seconds] not yet in the queue database's
+        # usage table (farm.tinker.ledger), and those being added now
+        self.pending: dict[tuple[str, int, str], list] = {}
+        self.flushing: dict[tuple[str, int, str], list] = {}
+        self.last_flush = time.time()
+        self._ledger = None
+        self._ledger_lock: asyncio.Lock | None = None
+        self._flushes: set = set()  # running flush tasks (a reference, so they are not collected)
         self._meters: dict | None = None
         self.cycles = 0  # clock cycles run
         self.largest_group = 0  # most models in one grouped forward/backward so far
@@ -333,10 +340,62 @@ class TinkerWorker:
                 "evicted": len(self.evicted), "evictions": self.evictions,
                 "usage": {tenant: dict(u) for tenant, u in self.usage.items()}}
 
-    async def billing(self, tenant: str, start: float, end: float) -> list[dict]:
-        """The tenant's hourly ledger rows in [start, end): {"hour", "kind", "count"}, by hour."""
-        return [{"hour": hour, "kind": kind, "count": n} for (who, hour, kind), n in sorted(self.ledger.items(),
-                key=lambda kv: (kv[0][1], -kv[1])) if who == tenant and start <= hour < end]
+    async def billing(self, tenant: str, start: float, end: float) -> list[dict] | dict:
+        """The tenant's hourly usage in [start, end): {"hour", "kind", "count"}, by hour; the queue
+        database's rows plus what this worker has not added yet."""
+        async with self._lock():
+            try:
+                kept = await self._usage_ledger().rows(tenant, start, end)
+            except Exception as exc:  # noqa: BLE001 - the database's trouble, named (the SDK retries no 400)
+                log.exception("tinker: reading the usage ledger failed")
+                return {"_error": [400, f"the usage ledger ({self.cfg.queue_db}) cannot be read now: "
+                                        f"{type(exc).__name__}: {exc}"[:500], "queue_db"]}
+            totals: dict[tuple[int, str], int] = {}
+            for r in kept:
+                totals[(r.hour, r.kind)] = totals.get((r.hour, r.kind), 0) + r.amount
+            for source in (self.pending, self.flushing):
+                for (who, hour, kind), (n, _) in source.items():
+                    if who == tenant and start <= hour < end:
+                        totals[(hour, kind)] = totals.get((hour, kind), 0) + n
+        return [{"hour": hour, "kind": kind, "count": n}
+                for (hour, kind), n in sorted(totals.items(), key=lambda kv: (kv[0][0], -kv[1]))]
+
+    # ---- the usage ledger (farm.tinker.ledger) ------------------------------------------------
+    def _lock(self) -> asyncio.Lock:
+        if self._ledger_lock is None:
+            self._ledger_lock = asyncio.Lock()
+        return self._ledger_lock
+
+    def _usage_ledger(self):
+        if self._ledger is None:
+            from farm.settings import queue_db_path
+            from farm.tinker.ledger import Ledger
+
+            self._ledger = Ledger(self.cfg.queue_db or str(queue_db_path()))
+        return self._ledger
+
+    async def flush_usage(self) -> int:
+        """Add the pending hours to the queue database's usage table; how many rows. A failed add keeps
+        them pending for the next flush."""
+        from farm.queue.usage import UsageRow
+
+        async with self._lock():
+            self.flushing, self.pending = self.pending, {}
+            self.last_flush = time.time()
+            rows = [UsageRow(who, hour, kind, int(n), float(sec)) for (who, hour, kind), (n, sec) in self.flushing.items()]
+            try:
+                if rows:
+                    await self._usage_ledger().add(rows)
+            except Exception:  # noqa: BLE001 - kept for the next flush; the counters have it meanwhile
+                log.exception("tinker: adding %d usage rows to %s failed; kept for the next flush", len(rows),
+                              self.cfg.queue_db)
+                for key, (n, sec) in self.flushing.items():
+                    got = self.pending.setdefault(key, [0, 0.0])
+                    got[0] += n
+                    got[1] += sec
+                rows = []
+            self.flushing = {}
+        return len(rows)
 
     # ---- cost ---------------------------------------------------------------------------------
     def _charge(self, tenant: str, *, tokens: int = 0, seconds: float = 0.0, prefill: int = 0, sample: int = 0,
@@ -354,11 +413,12 @@ class TinkerWorker:
         u["sample_tokens"] += sample
         u["checkpoints"] += checkpoints
         hour = int(time.time() // 3600 * 3600)
-        for kind, n in (("training", tokens), ("sampling_prefill", prefill), ("sampling_sample", sample),
-                        ("checkpoint", checkpoints)):
-            if n:
-                key = (tenant, hour, kind)
-                self.ledger[key] = self.ledger.get(key, 0) + n
+        for kind, n, sec in (("training", tokens, accel), ("sampling_prefill", prefill, 0.0),
+                             ("sampling_sample", sample, 0.0), ("checkpoint", checkpoints, 0.0)):
+            if n or sec:
+                got = self.pending.setdefault((tenant, hour, kind), [0, 0.0])
+                got[0] += n
+                got[1] += sec
         meters = self._metrics()
         if meters is None:
             return
@@ -392,7 +452,8 @@ class TinkerWorker:
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
-        sweeps = [self.cfg.expiry_sweep_s] + ([] if self.cfg.idle_evict_s is None else [self.cfg.idle_evict_s / 2])
+        sweeps = [self.cfg.expiry_sweep_s, self.cfg.usage_flush_s] + ([] if self.cfg.idle_evict_s is None
+                                                                       else [self.cfg.idle_evict_s / 2])
         sweep_s = min(60.0, max(0.05, min(sweeps)))
         while True:
             try:
@@ -403,6 +464,10 @@ class TinkerWorker:
                 pass  # quiet for sweep_s: only the sweep below
             self.wake.clear()
             self._sweep_idle()
+            if self.pending and time.time() - self.last_flush >= self.cfg.usage_flush_s:
+                flush = asyncio.get_running_loop().create_task(self.flush_usage())  # beside the cycles, not before
+                self._flushes.add(flush)
+                flush.add_done_callback(self._flushes.discard)
             while True:
                 controls, self.controls = self.controls, []
                 ready = self.seq.ready()
