@@ -256,7 +256,8 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     from farm.cli import app
 
     service = _service(farm)
-    tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=6).result()
+    tc = service.create_lora_training_client(base_model=farm.cfg.served_name, rank=4, seed=6,
+                                             user_metadata={"renderer_name": "role_colon"}).result()
     fb, op = tc.forward_backward([_datum(TOKENS)], "cross_entropy"), tc.optim_step(types.AdamParams(learning_rate=1e-3))
     fb.result()
     op.result()
@@ -276,6 +277,22 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     assert listed[kept].expires_at is not None and listed[short].expires_at is None
     with pytest.raises(tinker.BadRequestError, match=r"ttl_seconds: 60 is not in \[3600"):
         rest.set_checkpoint_ttl_from_tinker_path(kept, 60).result()
+    # the training run: what the cookbook reads back on resume (its renderer name in user_metadata)
+    run = rest.get_training_run_by_tinker_path(kept).result()
+    assert (run.training_run_id, run.base_model, run.model_owner, run.lora_rank) == (tc.model_id, farm.cfg.served_name,
+                                                                                      "acme", 4)
+    assert run.user_metadata == {"renderer_name": "role_colon"} and run.last_sampler_checkpoint.tinker_path == sampler
+    assert run.last_checkpoint.tinker_path == short  # the newest save_state
+    runs = rest.list_training_runs(limit=1000).result()
+    assert tc.model_id in {r.training_run_id for r in runs.training_runs}
+    assert runs.cursor.total_count == len(runs.training_runs) and runs.cursor.limit == 1000
+    assert rest.list_training_runs(limit=1, offset=runs.cursor.total_count).result().training_runs == []
+    everything = {c.tinker_path for c in rest.list_user_checkpoints(limit=1000).result().checkpoints}
+    assert {kept, short, sampler} <= everything
+    info = rest.get_weights_info_by_tinker_path(kept).result()
+    assert (info.base_model, info.lora_rank, info.is_lora, info.train_mlp) == (farm.cfg.served_name, 4, True, True)
+    with pytest.raises(tinker.BadRequestError, match="limit: '0': Input should be greater than or equal to 1"):
+        rest.list_training_runs(limit=0).result()
     rest.delete_checkpoint_from_tinker_path(short).result()
     assert short not in {c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
     with pytest.raises(tinker.NotFoundError):
@@ -286,6 +303,12 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
         other.list_checkpoints(tc.model_id).result()
     with pytest.raises(tinker.NotFoundError):
         other.delete_checkpoint_from_tinker_path(kept).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.get_training_run(tc.model_id).result()
+    with pytest.raises(tinker.NotFoundError):
+        other.get_weights_info_by_tinker_path(kept).result()
+    assert tc.model_id not in {r.training_run_id for r in other.list_training_runs(limit=1000).result().training_runs}
+    assert not {c.tinker_path for c in other.list_user_checkpoints(limit=1000).result().checkpoints} & {kept, sampler}
     # usage: acme's checkpoints in storage, and its hourly ledger
     admin = tinker.AdminClient(base_url=farm.base, api_key=KEYS["acme"])
     [stored] = admin.get_current_checkpoint_storage_usage().result().data
@@ -322,6 +345,8 @@ def test_checkpoints_are_listed_expire_are_deleted_and_usage_is_reported_through
     with pytest.raises(tinker.BadRequestError, match="starting_on: .* is not on a UTC hour boundary"):
         admin.get_billing_usage(hour + dt.timedelta(minutes=5), hour + dt.timedelta(hours=1)).result()
     service.close("success").result()
+    # the run outlives its session: its record is in run storage
+    assert rest.get_training_run(tc.model_id).result().user_metadata == {"renderer_name": "role_colon"}
 
 
 def test_two_tenants_training_at_once_share_grouped_steps_and_each_loss_falls(farm):

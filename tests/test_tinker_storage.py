@@ -91,6 +91,9 @@ async def _sampler_scenario(tiny, storage, catalog) -> None:
     model_id = (await worker.submit("acme", "create_model", create))["model_id"]
     await _step(worker, model_id, 1)
     samplers, states = SamplerCatalog(str(catalog)), StateStore(str(storage))
+    run = states.run("acme", model_id)  # the run's record, written at create
+    assert (run.lora_rank, run.base_model, run.train_mlp, run.user_metadata) == (4, "tiny-llama", True, None)
+    assert [r.model_id for r in states.runs("acme")] == [model_id] and states.run("globex", model_id) is None
 
     # named sampler weights are catalog versions that count towards the quota, beside save_state checkpoints
     named = await _publish(worker, model_id, 3, name="step-1")

@@ -31,6 +31,7 @@ from farm.tinker.state import (
     TTL_MAX_S,
     TTL_MIN_S,
     StateStore,
+    TrainingRunRecord,
     check_adapter_name,
     check_model_id,
     check_name,
@@ -41,7 +42,7 @@ PREFIXES = ("/api/v1/",)
 MAX_JSON_BYTES = 1024 * 1024
 # Known Tinker endpoints the farm does not answer yet: a 422 that says so (a 404 reads like a wrong URL).
 NOT_BUILT = ("join_sampling_session", "retrieve_futures", "create_custom_loss", "cancel_future", "save_weights_external",
-             "copy_weights", "weights_info", "unload_model")
+             "copy_weights", "unload_model")
 
 log = logging.getLogger("farm.tinker")
 
@@ -363,13 +364,112 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
         newest = {s.adapter: s for s in sorted(published, key=lambda s: s.version)}
         if not saved and not newest and "_error" in await worker().model_info.remote(tenant, model_id):
             raise TinkerApiError(404, f"training run {model_id!r} not found", "training_run_id")
-        rows = [{"checkpoint_id": f"weights/{c.name}", "checkpoint_type": "training", "time": iso(c.created),
-                 "tinker_path": c.path, "size_bytes": c.size_bytes, "public": False, "expires_at": iso(c.expires_at)}
-                for c in saved]
-        rows += [{"checkpoint_id": f"sampler_weights/{s.adapter}", "checkpoint_type": "sampler", "time": iso(s.created),
-                  "tinker_path": s.path, "size_bytes": s.size_bytes, "public": False, "expires_at": None,
-                  "user_metadata": {"catalog_ref": s.ref}} for s in sorted(newest.values(), key=lambda s: s.created)]
+        rows = [state_row(c) for c in saved] + [sampler_row(s) for s in sorted(newest.values(), key=lambda s: s.created)]
         return {"checkpoints": rows, "cursor": None}
+
+    def state_row(c) -> dict:
+        """A save_state checkpoint as the SDK's `Checkpoint`."""
+        return {"checkpoint_id": f"weights/{c.name}", "checkpoint_type": "training", "time": iso(c.created),
+                "tinker_path": c.path, "size_bytes": c.size_bytes, "public": False, "expires_at": iso(c.expires_at)}
+
+    def sampler_row(s) -> dict:
+        """Named sampler weights (their newest version) as the SDK's `Checkpoint`, with the catalog ref."""
+        return {"checkpoint_id": f"sampler_weights/{s.adapter}", "checkpoint_type": "sampler", "time": iso(s.created),
+                "tinker_path": s.path, "size_bytes": s.size_bytes, "public": False, "expires_at": None,
+                "user_metadata": {"catalog_ref": s.ref}}
+
+    def newest_samplers(published) -> dict[tuple[str, str], Any]:
+        """(model id, name) -> the newest version: what a sampler path names."""
+        return {(s.model_id, s.adapter): s for s in sorted(published, key=lambda s: s.version)}
+
+    # ---- training runs (RestClient.get_training_run / list_training_runs / weights_info) ---------
+    def page_query(request: Request) -> t.Page:
+        q = t.validate(t.Page, dict(request.query_params))
+        if q.project_id is not None:
+            raise TinkerApiError(422, f"project_id: {q.project_id!r}: the farm has no projects (list without one)",
+                                 "project_id")
+        return q
+
+    def run_view(record, saved: list, published: list, live: dict | None) -> dict:
+        """A run record, its newest checkpoints and the worker's view of it, as the SDK's `TrainingRun`."""
+        last_state = max(saved, key=lambda c: c.created, default=None)
+        last_sampler = max(published, key=lambda s: s.created, default=None)
+        seen = [record.created] + [c.created for c in saved] + [s.created for s in published]
+        last = (live or {}).get("last_used") or max(seen)
+        return {"training_run_id": record.model_id, "base_model": record.base_model, "model_owner": record.tenant,
+                "is_lora": True, "corrupted": False, "lora_rank": record.lora_rank, "last_request_time": iso(last),
+                "last_checkpoint": state_row(last_state) if last_state else None,
+                "last_sampler_checkpoint": sampler_row(last_sampler) if last_sampler else None,
+                "user_metadata": record.user_metadata}
+
+    async def run_record(tenant: str, model_id: str):
+        """The tenant's run record, or the worker's live model when its record could not be written; a 404
+        for anything else (another tenant's run included)."""
+        check_model_id(model_id, "training_run_id")
+        record = await asyncio.to_thread(store().run, tenant, model_id)
+        live = await worker().model_info.remote(tenant, model_id)
+        live = None if "_error" in live else live
+        if record is None and live is None:
+            raise TinkerApiError(404, f"training run {model_id!r} not found", "training_run_id")
+        if record is None:
+            record = TrainingRunRecord(tenant, model_id, cfg.served_name, int(live["lora_rank"]), True, True, True,
+                                       live.get("last_used") or time.time())
+        return record, live
+
+    @app.get("/api/v1/training_runs/{model_id}")
+    async def get_training_run(model_id: str, request: Request):
+        tenant = tenant_of(keys, request)
+        page_query(request)  # access_scope: owned or accessible (the farm publishes nothing: the same runs)
+        record, live = await run_record(tenant, model_id)
+        saved = await asyncio.to_thread(store().checkpoints, tenant, model_id)
+        published = await asyncio.to_thread(samplers().published, tenant, model_id=model_id, ephemeral=False)
+        return run_view(record, saved, list(newest_samplers(published).values()), live)
+
+    @app.get("/api/v1/training_runs")
+    async def list_training_runs(request: Request):
+        """The caller's runs, newest first, a page at a time (runs whose record is in run storage)."""
+        tenant = tenant_of(keys, request)
+        q = page_query(request)
+        runs = await asyncio.to_thread(store().runs, tenant)
+        page = runs[q.offset:q.offset + q.limit]
+        saved = await asyncio.to_thread(store().checkpoints, tenant) if page else []
+        published = await asyncio.to_thread(samplers().published, tenant, ephemeral=False) if page else []
+        newest = list(newest_samplers(published).values())
+        views = []
+        for r in page:
+            live = await worker().model_info.remote(tenant, r.model_id)
+            views.append(run_view(r, [c for c in saved if c.model_id == r.model_id],
+                                  [s for s in newest if s.model_id == r.model_id], None if "_error" in live else live))
+        return {"training_runs": views, "cursor": {"offset": q.offset, "limit": q.limit, "total_count": len(runs)}}
+
+    @app.get("/api/v1/checkpoints")
+    async def list_user_checkpoints(request: Request):
+        """Every checkpoint of the caller's runs (save_state and named sampler weights), newest first."""
+        tenant = tenant_of(keys, request)
+        q = page_query(request)
+        saved = await asyncio.to_thread(store().checkpoints, tenant)
+        published = await asyncio.to_thread(samplers().published, tenant, ephemeral=False)
+        rows = sorted([state_row(c) for c in saved] + [sampler_row(s) for s in newest_samplers(published).values()],
+                      key=lambda r: r["time"], reverse=True)
+        return {"checkpoints": rows[q.offset:q.offset + q.limit],
+                "cursor": {"offset": q.offset, "limit": q.limit, "total_count": len(rows)}}
+
+    @app.post("/api/v1/weights_info")
+    async def weights_info(request: Request):
+        """What loading a checkpoint path needs to know: its base and LoRA shape (the caller's paths only)."""
+        tenant = tenant_of(keys, request)
+        body = await json_body(request, t.WeightsInfo)
+        source, kind, name = parse_path(body.tinker_path, "tinker_path")
+        record, _ = await run_record(tenant, source)
+        if kind == "weights":
+            found = await asyncio.to_thread(lambda: store().exists(store().folder(tenant, source, name)))
+        else:
+            found = await asyncio.to_thread(samplers().latest, tenant, source, name) is not None
+        if not found:
+            raise TinkerApiError(404, f"tinker_path: no checkpoint {body.tinker_path!r}", "tinker_path")
+        return {"base_model": record.base_model, "optimizer_config": {"type": "adamw"}, "is_lora": True,
+                "lora_rank": record.lora_rank, "train_unembed": record.train_unembed, "train_mlp": record.train_mlp,
+                "train_attn": record.train_attn}
 
     def checkpoint_folder(tenant: str, model_id: str, kind: str, name: str) -> str:
         if kind == "sampler_weights":

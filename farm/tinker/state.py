@@ -26,6 +26,7 @@ from farm.tinker.errors import TinkerApiError, bad
 ROOT = "farm-tinker"
 STATE_FILE = "tinker_state.pt"
 META_FILE = "farm_tinker_meta.json"
+RUN_FILE = "farm_tinker_run.json"  # the training run's record, beside its weights/ folder
 TTL_MIN_S, TTL_MAX_S = 3600, 10 * 365 * 24 * 3600  # PUT .../ttl's bounds, as Tinker's
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._-]{0,127}$")  # <session id>:train:<n>
@@ -88,6 +89,34 @@ class StoredCheckpoint:
         return tinker_path(self.model_id, self.name)
 
 
+@dataclass(frozen=True)
+class TrainingRunRecord:
+    """What the farm keeps of a Tinker model (its training run) after its session: what the SDK's
+    `TrainingRun` and `WeightsInfoResponse` report, and the user's metadata (the cookbook keeps its
+    renderer name there)."""
+
+    tenant: str
+    model_id: str
+    base_model: str
+    lora_rank: int
+    train_attn: bool
+    train_mlp: bool
+    train_unembed: bool
+    created: float
+    user_metadata: dict[str, str] | None = None
+    loaded_from: str | None = None
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "tenant"}
+
+    @classmethod
+    def from_json(cls, tenant: str, doc: dict) -> TrainingRunRecord:
+        meta = doc.get("user_metadata")
+        return cls(tenant, str(doc["model_id"]), str(doc["base_model"]), int(doc["lora_rank"]),
+                   bool(doc["train_attn"]), bool(doc["train_mlp"]), bool(doc["train_unembed"]), float(doc["created"]),
+                   {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else None, doc.get("loaded_from"))
+
+
 class StateStore:
     """Checkpoint folders of one run storage."""
 
@@ -124,6 +153,30 @@ class StateStore:
         for entry in self.fs.ls(folder, detail=False):
             self.fs.get_file(entry, str(local / entry.rstrip("/").rsplit("/", 1)[-1]))
         return local
+
+    # ---- training runs (RestClient.get_training_run, list_training_runs, weights_info) ----------
+    def write_run(self, run: TrainingRunRecord) -> None:
+        """The model's record, written when it is created (or created by a load)."""
+        folder = f"{self.root}/{ROOT}/{run.tenant}/{check_model_id(run.model_id)}"
+        self.fs.makedirs(folder, exist_ok=True)
+        with self.fs.open(f"{folder}/{RUN_FILE}", "w") as f:
+            json.dump(run.to_json(), f)
+
+    def run(self, tenant: str, model_id: str) -> TrainingRunRecord | None:
+        """The tenant's run of that id; None for a run it does not have (another tenant's included)."""
+        return self._read_run(f"{self.root}/{ROOT}/{tenant}/{check_model_id(model_id)}/{RUN_FILE}", tenant)
+
+    def runs(self, tenant: str) -> list[TrainingRunRecord]:
+        """Every run of the tenant, newest first."""
+        found = [self._read_run(f"{d.rstrip('/')}/{RUN_FILE}", tenant) for d in self._dirs(f"{self.root}/{ROOT}/{tenant}")]
+        return sorted((r for r in found if r is not None), key=lambda r: (-r.created, r.model_id))
+
+    def _read_run(self, path: str, tenant: str) -> TrainingRunRecord | None:
+        try:
+            with self.fs.open(path, "r") as f:
+                return TrainingRunRecord.from_json(tenant, json.load(f))
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None  # no record (a model made before records existed) or a half-written one
 
     # ---- listing, expiry, deletion, usage (the REST checkpoint calls and the storage quota) ----------
     def checkpoints(self, tenant: str, model_id: str | None = None) -> list[StoredCheckpoint]:

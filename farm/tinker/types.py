@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -112,6 +112,7 @@ class LoadWeights(_Body):
     model_id: str | None = None
     seq_id: int | None = Field(None, ge=1)
     base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
 
 
 class CreateSamplingSession(_Body):
@@ -157,6 +158,19 @@ class Sample(_Body):
 
 class SetTtl(_Body):
     ttl_seconds: int | None = None
+
+
+class Page(_Body):
+    """The query of RestClient's list calls (list_training_runs, list_user_checkpoints)."""
+
+    limit: int = Field(20, ge=1, le=1000)
+    offset: int = Field(0, ge=0)
+    access_scope: Literal["owned", "accessible"] = "owned"
+    project_id: str | None = None
+
+
+class WeightsInfo(_Body):
+    tinker_path: str
 
 
 class BillingWindow(_Body):

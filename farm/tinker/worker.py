@@ -330,7 +330,8 @@ class TinkerWorker:
         return {"result": fut.result, "kind": fut.kind}
 
     async def model_info(self, tenant: str, model_id: str) -> dict:
-        return self._answer(lambda: self._model(tenant, model_id) or {"lora_rank": self.ranks[model_id]})
+        return self._answer(lambda: self._model(tenant, model_id) or {"lora_rank": self.ranks[model_id],
+                                                                        "last_used": self.last_used.get(model_id)})
 
     async def state(self) -> dict:
         """Counters for tests and operators: models, sessions, queued operations, base loaded."""
@@ -637,7 +638,23 @@ class TinkerWorker:
         seed = lora.seed if lora.seed is not None else secrets.randbelow(2**31)
         self.executor.create(op.model_id, op.tenant, rank=lora.rank, seed=seed, train_attn=lora.train_attn,
                              train_mlp=lora.train_mlp, train_unembed=lora.train_unembed)
+        self._record_run(op, lora.rank, {"train_attn": lora.train_attn, "train_mlp": lora.train_mlp,
+                                         "train_unembed": lora.train_unembed})
         return {"model_id": op.model_id, "type": "create_model"}
+
+    def _record_run(self, op: Op, rank: int, flags: dict, loaded_from: str | None = None) -> None:
+        """The run's record in run storage (RestClient.get_training_run after the session). Storage trouble
+        does not fail the model: its run is then known only while the worker holds it."""
+        from farm.tinker.state import TrainingRunRecord
+
+        meta = op.payload.user_metadata
+        record = TrainingRunRecord(op.tenant, op.model_id, self.cfg.served_name, int(rank), created=time.time(),
+                                   user_metadata={str(k): str(v) for k, v in meta.items()} if meta else None,
+                                   loaded_from=loaded_from, **{k: bool(v) for k, v in flags.items()})
+        try:
+            self._store().write_run(record)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("tinker: writing the run record of %s failed", op.model_id)
 
     def _fetch(self, op: Op, tmp: str):
         """The checkpoint a load names, downloaded; only the caller's own checkpoints are found."""
@@ -660,6 +677,7 @@ class TinkerWorker:
                                  **state["flags"])
             self.executor.load_state(op.model_id, folder, optimizer=op.payload.optimizer)
         self.ranks[op.model_id] = int(state["rank"])
+        self._record_run(op, int(state["rank"]), state["flags"], loaded_from=op.payload.path)
         return {"model_id": op.model_id, "path": op.payload.path, "type": "load_weights"}
 
     def _load_into(self, op: Op) -> dict:
