@@ -9,7 +9,7 @@ import time
 import pytest
 
 from farm.tinker.errors import TinkerApiError
-from farm.tinker.types import CreateModel, LoraConfig, SaveWeights, SaveWeightsForSampler
+from farm.tinker.types import AdamParams, CreateModel, LoraConfig, OptimStep, SaveWeights, SaveWeightsForSampler
 from tests.test_tinker_evict import _step
 
 
@@ -140,3 +140,40 @@ async def _sampler_scenario(tiny, storage, catalog) -> None:
 
 def test_sampler_weights_quota_and_snapshots(tiny_llama, tmp_path):
     asyncio.run(_sampler_scenario(tiny_llama, tmp_path / "storage", tmp_path / "catalog"))
+
+
+async def _expiry_scenario(tiny, tmp) -> None:
+    from farm.catalog import Catalog
+    from farm.tinker.samplers import snapshot_adapter
+    from farm.tinker.worker import TinkerWorker
+
+    worker = TinkerWorker({"base_model": str(tiny), "served_name": "tiny-llama", "window_ms": 0, "idle_evict_s": None,
+                           "storage": str(tmp / "storage"), "catalog_url": str(tmp / "catalog"),
+                           "queue_db": str(tmp / "queue.db"), "session_timeout_s": 1.5})
+    quiet, alive = [(await worker.create_session("acme"))["session_id"] for _ in range(2)]
+    models = []
+    for sid in (quiet, alive):
+        create = CreateModel(session_id=sid, model_seq_id=0, base_model="tiny-llama", lora_config=LoraConfig(rank=4))
+        models.append((await worker.submit("acme", "create_model", create))["model_id"])
+    for m in models:
+        await _step(worker, m, 1)
+    assert "error" not in await _publish(worker, models[0], 3, sampler_seq=0)  # a snapshot of the quiet session
+    assert Catalog(str(tmp / "catalog")).versions("acme", snapshot_adapter(models[0]))
+    deadline = time.time() + 30
+    while (await worker.state())["sessions"] != 1:  # the SDK's heartbeat keeps `alive`; `quiet` sends none
+        assert time.time() < deadline, "the quiet session never expired"
+        assert "_error" not in await worker.touch_session("acme", alive)
+        await asyncio.sleep(0.2)
+    assert (await worker.touch_session("acme", quiet))["_error"][0] == 404
+    refused = await worker.submit("acme", "optim_step", OptimStep(model_id=models[0], seq_id=3,
+                                                                  adam_params=AdamParams(learning_rate=1e-3)))
+    assert refused["_error"][0] == 404  # its models are gone, as after close
+    assert (await worker.state())["models"] == 1 and await _step(worker, models[1], 3)
+    while Catalog(str(tmp / "catalog")).versions("acme", snapshot_adapter(models[0])):
+        assert time.time() < deadline, "the expired session's snapshot was never deleted"
+        await asyncio.sleep(0.1)
+    worker.loop_task.cancel()
+
+
+def test_a_session_without_heartbeats_expires_and_its_models_leave(tiny_llama, tmp_path):
+    asyncio.run(_expiry_scenario(tiny_llama, tmp_path))

@@ -37,6 +37,10 @@ class TinkerConfig(BaseModel):
     """A model with no operation for this long leaves the worker's memory: its LoRA, AdamW moments and
     counters go to the worker's local disk and come back, unchanged, with its next operation (never
     while gradients wait for an optim_step). None keeps every model resident until its session ends."""
+    session_timeout_s: float | None = Field(600.0, gt=0)
+    """A session with no heartbeat (the SDK sends one every 10 s) and no operation for this long is
+    ended as `close` ends it: its models leave the worker, their snapshots are deleted, what they
+    saved stays. None: sessions end only when closed."""
     max_stored_bytes: int | None = Field(10 * 1024**3, ge=1)
     """Bytes one tenant may keep: its save_state checkpoints (run storage) and its named sampler weights
     (catalog versions), all its models together; a save over it fails, naming the tenant's total. None: no

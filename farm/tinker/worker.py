@@ -27,10 +27,14 @@ optim_step stays resident. The spill folder lives as long as the worker, as the 
 Cost: each cycle charges every model's tenant its tokens and its share of the cycle (its tokens' share of
 the grouped forward/backward's time plus its optimizer step's, times the worker's accelerators, as
 farm.costs defines a job's), and each sample its prompt and generated tokens. The totals per tenant
-are in `state()["usage"]`, hour by hour in `billing()` (Tinker's GET billing/usage/events); on Ray's
-metrics endpoint they add to the jobs' per-customer counters (`farm_accelerator_seconds`,
-`farm_tokens`), with `farm_tinker_tokens{kind}` (train, prefill, sample) beside them. The totals and
-the ledger live as long as the worker (the counters are what lasts).
+are in `state()["usage"]`; hour by hour they go to the queue database's usage table every
+`usage_flush_s` (farm.tinker.ledger), which `farm status` and `billing()` (Tinker's GET
+billing/usage/events) read; on Ray's metrics endpoint they add to the jobs' per-customer counters
+(`farm_accelerator_seconds`, `farm_tokens`), with `farm_tinker_tokens{kind}` (train, prefill, sample)
+beside them.
+
+Sessions: a session with no heartbeat and no operation for `session_timeout_s` ends as a closed one
+does (its client died): its models leave, their snapshots are deleted, what they saved stays.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class TinkerWorker:
         self.cfg = TinkerConfig.model_validate(cfg)
         self.executor = None  # loaded on the first cycle, in the compute thread
         self.sessions: dict[str, str] = {}  # session id -> tenant
+        self.session_seen: dict[str, float] = {}  # session id -> its last heartbeat or operation
         self.models: dict[str, str] = {}  # model id -> tenant (from the create request on)
         self.ranks: dict[str, int] = {}
         self.futures: dict[str, Future] = {}
@@ -179,24 +184,32 @@ class TinkerWorker:
 
     # ---- sessions -----------------------------------------------------------------------------
     async def create_session(self, tenant: str) -> dict:
+        self._start()  # the loop's sweeps end this session if its client goes quiet
         sid = "farm-" + secrets.token_hex(8)
         self.sessions[sid] = tenant
+        self.session_seen[sid] = time.time()
         return {"session_id": sid, "type": "create_session"}
 
     async def touch_session(self, tenant: str, session_id: str) -> dict:
-        return self._answer(lambda: self._session(tenant, session_id) or {"type": "session_heartbeat"})
+        return self._answer(self._touch, tenant, session_id)
+
+    def _touch(self, tenant: str, session_id: str) -> dict:
+        self._session(tenant, session_id)
+        self.session_seen[session_id] = time.time()
+        return {"type": "session_heartbeat"}
 
     async def finish_session(self, tenant: str, session_id: str) -> dict:
         """The session ends: its models leave the worker (their queued operations fail, the compute thread
         releases their LoRAs at the next cycle) and later calls on them are 404s. What they saved stays."""
         return self._answer(self._finish_session, tenant, session_id)
 
-    def _finish_session(self, tenant: str, session_id: str) -> dict:
+    def _finish_session(self, tenant: str, session_id: str, why: str = "has finished") -> dict:
         self._session(tenant, session_id)
         del self.sessions[session_id]
+        self.session_seen.pop(session_id, None)
         ended = [m for m, t in self.models.items() if t == tenant and m.startswith(f"{session_id}:train:")]
         for model_id in ended:
-            self._forget(model_id, f"session {session_id!r} has finished")
+            self._forget(model_id, f"session {session_id!r} {why}")
             self.controls.append(Op("release", "", model_id, None, tenant=tenant))
         if ended:
             self._start()
@@ -232,6 +245,7 @@ class TinkerWorker:
             self.models[model_id] = tenant
             self.ranks[model_id] = payload.lora_config.rank if kind == "create_model" else 0  # a load: set once read
             self.seq.add_model(model_id)  # a create or a load is seq 0: the model's own operations start at 1
+            self.session_seen[payload.session_id] = time.time()
             self.last_used[model_id] = time.time()
             rid = self._future(tenant, kind)
             self.controls.append(Op(kind, rid, model_id, payload, tenant=tenant))
@@ -242,6 +256,9 @@ class TinkerWorker:
             self.seq.add(op)  # refused (used or queued seq_id) before a future exists
             rid = op.request_id = self._future(tenant, kind)
             self.last_used[model_id] = time.time()
+            session_id = model_id.rsplit(":train:", 1)[0]
+            if session_id in self.session_seen:
+                self.session_seen[session_id] = time.time()
         self.wake.set()
         return {"request_id": rid, "model_id": model_id}
 
@@ -453,8 +470,8 @@ class TinkerWorker:
 
     # ---- the clock ----------------------------------------------------------------------------
     async def _run(self) -> None:
-        sweeps = [self.cfg.expiry_sweep_s, self.cfg.usage_flush_s] + ([] if self.cfg.idle_evict_s is None
-                                                                       else [self.cfg.idle_evict_s / 2])
+        sweeps = [self.cfg.expiry_sweep_s, self.cfg.usage_flush_s] + [x / 2 for x in (
+            self.cfg.idle_evict_s, self.cfg.session_timeout_s) if x is not None]
         sweep_s = min(60.0, max(0.05, min(sweeps)))
         while True:
             try:
@@ -506,6 +523,14 @@ class TinkerWorker:
         if time.time() - self.last_expiry_sweep >= self.cfg.expiry_sweep_s:
             self.last_expiry_sweep = time.time()
             self.controls.append(Op("expire", "", "", None))
+        if self.cfg.session_timeout_s is not None:  # a client that died without closing its session
+            quiet = time.time() - self.cfg.session_timeout_s
+            for sid, tenant in list(self.sessions.items()):
+                busy = any(self.seq.pending.get(m) for m, t in self.models.items() if m.startswith(f"{sid}:train:"))
+                if self.session_seen.get(sid, 0.0) < quiet and not busy:
+                    log.info("tinker session %s of %s expired: no heartbeat or operation for %.0f s", sid, tenant,
+                             self.cfg.session_timeout_s)
+                    self._finish_session(tenant, sid, f"expired (no heartbeat for {self.cfg.session_timeout_s:.0f} s)")
         if self.cfg.idle_evict_s is None or self.executor is None:
             return
         cutoff = time.time() - self.cfg.idle_evict_s
@@ -526,8 +551,9 @@ class TinkerWorker:
     def _cycle(self, controls: list[Op], ready: list[Op]) -> dict[str, dict]:
         """One clock cycle, in the compute thread: creations, evictions and restores, one grouped
         forward/backward, optimizer steps."""
-        if self.executor is None and not ready and all(op.kind == "expire" for op in controls):
-            self._sweep_expired()  # storage only: no reason to load the base
+        if self.executor is None and not ready and all(op.kind in ("expire", "release") for op in controls):
+            if any(op.kind == "expire" for op in controls):
+                self._sweep_expired()  # storage only: no reason to load the base (nor to release from it)
             return {}
         if self.executor is None:
             import torch
