@@ -149,7 +149,7 @@ async def _expiry_scenario(tiny, tmp) -> None:
 
     worker = TinkerWorker({"base_model": str(tiny), "served_name": "tiny-llama", "window_ms": 0, "idle_evict_s": None,
                            "storage": str(tmp / "storage"), "catalog_url": str(tmp / "catalog"),
-                           "queue_db": str(tmp / "queue.db"), "session_timeout_s": 1.5})
+                           "queue_db": str(tmp / "queue.db"), "session_timeout_s": 4.0, "usage_flush_s": 0.2})
     quiet, alive = [(await worker.create_session("acme"))["session_id"] for _ in range(2)]
     models = []
     for sid in (quiet, alive):
@@ -159,7 +159,7 @@ async def _expiry_scenario(tiny, tmp) -> None:
         await _step(worker, m, 1)
     assert "error" not in await _publish(worker, models[0], 3, sampler_seq=0)  # a snapshot of the quiet session
     assert Catalog(str(tmp / "catalog")).versions("acme", snapshot_adapter(models[0]))
-    deadline = time.time() + 30
+    deadline = time.time() + 60
     while (await worker.state())["sessions"] != 1:  # the SDK's heartbeat keeps `alive`; `quiet` sends none
         assert time.time() < deadline, "the quiet session never expired"
         assert "_error" not in await worker.touch_session("acme", alive)
@@ -172,6 +172,14 @@ async def _expiry_scenario(tiny, tmp) -> None:
     while Catalog(str(tmp / "catalog")).versions("acme", snapshot_adapter(models[0])):
         assert time.time() < deadline, "the expired session's snapshot was never deleted"
         await asyncio.sleep(0.1)
+    # the loop flushed the usage on its own (usage_flush_s): three steps of 9 tokens, one snapshot
+    from farm.queue import SQLiteStore
+
+    while (await worker.state())["usage"]["acme"]["tokens"] != 27 or worker.pending or worker.flushing:
+        assert time.time() < deadline, f"the usage was never flushed: {worker.pending}"
+        await asyncio.sleep(0.1)
+    kept = {r.kind: r.amount for r in SQLiteStore(tmp / "queue.db").usage(customer="acme")}
+    assert kept == {"training": 27, "checkpoint": 1}
     worker.loop_task.cancel()
 
 

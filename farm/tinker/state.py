@@ -10,6 +10,8 @@ The SDK names it `tinker://<model id>/weights/<name>` (exactly three segments af
 Beside the state file, `farm_tinker_meta.json` holds when it was saved and when it expires (the
 `ttl_seconds` of save_state or of a later PUT .../ttl; null: never). An expired checkpoint is deleted
 by the next sweep (the pack worker's, and any listing of its tenant's checkpoints) and is not loaded.
+Beside a model's `weights/` folder, `farm_tinker_run.json` is its training run's record (base, LoRA
+shape, the user's metadata), written at create, so RestClient's run calls answer after the session.
 No heavy imports: fsspec only.
 """
 

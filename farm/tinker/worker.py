@@ -203,6 +203,12 @@ class TinkerWorker:
         releases their LoRAs at the next cycle) and later calls on them are 404s. What they saved stays."""
         return self._answer(self._finish_session, tenant, session_id)
 
+    def _seen(self, model_id: str, now: float) -> None:
+        """The model's session is active now (an operation of it was sent or finished)."""
+        session_id = model_id.rsplit(":train:", 1)[0]
+        if session_id in self.session_seen:
+            self.session_seen[session_id] = now
+
     def _finish_session(self, tenant: str, session_id: str, why: str = "has finished") -> dict:
         self._session(tenant, session_id)
         del self.sessions[session_id]
@@ -256,9 +262,7 @@ class TinkerWorker:
             self.seq.add(op)  # refused (used or queued seq_id) before a future exists
             rid = op.request_id = self._future(tenant, kind)
             self.last_used[model_id] = time.time()
-            session_id = model_id.rsplit(":train:", 1)[0]
-            if session_id in self.session_seen:
-                self.session_seen[session_id] = time.time()
+            self._seen(model_id, time.time())
         self.wake.set()
         return {"request_id": rid, "model_id": model_id}
 
@@ -482,10 +486,7 @@ class TinkerWorker:
                 pass  # quiet for sweep_s: only the sweep below
             self.wake.clear()
             self._sweep_idle()
-            if self.pending and time.time() - self.last_flush >= self.cfg.usage_flush_s:
-                flush = asyncio.get_running_loop().create_task(self.flush_usage())  # beside the cycles, not before
-                self._flushes.add(flush)
-                flush.add_done_callback(self._flushes.discard)
+            self._maybe_flush()
             while True:
                 controls, self.controls = self.controls, []
                 ready = self.seq.ready()
@@ -511,11 +512,20 @@ class TinkerWorker:
                 for op in controls + ready:
                     if op.model_id in self.models:
                         self.last_used[op.model_id] = now
+                        self._seen(op.model_id, now)  # a long step is not a quiet session
                 for rid, res in results.items():
                     fut = self.futures.get(rid)
                     if fut is not None:
                         fut.result, fut.finished = res, now
                         fut.done.set()
+                self._maybe_flush()  # a worker busy for hours still adds its usage every usage_flush_s
+
+    def _maybe_flush(self) -> None:
+        """Start a flush of the pending usage when one is due (a task beside the cycles, not before them)."""
+        if self.pending and not self._flushes and time.time() - self.last_flush >= self.cfg.usage_flush_s:
+            flush = asyncio.get_running_loop().create_task(self.flush_usage())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
 
     def _sweep_idle(self) -> None:
         """Queue an evict control for every resident model idle for idle_evict_s, and the expired-checkpoint
