@@ -37,6 +37,7 @@ class UsageRow:
 
 
 def hour_of(ts: float) -> int:
+    """The start of the UTC hour that `ts` falls in (a row's `hour`)."""
     return int(ts // 3600 * 3600)
 
 

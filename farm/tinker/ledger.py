@@ -10,28 +10,20 @@ the cluster has it); outside Ray (the worker class driven in process) it opens t
 from __future__ import annotations
 
 import asyncio
+from contextlib import closing
 
+from farm.queue import SQLiteStore
 from farm.queue.usage import UsageRow
 
 
 def _add(queue_db: str, rows: list[UsageRow]) -> None:
-    from farm.queue import SQLiteStore
-
-    store = SQLiteStore(queue_db)
-    try:
+    with closing(SQLiteStore(queue_db)) as store:
         store.add_usage(rows)
-    finally:
-        store.close()
 
 
 def _read(queue_db: str, customer: str, start: float, end: float) -> list[UsageRow]:
-    from farm.queue import SQLiteStore
-
-    store = SQLiteStore(queue_db)
-    try:
+    with closing(SQLiteStore(queue_db)) as store:
         return store.usage(customer=customer, start=start, end=end, source="tinker")
-    finally:
-        store.close()
 
 
 class Ledger:

@@ -435,11 +435,9 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
         saved = await asyncio.to_thread(store().checkpoints, tenant) if page else []
         published = await asyncio.to_thread(samplers().published, tenant, ephemeral=False) if page else []
         newest = list(newest_samplers(published).values())
-        views = []
-        for r in page:
-            live = await worker().model_info.remote(tenant, r.model_id)
-            views.append(run_view(r, [c for c in saved if c.model_id == r.model_id],
-                                  [s for s in newest if s.model_id == r.model_id], None if "_error" in live else live))
+        lives = await asyncio.gather(*(worker().model_info.remote(tenant, r.model_id) for r in page))
+        views = [run_view(r, [c for c in saved if c.model_id == r.model_id], [s for s in newest if s.model_id == r.model_id],
+                          None if "_error" in live else live) for r, live in zip(page, lives, strict=True)]
         return {"training_runs": views, "cursor": {"offset": q.offset, "limit": q.limit, "total_count": len(runs)}}
 
     @app.get("/api/v1/checkpoints")
@@ -462,7 +460,8 @@ def build(cfg: TinkerConfig, keys: KeyStore, ingress=None) -> FastAPI:
         source, kind, name = parse_path(body.tinker_path, "tinker_path")
         record, _ = await run_record(tenant, source)
         if kind == "weights":
-            found = await asyncio.to_thread(lambda: store().exists(store().folder(tenant, source, name)))
+            states = store()
+            found = await asyncio.to_thread(states.exists, states.folder(tenant, source, name))
         else:
             found = await asyncio.to_thread(samplers().latest, tenant, source, name) is not None
         if not found:

@@ -425,6 +425,7 @@ class TinkerWorker:
         """Add to the tenant's totals, to its hourly ledger (GET billing/usage/events) and to the
         per-customer counters on Ray's metrics endpoint."""
         from farm.costs import accelerator_seconds
+        from farm.queue.usage import hour_of
 
         accel = accelerator_seconds(seconds, int(self.cfg.num_gpus)) if seconds else 0.0
         u = self.usage.setdefault(tenant, {"tokens": 0, "accelerator_seconds": 0.0, "prefill_tokens": 0,
@@ -434,7 +435,7 @@ class TinkerWorker:
         u["prefill_tokens"] += prefill
         u["sample_tokens"] += sample
         u["checkpoints"] += checkpoints
-        hour = int(time.time() // 3600 * 3600)
+        hour = hour_of(time.time())
         for kind, n, sec in (("training", tokens, accel), ("sampling_prefill", prefill, 0.0),
                              ("sampling_sample", sample, 0.0), ("checkpoint", checkpoints, 0.0)):
             if n or sec:
